@@ -1,0 +1,146 @@
+//! iptables and ip6tables, driven through their own binaries (whichever backend, legacy or nft, the node's
+//! alternatives select, so our rules live beside everyone else's).
+//!
+//! Changes go through `iptables-restore --noflush -w`: one payload is one transaction, so a change lands whole or
+//! not at all. Checks use `iptables -C`, which is cheap enough for a per-pod fast path.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn bin(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        }
+    }
+
+    fn restore_bin(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables-restore",
+            Family::V6 => "ip6tables-restore",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IptablesError {
+    #[error("cannot run {cmd}: {source}")]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{cmd} failed ({status}): {stderr}")]
+    Failed { cmd: String, status: String, stderr: String },
+}
+
+pub type Result<T> = std::result::Result<T, IptablesError>;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Iptables {
+    pub family: Family,
+}
+
+impl Iptables {
+    pub fn new(family: Family) -> Iptables {
+        Iptables { family }
+    }
+
+    /// Whether `rule` is in `chain` of `table` (`-C`). A missing chain also answers false.
+    pub fn exists(&self, table: &str, chain: &str, rule: &[String]) -> Result<bool> {
+        let mut args: Vec<String> = vec!["-w".into(), "-t".into(), table.into(), "-C".into(), chain.into()];
+        args.extend(rule.iter().cloned());
+        let out = self.output(self.family.bin(), &args, None)?;
+        // Exit 1: no such rule; exit 2 (or other): a real failure such as a bad rule or a missing chain.
+        match out.status.code() {
+            Some(0) => Ok(true),
+            Some(1) => Ok(false),
+            _ if String::from_utf8_lossy(&out.stderr).contains("does not exist") => Ok(false),
+            _ => Err(failed(self.family.bin(), &args, &out)),
+        }
+    }
+
+    /// Applies a payload as one `iptables-restore --noflush` transaction.
+    pub fn restore(&self, payload: &str) -> Result<()> {
+        let args = vec!["-w".to_string(), "--noflush".to_string()];
+        let out = self.output(self.family.restore_bin(), &args, Some(payload))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(failed(self.family.restore_bin(), &args, &out))
+        }
+    }
+
+    /// `iptables-save -t table` output.
+    pub fn save(&self, table: &str) -> Result<String> {
+        let bin = match self.family {
+            Family::V4 => "iptables-save",
+            Family::V6 => "ip6tables-save",
+        };
+        let args = vec!["-t".to_string(), table.to_string()];
+        let out = self.output(bin, &args, None)?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(failed(bin, &args, &out))
+        }
+    }
+
+    fn output(&self, bin: &str, args: &[String], stdin: Option<&str>) -> Result<std::process::Output> {
+        let spawn_err = |source| IptablesError::Spawn { cmd: bin.to_string(), source };
+        let mut child = Command::new(bin)
+            .args(args)
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(spawn_err)?;
+        if let Some(input) = stdin {
+            let mut pipe = child.stdin.take().expect("stdin was piped");
+            pipe.write_all(input.as_bytes()).map_err(spawn_err)?;
+        }
+        child.wait_with_output().map_err(spawn_err)
+    }
+}
+
+fn failed(bin: &str, args: &[String], out: &std::process::Output) -> IptablesError {
+    IptablesError::Failed {
+        cmd: format!("{bin} {}", args.join(" ")),
+        status: out.status.to_string(),
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    }
+}
+
+/// Quotes one argument for an iptables-restore payload line.
+pub fn quote(arg: &str) -> String {
+    if !arg.is_empty() && arg.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:!=,+".contains(c)) {
+        arg.to_string()
+    } else {
+        format!("\"{}\"", arg.replace('\\', "\\\\").replace('"', "\\\""))
+    }
+}
+
+/// Renders a rule's arguments as a payload line fragment.
+pub fn render(rule: &[String]) -> String {
+    rule.iter().map(|a| quote(a)).collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote("10.0.0.0/24"), "10.0.0.0/24");
+        assert_eq!(quote("tartan masq: net one"), "\"tartan masq: net one\"");
+        assert_eq!(quote(""), "\"\"");
+        assert_eq!(render(&["-s".into(), "a b".into()]), "-s \"a b\"");
+    }
+}
