@@ -10,5 +10,5 @@ mod version;
 
 pub use error::{CniError, ErrorCode};
 pub use request::{Attachment, Command, Request, RequestError};
-pub use result::{CniResult, Dns, IpConfig, Interface, Route};
+pub use result::{CniResult, Dns, Interface, IpConfig, Route};
 pub use version::{Version, SUPPORTED_VERSIONS};

@@ -29,7 +29,10 @@ pub enum IpamError {
 }
 
 impl IpamError {
-    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> IpamError {
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> IpamError {
         let path = path.into();
         move |source| IpamError::Io { op, path, source }
     }

@@ -30,7 +30,10 @@ impl NetNs {
         // NSFS_MAGIC: a bind-mounted or /proc namespace file; anything else is not a namespace.
         let st = nix::sys::statfs::fstatfs(&file).map_err(io::Error::from)?;
         if st.filesystem_type().0 as i64 != 0x6e73_6673 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a network namespace", path.display())));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a network namespace", path.display()),
+            ));
         }
         Ok(NetNs { file, path })
     }
@@ -59,7 +62,10 @@ impl NetNs {
     pub fn enter(&self) -> io::Result<NetNsGuard> {
         let prev = NetNs::current()?;
         setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-        Ok(NetNsGuard { prev: prev.file, _not_send: PhantomData })
+        Ok(NetNsGuard {
+            prev: prev.file,
+            _not_send: PhantomData,
+        })
     }
 
     /// Runs `f` inside this namespace on a thread of its own and returns its value.

@@ -1,0 +1,490 @@
+//! The commands.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use cni_types::{
+    Attachment, CniError, CniResult, Command, ErrorCode, Interface, IpConfig, Request, Route,
+    Version, SUPPORTED_VERSIONS,
+};
+use ipam::Store;
+use ipnet::IpNet;
+use netns::NetNs;
+use rtnl::{RouteSpec, Rtnl};
+
+use crate::config::{parse_raw, Ipam, Need, Plan};
+use crate::error::{PluginError, Result};
+use crate::{delegate, masq, net, Outcome};
+
+/// The whole plugin: environment lookup and stdin in, what to print and the exit code out.
+pub fn run(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
+    // Errors are shaped for the config's version when it can be read, the latest otherwise.
+    let version = parse_raw(stdin).map(|(v, _)| v).unwrap_or(Version::LATEST);
+    let fail = |e: CniError| Outcome {
+        stdout: e.to_json(version),
+        exit_code: 1,
+    };
+    let req = match Request::from_env(&env) {
+        Ok(r) => r,
+        Err(e) => return fail(e.into()),
+    };
+    if req.command == Command::Version {
+        return version_doc(stdin);
+    }
+    let need = match req.command {
+        Command::Del | Command::Gc => Need::OwnersOnly,
+        _ => Need::Ranges,
+    };
+    let plan = match Plan::from_stdin(stdin, need) {
+        Ok(p) => p,
+        // STATUS answers "not available" where ADD would say "try again later".
+        Err(e) if req.command == Command::Status && e.code == ErrorCode::TryAgainLater => {
+            return fail(CniError::new(ErrorCode::NotAvailable, e.msg, e.details));
+        }
+        Err(e) => return fail(e),
+    };
+    let done = match req.command {
+        Command::Add => add(&req, &plan, stdin).map(Some),
+        Command::Del => del(&req, &plan, stdin).map(|_| None),
+        Command::Check => check(&req, &plan, stdin).map(|_| None),
+        Command::Gc => gc(&req, &plan, stdin).map(|_| None),
+        Command::Status => status(&plan).map(|_| None),
+        Command::Version => unreachable!("answered above"),
+    };
+    match done {
+        Ok(Some(result)) => Outcome {
+            stdout: result.to_json(plan.version),
+            exit_code: 0,
+        },
+        Ok(None) => Outcome {
+            stdout: String::new(),
+            exit_code: 0,
+        },
+        Err(e) => fail(e.to_cni()),
+    }
+}
+
+fn version_doc(stdin: &[u8]) -> Outcome {
+    let v = parse_raw(stdin).map(|(v, _)| v).unwrap_or(Version::LATEST);
+    let doc = serde_json::json!({
+        "cniVersion": v.as_str(),
+        "supportedVersions": SUPPORTED_VERSIONS.map(Version::as_str),
+    });
+    Outcome {
+        stdout: doc.to_string(),
+        exit_code: 0,
+    }
+}
+
+/// An address for the container and the gateway that goes with it.
+struct Addr {
+    net: IpNet,
+    gateway: Option<IpAddr>,
+}
+
+/// IPAM for ADD: in-process host-local, or the delegate.
+fn ipam_add(
+    req: &Request,
+    plan: &Plan,
+    stdin: &[u8],
+) -> Result<(Vec<Addr>, Vec<Route>, Option<cni_types::Dns>)> {
+    match &plan.ipam {
+        Ipam::HostLocal {
+            sets,
+            routes,
+            data_dir,
+        } => {
+            let store = Store::open(data_dir, &plan.network)?;
+            let lock = store.lock()?;
+            let got = lock.allocate(sets, &req.container_id, &req.ifname)?;
+            let addrs = got
+                .iter()
+                .map(|a| Addr {
+                    net: IpNet::new(a.ip, a.range.subnet.prefix_len())
+                        .expect("prefix from a valid subnet"),
+                    gateway: Some(a.range.gateway),
+                })
+                .collect();
+            let routes = routes.iter().map(|r| Route::new(r.dst, r.gw)).collect();
+            Ok((addrs, routes, None))
+        }
+        Ipam::Delegate { plugin } => {
+            let r = delegate::exec(plugin, req, "ADD", stdin)?.ok_or_else(|| {
+                PluginError::Invalid(format!("ipam plugin {plugin} returned no result"))
+            })?;
+            if r.ips.is_empty() {
+                let _ = delegate::exec(plugin, req, "DEL", stdin);
+                return Err(PluginError::Invalid(format!(
+                    "ipam plugin {plugin} returned no IP addresses"
+                )));
+            }
+            let addrs = r
+                .ips
+                .iter()
+                .map(|i| Addr {
+                    net: i.address,
+                    gateway: i.gateway,
+                })
+                .collect();
+            Ok((addrs, r.routes, Some(r.dns)))
+        }
+    }
+}
+
+/// Releases what IPAM holds for the attachment; with host-local, drops the masquerade rules with the network's
+/// last address.
+fn ipam_del(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<()> {
+    match &plan.ipam {
+        Ipam::HostLocal { data_dir, .. } => {
+            let store = Store::open(data_dir, &plan.network)?;
+            let lock = store.lock()?;
+            lock.release(&req.container_id, &req.ifname)?;
+            if plan.ip_masq && lock.list()?.is_empty() {
+                masq::remove(&plan.network, &plan.run_dir)?;
+            }
+            Ok(())
+        }
+        Ipam::Delegate { plugin } => delegate::exec(plugin, req, "DEL", stdin).map(|_| ()),
+    }
+}
+
+fn add(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<CniResult> {
+    let netns_path = req.netns.as_ref().expect("ADD requires CNI_NETNS");
+    let ns = NetNs::open(netns_path).map_err(|source| PluginError::Netns {
+        path: netns_path.clone(),
+        source,
+    })?;
+    let mut host = Rtnl::new()?;
+    let mut ctr = Rtnl::in_netns(&ns)?;
+    // Checked before anything changes: an ADD for a live attachment must fail without touching it.
+    if ctr.link_get(&req.ifname)?.is_some() {
+        return Err(PluginError::InterfaceExists {
+            ifname: req.ifname.clone(),
+            netns: netns_path.display().to_string(),
+        });
+    }
+    let (addrs, ipam_routes, ipam_dns) = ipam_add(req, plan, stdin)?;
+    let host_name = net::host_veth_name(&req.container_id, &req.ifname);
+    let mut created_veth = false;
+    let wired = wire(
+        req,
+        plan,
+        &ns,
+        &mut host,
+        &mut ctr,
+        &addrs,
+        ipam_routes,
+        &host_name,
+        &mut created_veth,
+    );
+    match wired {
+        Ok(mut result) => {
+            if let Some(dns) = ipam_dns.filter(|d| !d.is_empty()) {
+                result.dns = dns;
+            }
+            Ok(result)
+        }
+        Err(e) => {
+            // Leave nothing behind: the veth (both ends go with it) and the addresses.
+            if created_veth {
+                let _ = host.link_del_name(&host_name);
+            }
+            let _ = ipam_del(req, plan, stdin);
+            Err(e)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn wire(
+    req: &Request,
+    plan: &Plan,
+    ns: &NetNs,
+    host: &mut Rtnl,
+    ctr: &mut Rtnl,
+    addrs: &[Addr],
+    ipam_routes: Vec<Route>,
+    host_name: &str,
+    created_veth: &mut bool,
+) -> Result<CniResult> {
+    let bridge = net::ensure_bridge(host, plan)?;
+    let gateways: Vec<IpAddr> = addrs.iter().filter_map(|a| a.gateway).collect();
+    if plan.is_gateway {
+        for a in addrs {
+            if let Some(gw) = a.gateway {
+                let gw_net =
+                    IpNet::new(gw, a.net.prefix_len()).expect("same prefix as the address");
+                net::ensure_bridge_addr(host, &bridge, gw_net, plan.force_address)?;
+            }
+        }
+        let sysctl = |name: &str| {
+            rtnl::sysctl_ensure(name, "1").map_err(PluginError::io(format!("sysctl {name}")))
+        };
+        if addrs.iter().any(|a| a.net.addr().is_ipv4()) {
+            sysctl("net.ipv4.ip_forward")?;
+        }
+        if addrs.iter().any(|a| a.net.addr().is_ipv6()) {
+            sysctl("net.ipv6.conf.all.forwarding")?;
+        }
+    }
+
+    match net::create_veth(host, plan, &bridge, host_name, &req.ifname, ns) {
+        Ok(()) => *created_veth = true,
+        Err(e) if e.is_exists() => {
+            return Err(PluginError::Invalid(format!(
+                "host interface {host_name} (derived from container {} / {}) already exists",
+                req.container_id, req.ifname
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let port = host.link_get(host_name)?.ok_or_else(|| {
+        PluginError::Invalid(format!("{host_name} vanished right after creation"))
+    })?;
+    net::configure_port(host, plan, &bridge, &port)?;
+
+    let link = ctr.link_get(&req.ifname)?.ok_or_else(|| {
+        PluginError::Invalid(format!("{} vanished right after creation", req.ifname))
+    })?;
+    let mut routes: Vec<Route> = Vec::new();
+    if plan.is_default_gateway {
+        for gw in &gateways {
+            let any: IpNet = if gw.is_ipv4() {
+                "0.0.0.0/0".parse().unwrap()
+            } else {
+                "::/0".parse().unwrap()
+            };
+            routes.push(Route::new(any, Some(*gw)));
+        }
+    }
+    for r in ipam_routes {
+        // A configured default route gives way to isDefaultGateway's, as in the reference plugin.
+        if plan.is_default_gateway && r.dst.prefix_len() == 0 {
+            continue;
+        }
+        routes.push(r);
+    }
+    let specs: Vec<RouteSpec> = routes
+        .iter()
+        .map(|r| {
+            let mut s = RouteSpec::new(r.dst).dev(link.index);
+            s.gateway = net::route_gateway(&r.dst, r.gw, &gateways);
+            s
+        })
+        .collect();
+    let nets: Vec<IpNet> = addrs.iter().map(|a| a.net).collect();
+    net::configure_container(ctr, &link, &nets, &specs)?;
+
+    if plan.ip_masq {
+        let subnets: Vec<IpNet> = nets.iter().map(IpNet::trunc).collect();
+        masq::ensure(&plan.network, &subnets, &plan.run_dir)?;
+    }
+
+    // The bridge takes its MAC from its first port: read it again now that ours joined.
+    let bridge = host.link_get(&plan.bridge)?.unwrap_or(bridge);
+    Ok(CniResult {
+        interfaces: vec![
+            Interface {
+                name: bridge.name.clone(),
+                mac: bridge.mac_string(),
+                ..Default::default()
+            },
+            Interface {
+                name: host_name.to_string(),
+                mac: port.mac_string(),
+                ..Default::default()
+            },
+            Interface {
+                name: req.ifname.clone(),
+                mac: link.mac_string(),
+                mtu: plan.mtu.filter(|_| plan.version.is_1_1()),
+                sandbox: Some(ns.path().display().to_string()),
+            },
+        ],
+        ips: addrs
+            .iter()
+            .map(|a| IpConfig {
+                address: a.net,
+                gateway: a.gateway,
+                interface: Some(2),
+            })
+            .collect(),
+        routes,
+        dns: plan.dns.clone(),
+    })
+}
+
+fn del(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<()> {
+    // Best effort: carry on past each failure, report the first one at the end.
+    let mut first_err: Option<PluginError> = None;
+    let host_name = net::host_veth_name(&req.container_id, &req.ifname);
+    let ns = req.netns.as_ref().and_then(|p| NetNs::open(p).ok());
+    let links = (|| -> Result<()> {
+        match &ns {
+            Some(ns) => {
+                Rtnl::in_netns(ns)?.link_del_name(&req.ifname)?;
+            }
+            // The namespace is gone, and with it the container end; make sure the host end went too.
+            None => {
+                Rtnl::new()?.link_del_name(&host_name)?;
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = links {
+        first_err.get_or_insert(e);
+    }
+    if let Err(e) = ipam_del(req, plan, stdin) {
+        first_err.get_or_insert(e);
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+fn check(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<()> {
+    if !plan.version.has_check() {
+        return Err(CniError::new(
+            ErrorCode::IncompatibleVersion,
+            format!("CHECK is not defined for cniVersion {}", plan.version),
+            "",
+        )
+        .into());
+    }
+    let prev = plan
+        .prev_result
+        .as_ref()
+        .ok_or_else(|| PluginError::Invalid("CHECK requires prevResult".into()))?;
+    let prev = CniResult::from_value(prev)?;
+    let netns_path = req.netns.as_ref().expect("CHECK requires CNI_NETNS");
+    let ns = NetNs::open(netns_path).map_err(|source| PluginError::Netns {
+        path: netns_path.clone(),
+        source,
+    })?;
+    let mut ctr = Rtnl::in_netns(&ns)?;
+    let mut host = Rtnl::new()?;
+    let mismatch = |m: String| Err(PluginError::Mismatch(m));
+
+    let Some(link) = ctr.link_get(&req.ifname)? else {
+        return mismatch(format!(
+            "{} is missing from {}",
+            req.ifname,
+            netns_path.display()
+        ));
+    };
+    let idx = prev
+        .interfaces
+        .iter()
+        .position(|i| i.name == req.ifname && i.sandbox.is_some());
+    if let Some(i) = idx {
+        if let (Some(want), Some(have)) = (&prev.interfaces[i].mac, link.mac_string()) {
+            if !want.eq_ignore_ascii_case(&have) {
+                return mismatch(format!(
+                    "{} has MAC {have}, prevResult says {want}",
+                    req.ifname
+                ));
+            }
+        }
+    }
+    let have: BTreeSet<IpNet> = ctr
+        .addresses(Some(link.index))?
+        .into_iter()
+        .map(|(_, a)| a)
+        .collect();
+    for ip in prev
+        .ips
+        .iter()
+        .filter(|ip| ip.interface.is_none() || ip.interface == idx)
+    {
+        if !have.contains(&ip.address) {
+            return mismatch(format!("{} lacks address {}", req.ifname, ip.address));
+        }
+    }
+    let routes = ctr.routes(false)?;
+    for r in &prev.routes {
+        let found = routes.iter().any(|have| {
+            have.dst == r.dst.trunc()
+                && (r.gw.is_none() || have.gateway.is_none() || have.gateway == r.gw)
+        });
+        if !found {
+            return mismatch(format!("route to {} is missing in the container", r.dst));
+        }
+    }
+    let host_name = net::host_veth_name(&req.container_id, &req.ifname);
+    let bridge = host.link_get(&plan.bridge)?;
+    match (host.link_get(&host_name)?, bridge) {
+        (Some(p), Some(b)) if p.master == Some(b.index) => {}
+        (Some(_), Some(_)) => {
+            return mismatch(format!("{host_name} is not attached to {}", plan.bridge))
+        }
+        (None, _) => return mismatch(format!("host interface {host_name} is missing")),
+        (_, None) => return mismatch(format!("bridge {} is missing", plan.bridge)),
+    }
+    match &plan.ipam {
+        Ipam::HostLocal { data_dir, .. } => {
+            let store = Store::open(data_dir, &plan.network)?;
+            let owned: BTreeSet<IpAddr> = store
+                .lock()?
+                .owned_by(&req.container_id, &req.ifname)?
+                .into_iter()
+                .collect();
+            for ip in &prev.ips {
+                if !owned.contains(&ip.address.addr()) {
+                    return mismatch(format!(
+                        "IPAM does not hold {} for this container",
+                        ip.address.addr()
+                    ));
+                }
+            }
+        }
+        Ipam::Delegate { plugin } => {
+            delegate::exec(plugin, req, "CHECK", stdin)?;
+        }
+    }
+    Ok(())
+}
+
+fn valid_attachments(stdin: &[u8]) -> Result<Option<BTreeSet<Attachment>>> {
+    let (_, map) = parse_raw(stdin)?;
+    // libcni sends both spellings: the spec's current one and the 1.1.0 tag's.
+    for key in ["cni.dev/valid-attachments", "cni.dev/attachments"] {
+        if let Some(v) = map.get(key) {
+            let list: Vec<Attachment> = serde_json::from_value(v.clone())
+                .map_err(|e| PluginError::Invalid(format!("{key}: {e}")))?;
+            return Ok(Some(list.into_iter().collect()));
+        }
+    }
+    Ok(None)
+}
+
+fn gc(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<()> {
+    let Some(valid) = valid_attachments(stdin)? else {
+        return Err(PluginError::Invalid(
+            "GC requires cni.dev/valid-attachments".into(),
+        ));
+    };
+    match &plan.ipam {
+        Ipam::HostLocal { data_dir, .. } => {
+            let store = Store::open(data_dir, &plan.network)?;
+            let lock = store.lock()?;
+            lock.retain(|o| valid.iter().any(|a| o.is(&a.container_id, &a.ifname)))?;
+            if plan.ip_masq && lock.list()?.is_empty() {
+                masq::remove(&plan.network, &plan.run_dir)?;
+            }
+            Ok(())
+        }
+        Ipam::Delegate { plugin } => delegate::exec(plugin, req, "GC", stdin).map(|_| ()),
+    }
+}
+
+fn status(plan: &Plan) -> Result<()> {
+    // The plan already proved the subnet file is there and the ranges are valid; check the store is writable.
+    if let Some(dir) = plan.data_dir() {
+        Store::open(dir, &plan.network).map_err(|e| {
+            PluginError::Cni(CniError::new(
+                ErrorCode::NotAvailable,
+                "IPAM store is not usable",
+                e.to_string(),
+            ))
+        })?;
+    }
+    Ok(())
+}

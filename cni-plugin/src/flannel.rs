@@ -1,0 +1,129 @@
+//! The subnet.env file flanneld (or tartan-agent) writes.
+
+use std::path::Path;
+
+use ipnet::IpNet;
+
+/// What the agent published about this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubnetEnv {
+    pub network: Option<IpNet>,
+    /// The node subnet with the first usable address, e.g. `10.244.72.1/24`.
+    pub subnet: Option<IpNet>,
+    pub ipv6_network: Option<IpNet>,
+    pub ipv6_subnet: Option<IpNet>,
+    pub mtu: Option<u32>,
+    pub ipmasq: Option<bool>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubnetEnvError {
+    #[error("{0}")]
+    Missing(String),
+    #[error("{file}: {msg}")]
+    Invalid { file: String, msg: String },
+}
+
+impl SubnetEnv {
+    pub fn load(path: &Path) -> Result<SubnetEnv, SubnetEnvError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            SubnetEnvError::Missing(format!(
+                "{}: {e}; the node agent (tartan-agent or flanneld) writes it once the node has its subnet",
+                path.display()
+            ))
+        })?;
+        SubnetEnv::parse(&text).map_err(|msg| SubnetEnvError::Invalid {
+            file: path.display().to_string(),
+            msg,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<SubnetEnv, String> {
+        let mut env = SubnetEnv {
+            network: None,
+            subnet: None,
+            ipv6_network: None,
+            ipv6_subnet: None,
+            mtu: None,
+            ipmasq: None,
+        };
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (k, v) = line
+                .split_once('=')
+                .ok_or_else(|| format!("line {}: expected KEY=VALUE", n + 1))?;
+            let v = v.trim().trim_matches('"');
+            let net = |v: &str| v.parse::<IpNet>().map_err(|e| format!("{k}={v:?}: {e}"));
+            match k.trim() {
+                "FLANNEL_NETWORK" => env.network = Some(net(v)?),
+                "FLANNEL_SUBNET" => env.subnet = Some(net(v)?),
+                "FLANNEL_IPV6_NETWORK" => env.ipv6_network = Some(net(v)?),
+                "FLANNEL_IPV6_SUBNET" => env.ipv6_subnet = Some(net(v)?),
+                "FLANNEL_MTU" => {
+                    env.mtu = Some(v.parse().map_err(|e| format!("FLANNEL_MTU={v:?}: {e}"))?)
+                }
+                "FLANNEL_IPMASQ" => {
+                    env.ipmasq = Some(
+                        v.parse()
+                            .map_err(|e| format!("FLANNEL_IPMASQ={v:?}: {e}"))?,
+                    )
+                }
+                _ => {}
+            }
+        }
+        // The flannel meta-plugin's rule: these four must be present (IPv6-only nodes carry the IPv6 pair instead).
+        if env.subnet.is_none() && env.ipv6_subnet.is_none() {
+            return Err("FLANNEL_SUBNET (or FLANNEL_IPV6_SUBNET) is missing".into());
+        }
+        if env.subnet.is_some() && env.network.is_none() {
+            return Err("FLANNEL_NETWORK is missing".into());
+        }
+        if env.ipv6_subnet.is_some() && env.ipv6_network.is_none() {
+            return Err("FLANNEL_IPV6_NETWORK is missing".into());
+        }
+        if env.mtu.is_none() {
+            return Err("FLANNEL_MTU is missing".into());
+        }
+        if env.ipmasq.is_none() {
+            return Err("FLANNEL_IPMASQ is missing".into());
+        }
+        Ok(env)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_flanneld_output() {
+        let e = SubnetEnv::parse(
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.72.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+        )
+        .unwrap();
+        assert_eq!(e.subnet.unwrap().to_string(), "10.244.72.1/24");
+        assert_eq!(e.mtu, Some(1450));
+        assert_eq!(e.ipmasq, Some(true));
+    }
+
+    #[test]
+    fn names_what_is_wrong() {
+        assert!(SubnetEnv::parse("FLANNEL_NETWORK=10.244.0.0/16\n")
+            .unwrap_err()
+            .contains("FLANNEL_SUBNET"));
+        assert!(
+            SubnetEnv::parse("FLANNEL_SUBNET=10.244.72.1/24\nFLANNEL_NETWORK=x\n")
+                .unwrap_err()
+                .contains("FLANNEL_NETWORK")
+        );
+        let no_mtu =
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.72.1/24\nFLANNEL_IPMASQ=true\n";
+        assert!(SubnetEnv::parse(no_mtu)
+            .unwrap_err()
+            .contains("FLANNEL_MTU"));
+        assert!(SubnetEnv::parse("garbage").is_err());
+    }
+}

@@ -1,0 +1,15 @@
+//! `tartan`, the CNI plugin binary: the runtime's environment and stdin in, a result or an error document out.
+
+use std::io::{Read, Write};
+
+fn main() {
+    let mut stdin = Vec::new();
+    // A runtime always sends a config (VERSION may send an empty one); a read error is treated as empty input and
+    // reported by the parser.
+    let _ = std::io::stdin().read_to_end(&mut stdin);
+    let outcome = tartan_cni::run(|k| std::env::var(k).ok(), &stdin);
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(outcome.stdout.as_bytes());
+    let _ = out.flush();
+    std::process::exit(outcome.exit_code);
+}
