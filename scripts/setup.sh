@@ -5,7 +5,7 @@ set -euo pipefail
 
 APT_PACKAGES=(
   iproute2 iptables nftables ipset conntrack tcpdump iperf3 ethtool socat
-  etcd-server etcd-client containernetworking-plugins hyperfine procps util-linux
+  etcd-server etcd-client containernetworking-plugins hyperfine procps util-linux iputils-ping
 )
 
 missing=()

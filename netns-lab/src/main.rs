@@ -1,0 +1,139 @@
+//! `netns-lab`: build the lab by hand (up / pod add / pod del / exec / down / sweep), or run the demo.
+
+mod demo;
+
+use std::os::unix::process::CommandExt;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use netns_lab::Lab;
+
+#[derive(Parser)]
+#[command(
+    name = "netns-lab",
+    about = "Clusters made of network namespaces, for Tartan's tests and demos"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build a lab that stays until `down`: nodes on an underlay, each wired for pods by `tartan`.
+    Up {
+        #[arg(long, default_value = "lab")]
+        name: String,
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+    },
+    /// Pods: created and deleted through the CNI plugin, as kubelet does.
+    Pod {
+        #[command(subcommand)]
+        cmd: PodCmd,
+    },
+    /// Run a command inside a node, pod or other namespace of the lab.
+    Exec {
+        #[arg(long, default_value = "lab")]
+        name: String,
+        target: String,
+        #[arg(trailing_var_arg = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Show the lab: nodes, pods, namespaces.
+    Show {
+        #[arg(long, default_value = "lab")]
+        name: String,
+    },
+    /// Remove a lab made with `up`.
+    Down {
+        #[arg(long, default_value = "lab")]
+        name: String,
+    },
+    /// Remove what dead runs left behind (with --all, persistent labs too).
+    Sweep {
+        #[arg(long)]
+        all: bool,
+    },
+    /// A one-node lab with three pods: addresses, a ping matrix, traffic out of the node and a capture of it.
+    Demo,
+}
+
+#[derive(Subcommand)]
+enum PodCmd {
+    Add {
+        #[arg(long, default_value = "lab")]
+        name: String,
+        node: String,
+        pod: String,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+    },
+    Del {
+        #[arg(long, default_value = "lab")]
+        name: String,
+        pod: String,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Up { name, nodes } => {
+            if nodes == 0 {
+                bail!("--nodes must be at least 1");
+            }
+            let mut lab = Lab::persistent(&name)?;
+            if let Err(e) = lab.build_static(nodes) {
+                lab.teardown();
+                return Err(e);
+            }
+            for n in &lab.state.nodes {
+                println!("node {} ns={} underlay={}", n.name, n.ns, n.underlay_ip);
+            }
+            println!("lab {name} is up; `netns-lab pod add --name {name} n1 a` adds a pod");
+        }
+        Cmd::Pod {
+            cmd:
+                PodCmd::Add {
+                    name,
+                    node,
+                    pod,
+                    namespace,
+                },
+        } => {
+            let mut lab = Lab::open(&name)?;
+            let r = lab.add_pod(&node, &pod, &namespace)?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        }
+        Cmd::Pod {
+            cmd: PodCmd::Del { name, pod },
+        } => {
+            let mut lab = Lab::open(&name)?;
+            lab.del_pod(&pod)?;
+            println!("pod {pod} deleted");
+        }
+        Cmd::Exec { name, target, argv } => {
+            let lab = Lab::open(&name)?;
+            let ns = lab.target_ns(&target)?;
+            let err = lab.cmd(&ns, &argv[0])?.args(&argv[1..]).exec();
+            bail!("exec {}: {err}", argv[0]);
+        }
+        Cmd::Show { name } => {
+            let lab = Lab::open(&name)?;
+            println!("{}", serde_json::to_string_pretty(&lab.state)?);
+        }
+        Cmd::Down { name } => {
+            let mut lab = Lab::open(&name)?;
+            lab.teardown();
+            println!("lab {name} removed");
+        }
+        Cmd::Sweep { all } => {
+            for r in netns_lab::sweep(all)? {
+                println!("removed {r}");
+            }
+        }
+        Cmd::Demo => demo::run()?,
+    }
+    Ok(())
+}

@@ -1,0 +1,33 @@
+//! What a lab is made of, saved as JSON in its directory so the CLI can come back to it.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LabState {
+    pub prefix: String,
+    /// Every namespace created, in creation order (removed in reverse).
+    pub namespaces: Vec<String>,
+    pub nodes: Vec<NodeState>,
+    pub pods: Vec<PodState>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeState {
+    pub name: String,
+    pub ns: String,
+    pub underlay_ip: String,
+    /// Stands in for the node's `/`: etc/cni/net.d, var/lib/cni, run/flannel, run/tartan, var/lib/tartan.
+    pub root: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodState {
+    pub name: String,
+    pub node: String,
+    pub ns: String,
+    pub container_id: String,
+    pub ip: String,
+    pub k8s_namespace: String,
+}
