@@ -182,7 +182,10 @@ fn add(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<CniResult> {
             if let Some(dns) = ipam_dns.filter(|d| !d.is_empty()) {
                 result.dns = dns;
             }
-            Ok(result)
+            match &plan.prev_result {
+                Some(prev) => Ok(chain_onto(CniResult::from_value(prev)?, result)),
+                None => Ok(result),
+            }
         }
         Err(e) => {
             // Leave nothing behind: the veth (both ends go with it) and the addresses.
@@ -193,6 +196,22 @@ fn add(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<CniResult> {
             Err(e)
         }
     }
+}
+
+/// In the middle of a chain, what earlier plugins reported is passed on with ours appended (interface indices
+/// of our addresses shifted past theirs).
+fn chain_onto(mut prev: CniResult, ours: CniResult) -> CniResult {
+    let offset = prev.interfaces.len();
+    prev.interfaces.extend(ours.interfaces);
+    prev.ips.extend(ours.ips.into_iter().map(|mut ip| {
+        ip.interface = ip.interface.map(|i| i + offset);
+        ip
+    }));
+    prev.routes.extend(ours.routes);
+    if !ours.dns.is_empty() {
+        prev.dns = ours.dns;
+    }
+    prev
 }
 
 #[allow(clippy::too_many_arguments)]

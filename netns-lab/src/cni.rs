@@ -178,24 +178,44 @@ impl ConfList {
         ConfList::from_value(&v)
     }
 
-    fn plugin_conf(&self, p: &Value, prev: Option<&Value>) -> Value {
+    /// A plugin's config as the runtime sends it: name and cniVersion from the list, prevResult, and runtimeConfig
+    /// holding what the runtime supplies of the capabilities the plugin declares.
+    fn plugin_conf(&self, p: &Value, prev: Option<&Value>, runtime: &Value) -> Value {
         let mut c = p.clone();
         c["name"] = json!(self.name);
         c["cniVersion"] = json!(self.cni_version);
         if let Some(prev) = prev {
             c["prevResult"] = prev.clone();
         }
+        if let (Some(caps), Some(supplied)) = (
+            p.get("capabilities").and_then(Value::as_object),
+            runtime.as_object(),
+        ) {
+            let rc: serde_json::Map<String, Value> = supplied
+                .iter()
+                .filter(|(k, _)| caps.get(*k).and_then(Value::as_bool) == Some(true))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            if !rc.is_empty() {
+                c["runtimeConfig"] = Value::Object(rc);
+            }
+        }
         c
     }
 
     /// ADD through every plugin; on failure, DEL what was added and return the error.
     pub fn add(&self, inv: &Invocation) -> Result<Value> {
+        self.add_with(inv, &Value::Null)
+    }
+
+    /// ADD with runtime-supplied capability values (e.g. `{"portMappings": [...]}`).
+    pub fn add_with(&self, inv: &Invocation, runtime: &Value) -> Result<Value> {
         let mut prev: Option<Value> = None;
         for (i, p) in self.plugins.iter().enumerate() {
-            let run = exec("ADD", inv, &self.plugin_conf(p, prev.as_ref()))?;
+            let run = exec("ADD", inv, &self.plugin_conf(p, prev.as_ref(), runtime))?;
             if !run.success {
                 for q in self.plugins[..=i].iter().rev() {
-                    let _ = exec("DEL", inv, &self.plugin_conf(q, None));
+                    let _ = exec("DEL", inv, &self.plugin_conf(q, None, runtime));
                 }
                 bail!(
                     "ADD failed in plugin {}: {}{}",
@@ -211,9 +231,13 @@ impl ConfList {
 
     /// DEL through every plugin in reverse; every plugin runs even if one fails.
     pub fn del(&self, inv: &Invocation) -> Result<()> {
+        self.del_with(inv, &Value::Null)
+    }
+
+    pub fn del_with(&self, inv: &Invocation, runtime: &Value) -> Result<()> {
         let mut errors = Vec::new();
         for p in self.plugins.iter().rev() {
-            let run = exec("DEL", inv, &self.plugin_conf(p, None))?;
+            let run = exec("DEL", inv, &self.plugin_conf(p, None, runtime))?;
             if !run.success {
                 errors.push(format!("{}: {}", p["type"], run.stdout.trim()));
             }
