@@ -4,8 +4,8 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use cni_types::{
-    Attachment, CniError, CniResult, Command, ErrorCode, Interface, IpConfig, Request, Route,
-    Version, SUPPORTED_VERSIONS,
+    Attachment, CniError, CniResult, Command, ErrorCode, Interface, IpConfig, Request, Route, Version,
+    SUPPORTED_VERSIONS,
 };
 use ipam::Store;
 use ipnet::IpNet;
@@ -20,10 +20,7 @@ use crate::{delegate, masq, net, Outcome};
 pub fn run(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
     // Errors are shaped for the config's version when it can be read, the latest otherwise.
     let version = parse_raw(stdin).map(|(v, _)| v).unwrap_or(Version::LATEST);
-    let fail = |e: CniError| Outcome {
-        stdout: e.to_json(version),
-        exit_code: 1,
-    };
+    let fail = |e: CniError| Outcome { stdout: e.to_json(version), exit_code: 1 };
     let req = match Request::from_env(&env) {
         Ok(r) => r,
         Err(e) => return fail(e.into()),
@@ -52,14 +49,8 @@ pub fn run(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
         Command::Version => unreachable!("answered above"),
     };
     match done {
-        Ok(Some(result)) => Outcome {
-            stdout: result.to_json(plan.version),
-            exit_code: 0,
-        },
-        Ok(None) => Outcome {
-            stdout: String::new(),
-            exit_code: 0,
-        },
+        Ok(Some(result)) => Outcome { stdout: result.to_json(plan.version), exit_code: 0 },
+        Ok(None) => Outcome { stdout: String::new(), exit_code: 0 },
         Err(e) => fail(e.to_cni()),
     }
 }
@@ -70,10 +61,7 @@ fn version_doc(stdin: &[u8]) -> Outcome {
         "cniVersion": v.as_str(),
         "supportedVersions": SUPPORTED_VERSIONS.map(Version::as_str),
     });
-    Outcome {
-        stdout: doc.to_string(),
-        exit_code: 0,
-    }
+    Outcome { stdout: doc.to_string(), exit_code: 0 }
 }
 
 /// An address for the container and the gateway that goes with it.
@@ -83,25 +71,16 @@ struct Addr {
 }
 
 /// IPAM for ADD: in-process host-local, or the delegate.
-fn ipam_add(
-    req: &Request,
-    plan: &Plan,
-    stdin: &[u8],
-) -> Result<(Vec<Addr>, Vec<Route>, Option<cni_types::Dns>)> {
+fn ipam_add(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<(Vec<Addr>, Vec<Route>, Option<cni_types::Dns>)> {
     match &plan.ipam {
-        Ipam::HostLocal {
-            sets,
-            routes,
-            data_dir,
-        } => {
+        Ipam::HostLocal { sets, routes, data_dir } => {
             let store = Store::open(data_dir, &plan.network)?;
             let lock = store.lock()?;
             let got = lock.allocate(sets, &req.container_id, &req.ifname)?;
             let addrs = got
                 .iter()
                 .map(|a| Addr {
-                    net: IpNet::new(a.ip, a.range.subnet.prefix_len())
-                        .expect("prefix from a valid subnet"),
+                    net: IpNet::new(a.ip, a.range.subnet.prefix_len()).expect("prefix from a valid subnet"),
                     gateway: Some(a.range.gateway),
                 })
                 .collect();
@@ -109,23 +88,13 @@ fn ipam_add(
             Ok((addrs, routes, None))
         }
         Ipam::Delegate { plugin } => {
-            let r = delegate::exec(plugin, req, "ADD", stdin)?.ok_or_else(|| {
-                PluginError::Invalid(format!("ipam plugin {plugin} returned no result"))
-            })?;
+            let r = delegate::exec(plugin, req, "ADD", stdin)?
+                .ok_or_else(|| PluginError::Invalid(format!("ipam plugin {plugin} returned no result")))?;
             if r.ips.is_empty() {
                 let _ = delegate::exec(plugin, req, "DEL", stdin);
-                return Err(PluginError::Invalid(format!(
-                    "ipam plugin {plugin} returned no IP addresses"
-                )));
+                return Err(PluginError::Invalid(format!("ipam plugin {plugin} returned no IP addresses")));
             }
-            let addrs = r
-                .ips
-                .iter()
-                .map(|i| Addr {
-                    net: i.address,
-                    gateway: i.gateway,
-                })
-                .collect();
+            let addrs = r.ips.iter().map(|i| Addr { net: i.address, gateway: i.gateway }).collect();
             Ok((addrs, r.routes, Some(r.dns)))
         }
     }
@@ -150,10 +119,7 @@ fn ipam_del(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<()> {
 
 fn add(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<CniResult> {
     let netns_path = req.netns.as_ref().expect("ADD requires CNI_NETNS");
-    let ns = NetNs::open(netns_path).map_err(|source| PluginError::Netns {
-        path: netns_path.clone(),
-        source,
-    })?;
+    let ns = NetNs::open(netns_path).map_err(|source| PluginError::Netns { path: netns_path.clone(), source })?;
     let mut host = Rtnl::new()?;
     let mut ctr = Rtnl::in_netns(&ns)?;
     // Checked before anything changes: an ADD for a live attachment must fail without touching it.
@@ -166,17 +132,7 @@ fn add(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<CniResult> {
     let (addrs, ipam_routes, ipam_dns) = ipam_add(req, plan, stdin)?;
     let host_name = net::host_veth_name(&req.container_id, &req.ifname);
     let mut created_veth = false;
-    let wired = wire(
-        req,
-        plan,
-        &ns,
-        &mut host,
-        &mut ctr,
-        &addrs,
-        ipam_routes,
-        &host_name,
-        &mut created_veth,
-    );
+    let wired = wire(req, plan, &ns, &mut host, &mut ctr, &addrs, ipam_routes, &host_name, &mut created_veth);
     match wired {
         Ok(mut result) => {
             if let Some(dns) = ipam_dns.filter(|d| !d.is_empty()) {
@@ -231,14 +187,11 @@ fn wire(
     if plan.is_gateway {
         for a in addrs {
             if let Some(gw) = a.gateway {
-                let gw_net =
-                    IpNet::new(gw, a.net.prefix_len()).expect("same prefix as the address");
+                let gw_net = IpNet::new(gw, a.net.prefix_len()).expect("same prefix as the address");
                 net::ensure_bridge_addr(host, &bridge, gw_net, plan.force_address)?;
             }
         }
-        let sysctl = |name: &str| {
-            rtnl::sysctl_ensure(name, "1").map_err(PluginError::io(format!("sysctl {name}")))
-        };
+        let sysctl = |name: &str| rtnl::sysctl_ensure(name, "1").map_err(PluginError::io(format!("sysctl {name}")));
         if addrs.iter().any(|a| a.net.addr().is_ipv4()) {
             sysctl("net.ipv4.ip_forward")?;
         }
@@ -247,8 +200,11 @@ fn wire(
         }
     }
 
-    match net::create_veth(host, plan, &bridge, host_name, &req.ifname, ns) {
-        Ok(()) => *created_veth = true,
+    let port = match net::create_veth(host, plan, &bridge, host_name, &req.ifname, ns) {
+        Ok(port) => {
+            *created_veth = true;
+            port
+        }
         Err(e) if e.is_exists() => {
             return Err(PluginError::Invalid(format!(
                 "host interface {host_name} (derived from container {} / {}) already exists",
@@ -256,23 +212,16 @@ fn wire(
             )))
         }
         Err(e) => return Err(e.into()),
-    }
-    let port = host.link_get(host_name)?.ok_or_else(|| {
-        PluginError::Invalid(format!("{host_name} vanished right after creation"))
-    })?;
+    };
     net::configure_port(host, plan, &bridge, &port)?;
 
-    let link = ctr.link_get(&req.ifname)?.ok_or_else(|| {
-        PluginError::Invalid(format!("{} vanished right after creation", req.ifname))
-    })?;
+    let link = ctr
+        .link_get(&req.ifname)?
+        .ok_or_else(|| PluginError::Invalid(format!("{} vanished right after creation", req.ifname)))?;
     let mut routes: Vec<Route> = Vec::new();
     if plan.is_default_gateway {
         for gw in &gateways {
-            let any: IpNet = if gw.is_ipv4() {
-                "0.0.0.0/0".parse().unwrap()
-            } else {
-                "::/0".parse().unwrap()
-            };
+            let any: IpNet = if gw.is_ipv4() { "0.0.0.0/0".parse().unwrap() } else { "::/0".parse().unwrap() };
             routes.push(Route::new(any, Some(*gw)));
         }
     }
@@ -299,20 +248,15 @@ fn wire(
         masq::ensure(&plan.network, &subnets, &plan.run_dir)?;
     }
 
-    // The bridge takes its MAC from its first port: read it again now that ours joined.
-    let bridge = host.link_get(&plan.bridge)?.unwrap_or(bridge);
+    // A new bridge takes its MAC from its first port: read it again once ours joined.
+    let bridge = match bridge.mac.as_deref() {
+        Some([0, 0, 0, 0, 0, 0]) | None => host.link_get(&plan.bridge)?.unwrap_or(bridge),
+        Some(_) => bridge,
+    };
     Ok(CniResult {
         interfaces: vec![
-            Interface {
-                name: bridge.name.clone(),
-                mac: bridge.mac_string(),
-                ..Default::default()
-            },
-            Interface {
-                name: host_name.to_string(),
-                mac: port.mac_string(),
-                ..Default::default()
-            },
+            Interface { name: bridge.name.clone(), mac: bridge.mac_string(), ..Default::default() },
+            Interface { name: host_name.to_string(), mac: port.mac_string(), ..Default::default() },
             Interface {
                 name: req.ifname.clone(),
                 mac: link.mac_string(),
@@ -320,14 +264,7 @@ fn wire(
                 sandbox: Some(ns.path().display().to_string()),
             },
         ],
-        ips: addrs
-            .iter()
-            .map(|a| IpConfig {
-                address: a.net,
-                gateway: a.gateway,
-                interface: Some(2),
-            })
-            .collect(),
+        ips: addrs.iter().map(|a| IpConfig { address: a.net, gateway: a.gateway, interface: Some(2) }).collect(),
         routes,
         dns: plan.dns.clone(),
     })
@@ -368,51 +305,27 @@ fn check(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<()> {
         )
         .into());
     }
-    let prev = plan
-        .prev_result
-        .as_ref()
-        .ok_or_else(|| PluginError::Invalid("CHECK requires prevResult".into()))?;
+    let prev = plan.prev_result.as_ref().ok_or_else(|| PluginError::Invalid("CHECK requires prevResult".into()))?;
     let prev = CniResult::from_value(prev)?;
     let netns_path = req.netns.as_ref().expect("CHECK requires CNI_NETNS");
-    let ns = NetNs::open(netns_path).map_err(|source| PluginError::Netns {
-        path: netns_path.clone(),
-        source,
-    })?;
+    let ns = NetNs::open(netns_path).map_err(|source| PluginError::Netns { path: netns_path.clone(), source })?;
     let mut ctr = Rtnl::in_netns(&ns)?;
     let mut host = Rtnl::new()?;
     let mismatch = |m: String| Err(PluginError::Mismatch(m));
 
     let Some(link) = ctr.link_get(&req.ifname)? else {
-        return mismatch(format!(
-            "{} is missing from {}",
-            req.ifname,
-            netns_path.display()
-        ));
+        return mismatch(format!("{} is missing from {}", req.ifname, netns_path.display()));
     };
-    let idx = prev
-        .interfaces
-        .iter()
-        .position(|i| i.name == req.ifname && i.sandbox.is_some());
+    let idx = prev.interfaces.iter().position(|i| i.name == req.ifname && i.sandbox.is_some());
     if let Some(i) = idx {
         if let (Some(want), Some(have)) = (&prev.interfaces[i].mac, link.mac_string()) {
             if !want.eq_ignore_ascii_case(&have) {
-                return mismatch(format!(
-                    "{} has MAC {have}, prevResult says {want}",
-                    req.ifname
-                ));
+                return mismatch(format!("{} has MAC {have}, prevResult says {want}", req.ifname));
             }
         }
     }
-    let have: BTreeSet<IpNet> = ctr
-        .addresses(Some(link.index))?
-        .into_iter()
-        .map(|(_, a)| a)
-        .collect();
-    for ip in prev
-        .ips
-        .iter()
-        .filter(|ip| ip.interface.is_none() || ip.interface == idx)
-    {
+    let have: BTreeSet<IpNet> = ctr.addresses(Some(link.index))?.into_iter().map(|(_, a)| a).collect();
+    for ip in prev.ips.iter().filter(|ip| ip.interface.is_none() || ip.interface == idx) {
         if !have.contains(&ip.address) {
             return mismatch(format!("{} lacks address {}", req.ifname, ip.address));
         }
@@ -420,8 +333,7 @@ fn check(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<()> {
     let routes = ctr.routes(false)?;
     for r in &prev.routes {
         let found = routes.iter().any(|have| {
-            have.dst == r.dst.trunc()
-                && (r.gw.is_none() || have.gateway.is_none() || have.gateway == r.gw)
+            have.dst == r.dst.trunc() && (r.gw.is_none() || have.gateway.is_none() || have.gateway == r.gw)
         });
         if !found {
             return mismatch(format!("route to {} is missing in the container", r.dst));
@@ -431,26 +343,17 @@ fn check(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<()> {
     let bridge = host.link_get(&plan.bridge)?;
     match (host.link_get(&host_name)?, bridge) {
         (Some(p), Some(b)) if p.master == Some(b.index) => {}
-        (Some(_), Some(_)) => {
-            return mismatch(format!("{host_name} is not attached to {}", plan.bridge))
-        }
+        (Some(_), Some(_)) => return mismatch(format!("{host_name} is not attached to {}", plan.bridge)),
         (None, _) => return mismatch(format!("host interface {host_name} is missing")),
         (_, None) => return mismatch(format!("bridge {} is missing", plan.bridge)),
     }
     match &plan.ipam {
         Ipam::HostLocal { data_dir, .. } => {
             let store = Store::open(data_dir, &plan.network)?;
-            let owned: BTreeSet<IpAddr> = store
-                .lock()?
-                .owned_by(&req.container_id, &req.ifname)?
-                .into_iter()
-                .collect();
+            let owned: BTreeSet<IpAddr> = store.lock()?.owned_by(&req.container_id, &req.ifname)?.into_iter().collect();
             for ip in &prev.ips {
                 if !owned.contains(&ip.address.addr()) {
-                    return mismatch(format!(
-                        "IPAM does not hold {} for this container",
-                        ip.address.addr()
-                    ));
+                    return mismatch(format!("IPAM does not hold {} for this container", ip.address.addr()));
                 }
             }
         }
@@ -466,8 +369,8 @@ fn valid_attachments(stdin: &[u8]) -> Result<Option<BTreeSet<Attachment>>> {
     // libcni sends both spellings: the spec's current one and the 1.1.0 tag's.
     for key in ["cni.dev/valid-attachments", "cni.dev/attachments"] {
         if let Some(v) = map.get(key) {
-            let list: Vec<Attachment> = serde_json::from_value(v.clone())
-                .map_err(|e| PluginError::Invalid(format!("{key}: {e}")))?;
+            let list: Vec<Attachment> =
+                serde_json::from_value(v.clone()).map_err(|e| PluginError::Invalid(format!("{key}: {e}")))?;
             return Ok(Some(list.into_iter().collect()));
         }
     }
@@ -476,9 +379,7 @@ fn valid_attachments(stdin: &[u8]) -> Result<Option<BTreeSet<Attachment>>> {
 
 fn gc(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<()> {
     let Some(valid) = valid_attachments(stdin)? else {
-        return Err(PluginError::Invalid(
-            "GC requires cni.dev/valid-attachments".into(),
-        ));
+        return Err(PluginError::Invalid("GC requires cni.dev/valid-attachments".into()));
     };
     match &plan.ipam {
         Ipam::HostLocal { data_dir, .. } => {
@@ -498,11 +399,7 @@ fn status(plan: &Plan) -> Result<()> {
     // The plan already proved the subnet file is there and the ranges are valid; check the store is writable.
     if let Some(dir) = plan.data_dir() {
         Store::open(dir, &plan.network).map_err(|e| {
-            PluginError::Cni(CniError::new(
-                ErrorCode::NotAvailable,
-                "IPAM store is not usable",
-                e.to_string(),
-            ))
+            PluginError::Cni(CniError::new(ErrorCode::NotAvailable, "IPAM store is not usable", e.to_string()))
         })?;
     }
     Ok(())

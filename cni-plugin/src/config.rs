@@ -69,11 +69,7 @@ pub struct RouteConf {
 pub enum Ipam {
     /// In-process host-local. `sets` is empty when the ranges could not be known (flannel mode on DEL/GC without a
     /// subnet file), which is enough to release by owner.
-    HostLocal {
-        sets: Vec<RangeSet>,
-        routes: Vec<RouteConf>,
-        data_dir: PathBuf,
-    },
+    HostLocal { sets: Vec<RangeSet>, routes: Vec<RouteConf>, data_dir: PathBuf },
     /// Another IPAM plugin, run from CNI_PATH.
     Delegate { plugin: String },
 }
@@ -108,38 +104,18 @@ fn invalid(msg: impl Into<String>) -> CniError {
 fn from_value<T: serde::de::DeserializeOwned>(v: Value, prefix: &str) -> Result<T, CniError> {
     serde_path_to_error::deserialize(v).map_err(|e| {
         let path = e.path().to_string();
-        let field = if path == "." {
-            prefix.trim_end_matches('.').to_string()
-        } else {
-            format!("{prefix}{path}")
-        };
-        invalid(format!(
-            "{}: {}",
-            if field.is_empty() {
-                "network configuration"
-            } else {
-                &field
-            },
-            e.into_inner()
-        ))
+        let field = if path == "." { prefix.trim_end_matches('.').to_string() } else { format!("{prefix}{path}") };
+        invalid(format!("{}: {}", if field.is_empty() { "network configuration" } else { &field }, e.into_inner()))
     })
 }
 
 /// The first step for every command: JSON, then the version (code 1 before anything else can complain).
 pub fn parse_raw(stdin: &[u8]) -> Result<(Version, Map<String, Value>), CniError> {
     let v: Value = serde_json::from_slice(stdin).map_err(|e| {
-        CniError::new(
-            ErrorCode::DecodeFailure,
-            "network configuration is not valid JSON",
-            e.to_string(),
-        )
+        CniError::new(ErrorCode::DecodeFailure, "network configuration is not valid JSON", e.to_string())
     })?;
     let Value::Object(map) = v else {
-        return Err(CniError::new(
-            ErrorCode::DecodeFailure,
-            "network configuration must be a JSON object",
-            "",
-        ));
+        return Err(CniError::new(ErrorCode::DecodeFailure, "network configuration must be a JSON object", ""));
     };
     let version = match map.get("cniVersion") {
         Some(Value::String(s)) => s.parse::<Version>()?,
@@ -173,19 +149,11 @@ impl Plan {
 
     fn from_conf(version: Version, c: NetConf, need: Need) -> Result<Plan, CniError> {
         if c.name.is_empty() || c.name.contains('/') || c.name == "." || c.name == ".." {
-            return Err(invalid(format!(
-                "name {:?} is not a valid network name",
-                c.name
-            )));
+            return Err(invalid(format!("name {:?} is not a valid network name", c.name)));
         }
-        let bridge = c
-            .bridge
-            .clone()
-            .unwrap_or_else(|| DEFAULT_BRIDGE.to_string());
+        let bridge = c.bridge.clone().unwrap_or_else(|| DEFAULT_BRIDGE.to_string());
         if bridge.is_empty() || bridge.len() > 15 || bridge.contains(['/', ':', ' ']) {
-            return Err(invalid(format!(
-                "bridge {bridge:?} is not a valid interface name"
-            )));
+            return Err(invalid(format!("bridge {bridge:?} is not a valid interface name")));
         }
         if c.hairpin_mode == Some(true) && c.promisc_mode == Some(true) {
             return Err(invalid("hairpinMode and promiscMode cannot both be set"));
@@ -204,10 +172,7 @@ impl Plan {
         let host_local: Option<HostLocalConf> = match &c.ipam {
             None => Some(HostLocalConf::default()),
             Some(v) => {
-                let t = v
-                    .get("type")
-                    .and_then(Value::as_str)
-                    .unwrap_or("host-local");
+                let t = v.get("type").and_then(Value::as_str).unwrap_or("host-local");
                 if t == "host-local" || t.is_empty() {
                     Some(from_value(v.clone(), "ipam.")?)
                 } else {
@@ -225,19 +190,10 @@ impl Plan {
         let mut flannel = None;
         let ipam = match host_local {
             None => Ipam::Delegate {
-                plugin: c
-                    .ipam
-                    .as_ref()
-                    .and_then(|v| v.get("type"))
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .into(),
+                plugin: c.ipam.as_ref().and_then(|v| v.get("type")).and_then(Value::as_str).unwrap_or_default().into(),
             },
             Some(hl) => {
-                let data_dir = hl
-                    .data_dir
-                    .clone()
-                    .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+                let data_dir = hl.data_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
                 let mut specs: Vec<Vec<RangeSpec>> = match (&hl.ranges, hl.subnet) {
                     (Some(r), _) => r.clone(),
                     (None, Some(subnet)) => vec![vec![RangeSpec {
@@ -251,10 +207,7 @@ impl Plan {
                 let mut routes = hl.routes.clone();
                 if specs.is_empty() {
                     // flannel mode: the node's subnet comes from the agent.
-                    let path = c
-                        .subnet_file
-                        .clone()
-                        .unwrap_or_else(|| PathBuf::from(DEFAULT_SUBNET_FILE));
+                    let path = c.subnet_file.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_SUBNET_FILE));
                     flannel = Some(path.clone());
                     match SubnetEnv::load(&path) {
                         Ok(env) => {
@@ -266,11 +219,7 @@ impl Plan {
                             is_gateway = Some(true);
                         }
                         Err(SubnetEnvError::Missing(msg)) if need == Need::Ranges => {
-                            return Err(CniError::new(
-                                ErrorCode::TryAgainLater,
-                                "node subnet is not known yet",
-                                msg,
-                            ));
+                            return Err(CniError::new(ErrorCode::TryAgainLater, "node subnet is not known yet", msg));
                         }
                         Err(SubnetEnvError::Invalid { file, msg }) if need == Need::Ranges => {
                             return Err(invalid(format!("{file}: {msg}")));
@@ -279,9 +228,7 @@ impl Plan {
                     }
                 }
                 if specs.is_empty() && need == Need::Ranges {
-                    return Err(invalid(
-                        "ipam has no ranges or subnet, and there is no subnet file",
-                    ));
+                    return Err(invalid("ipam has no ranges or subnet, and there is no subnet file"));
                 }
                 let sets = specs
                     .iter()
@@ -292,11 +239,7 @@ impl Plan {
                 if v4 > 1 || sets.len() - v4 > 1 {
                     return Err(invalid("ipam: at most one IPv4 and one IPv6 range set"));
                 }
-                Ipam::HostLocal {
-                    sets,
-                    routes,
-                    data_dir,
-                }
+                Ipam::HostLocal { sets, routes, data_dir }
             }
         };
         let is_default_gateway = c.is_default_gateway.unwrap_or(false);
@@ -332,21 +275,10 @@ impl Plan {
 fn flannel_ranges(env: &SubnetEnv) -> (Vec<Vec<RangeSpec>>, Vec<RouteConf>) {
     let mut specs = Vec::new();
     let mut routes = Vec::new();
-    for (subnet, network) in [
-        (env.subnet, env.network),
-        (env.ipv6_subnet, env.ipv6_network),
-    ] {
+    for (subnet, network) in [(env.subnet, env.network), (env.ipv6_subnet, env.ipv6_network)] {
         if let (Some(s), Some(n)) = (subnet, network) {
-            specs.push(vec![RangeSpec {
-                subnet: s.trunc(),
-                range_start: None,
-                range_end: None,
-                gateway: None,
-            }]);
-            routes.push(RouteConf {
-                dst: n.trunc(),
-                gw: None,
-            });
+            specs.push(vec![RangeSpec { subnet: s.trunc(), range_start: None, range_end: None, gateway: None }]);
+            routes.push(RouteConf { dst: n.trunc(), gw: None });
         }
     }
     (specs, routes)
@@ -371,30 +303,17 @@ mod tests {
         assert_eq!(p.bridge, "br9");
         assert!(p.is_gateway && p.is_default_gateway && p.ip_masq && p.hairpin);
         assert_eq!(p.mtu, Some(1400));
-        let Ipam::HostLocal { sets, data_dir, .. } = &p.ipam else {
-            panic!()
-        };
+        let Ipam::HostLocal { sets, data_dir, .. } = &p.ipam else { panic!() };
         assert_eq!(sets[0].0[0].gateway.to_string(), "10.10.0.1");
         assert_eq!(data_dir, Path::new("/tmp/x"));
     }
 
     #[test]
     fn error_codes_for_bad_configs() {
-        assert_eq!(
-            plan("{not json").unwrap_err().code,
-            ErrorCode::DecodeFailure
-        );
+        assert_eq!(plan("{not json").unwrap_err().code, ErrorCode::DecodeFailure);
         assert_eq!(plan("[]").unwrap_err().code, ErrorCode::DecodeFailure);
-        assert_eq!(
-            plan(r#"{"cniVersion":"0.2.0","name":"n"}"#)
-                .unwrap_err()
-                .code,
-            ErrorCode::IncompatibleVersion
-        );
-        assert_eq!(
-            plan(r#"{"name":"n"}"#).unwrap_err().code,
-            ErrorCode::InvalidConfig
-        );
+        assert_eq!(plan(r#"{"cniVersion":"0.2.0","name":"n"}"#).unwrap_err().code, ErrorCode::IncompatibleVersion);
+        assert_eq!(plan(r#"{"name":"n"}"#).unwrap_err().code, ErrorCode::InvalidConfig);
         let bad_cidr = r#"{"cniVersion":"1.0.0","name":"n","ipam":{"type":"host-local","subnet":"10.0.0.300/24"}}"#;
         let e = plan(bad_cidr).unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidConfig);
@@ -403,11 +322,9 @@ mod tests {
         assert!(plan(host_bits).unwrap_err().msg.contains("host bits"));
         let both = r#"{"cniVersion":"1.0.0","name":"n","hairpinMode":true,"promiscMode":true,"ipam":{"subnet":"10.0.0.0/24"}}"#;
         assert_eq!(plan(both).unwrap_err().code, ErrorCode::InvalidConfig);
-        let vlan =
-            r#"{"cniVersion":"1.0.0","name":"n","vlan":5000,"ipam":{"subnet":"10.0.0.0/24"}}"#;
+        let vlan = r#"{"cniVersion":"1.0.0","name":"n","vlan":5000,"ipam":{"subnet":"10.0.0.0/24"}}"#;
         assert_eq!(plan(vlan).unwrap_err().code, ErrorCode::InvalidConfig);
-        let mtu =
-            r#"{"cniVersion":"1.0.0","name":"n","mtu":"big","ipam":{"subnet":"10.0.0.0/24"}}"#;
+        let mtu = r#"{"cniVersion":"1.0.0","name":"n","mtu":"big","ipam":{"subnet":"10.0.0.0/24"}}"#;
         assert_eq!(plan(mtu).unwrap_err().code, ErrorCode::InvalidConfig);
         let slash = r#"{"cniVersion":"1.0.0","name":"../etc","ipam":{"subnet":"10.0.0.0/24"}}"#;
         assert_eq!(plan(slash).unwrap_err().code, ErrorCode::InvalidConfig);
@@ -427,18 +344,16 @@ mod tests {
         // DEL and GC still work without it.
         assert!(Plan::from_stdin(conf.as_bytes(), Need::OwnersOnly).is_ok());
 
-        std::fs::write(&f, "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.72.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n")
-            .unwrap();
+        std::fs::write(
+            &f,
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.72.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+        )
+        .unwrap();
         let p = plan(&conf).unwrap();
         assert!(p.hairpin && p.is_default_gateway && p.is_gateway);
-        assert!(
-            !p.ip_masq,
-            "FLANNEL_IPMASQ=true means the agent masquerades, not the plugin"
-        );
+        assert!(!p.ip_masq, "FLANNEL_IPMASQ=true means the agent masquerades, not the plugin");
         assert_eq!(p.mtu, Some(1450));
-        let Ipam::HostLocal { sets, routes, .. } = &p.ipam else {
-            panic!()
-        };
+        let Ipam::HostLocal { sets, routes, .. } = &p.ipam else { panic!() };
         assert_eq!(sets[0].0[0].subnet.to_string(), "10.244.72.0/24");
         assert_eq!(routes[0].dst.to_string(), "10.244.0.0/16");
 

@@ -10,17 +10,13 @@ use cni_types::{CniError, CniResult, ErrorCode, Request};
 use crate::error::{PluginError, Result};
 
 fn find(plugin: &str, req: &Request) -> Result<PathBuf> {
-    req.path
-        .iter()
-        .map(|d| d.join(plugin))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            PluginError::Cni(CniError::new(
-                ErrorCode::InvalidConfig,
-                format!("ipam plugin {plugin:?} not found"),
-                format!("searched CNI_PATH {:?}", req.path),
-            ))
-        })
+    req.path.iter().map(|d| d.join(plugin)).find(|p| p.is_file()).ok_or_else(|| {
+        PluginError::Cni(CniError::new(
+            ErrorCode::InvalidConfig,
+            format!("ipam plugin {plugin:?} not found"),
+            format!("searched CNI_PATH {:?}", req.path),
+        ))
+    })
 }
 
 /// Runs `plugin` with `command`; returns its parsed result when it printed one.
@@ -33,15 +29,8 @@ pub fn exec(plugin: &str, req: &Request, command: &str, stdin: &[u8]) -> Result<
         .stderr(Stdio::inherit())
         .spawn()
         .map_err(PluginError::io(format!("run {}", path.display())))?;
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(stdin)
-        .map_err(PluginError::io(format!("write to {plugin}")))?;
-    let out = child
-        .wait_with_output()
-        .map_err(PluginError::io(format!("wait for {plugin}")))?;
+    child.stdin.take().expect("piped").write_all(stdin).map_err(PluginError::io(format!("write to {plugin}")))?;
+    let out = child.wait_with_output().map_err(PluginError::io(format!("wait for {plugin}")))?;
     if !out.status.success() {
         let e = CniError::from_json(&out.stdout).unwrap_or_else(|| {
             CniError::new(

@@ -47,28 +47,16 @@ impl PluginError {
     pub fn to_cni(&self) -> CniError {
         let (code, msg) = match self {
             PluginError::Cni(e) => return e.clone(),
-            PluginError::Ipam(IpamError::Exhausted { .. }) => {
-                (ErrorCode::RangeExhausted, "no IP addresses available")
-            }
-            PluginError::Ipam(IpamError::InvalidRange(_)) => {
-                (ErrorCode::InvalidConfig, "invalid IPAM range")
-            }
+            PluginError::Ipam(IpamError::Exhausted { .. }) => (ErrorCode::RangeExhausted, "no IP addresses available"),
+            PluginError::Ipam(IpamError::InvalidRange(_)) => (ErrorCode::InvalidConfig, "invalid IPAM range"),
             PluginError::Ipam(IpamError::Io { .. }) => (ErrorCode::IoFailure, "IPAM store failure"),
             PluginError::Netlink(_) => (ErrorCode::Kernel, "the kernel refused a network change"),
             PluginError::Firewall(_) => (ErrorCode::Firewall, "could not program masquerade rules"),
-            PluginError::Netns { .. } => (
-                ErrorCode::InvalidEnvironment,
-                "CNI_NETNS is not a usable network namespace",
-            ),
-            PluginError::InterfaceExists { .. } => {
-                (ErrorCode::InterfaceExists, "interface already exists")
-            }
+            PluginError::Netns { .. } => (ErrorCode::InvalidEnvironment, "CNI_NETNS is not a usable network namespace"),
+            PluginError::InterfaceExists { .. } => (ErrorCode::InterfaceExists, "interface already exists"),
             PluginError::Io { .. } => (ErrorCode::IoFailure, "I/O failure"),
             PluginError::Invalid(_) => (ErrorCode::InvalidConfig, "invalid network configuration"),
-            PluginError::Mismatch(_) => (
-                ErrorCode::StateMismatch,
-                "container network state differs from prevResult",
-            ),
+            PluginError::Mismatch(_) => (ErrorCode::StateMismatch, "container network state differs from prevResult"),
         };
         CniError::new(code, msg, self.to_string())
     }

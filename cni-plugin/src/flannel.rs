@@ -32,29 +32,18 @@ impl SubnetEnv {
                 path.display()
             ))
         })?;
-        SubnetEnv::parse(&text).map_err(|msg| SubnetEnvError::Invalid {
-            file: path.display().to_string(),
-            msg,
-        })
+        SubnetEnv::parse(&text).map_err(|msg| SubnetEnvError::Invalid { file: path.display().to_string(), msg })
     }
 
     pub fn parse(text: &str) -> Result<SubnetEnv, String> {
-        let mut env = SubnetEnv {
-            network: None,
-            subnet: None,
-            ipv6_network: None,
-            ipv6_subnet: None,
-            mtu: None,
-            ipmasq: None,
-        };
+        let mut env =
+            SubnetEnv { network: None, subnet: None, ipv6_network: None, ipv6_subnet: None, mtu: None, ipmasq: None };
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let (k, v) = line
-                .split_once('=')
-                .ok_or_else(|| format!("line {}: expected KEY=VALUE", n + 1))?;
+            let (k, v) = line.split_once('=').ok_or_else(|| format!("line {}: expected KEY=VALUE", n + 1))?;
             let v = v.trim().trim_matches('"');
             let net = |v: &str| v.parse::<IpNet>().map_err(|e| format!("{k}={v:?}: {e}"));
             match k.trim() {
@@ -62,15 +51,8 @@ impl SubnetEnv {
                 "FLANNEL_SUBNET" => env.subnet = Some(net(v)?),
                 "FLANNEL_IPV6_NETWORK" => env.ipv6_network = Some(net(v)?),
                 "FLANNEL_IPV6_SUBNET" => env.ipv6_subnet = Some(net(v)?),
-                "FLANNEL_MTU" => {
-                    env.mtu = Some(v.parse().map_err(|e| format!("FLANNEL_MTU={v:?}: {e}"))?)
-                }
-                "FLANNEL_IPMASQ" => {
-                    env.ipmasq = Some(
-                        v.parse()
-                            .map_err(|e| format!("FLANNEL_IPMASQ={v:?}: {e}"))?,
-                    )
-                }
+                "FLANNEL_MTU" => env.mtu = Some(v.parse().map_err(|e| format!("FLANNEL_MTU={v:?}: {e}"))?),
+                "FLANNEL_IPMASQ" => env.ipmasq = Some(v.parse().map_err(|e| format!("FLANNEL_IPMASQ={v:?}: {e}"))?),
                 _ => {}
             }
         }
@@ -111,19 +93,12 @@ mod tests {
 
     #[test]
     fn names_what_is_wrong() {
-        assert!(SubnetEnv::parse("FLANNEL_NETWORK=10.244.0.0/16\n")
+        assert!(SubnetEnv::parse("FLANNEL_NETWORK=10.244.0.0/16\n").unwrap_err().contains("FLANNEL_SUBNET"));
+        assert!(SubnetEnv::parse("FLANNEL_SUBNET=10.244.72.1/24\nFLANNEL_NETWORK=x\n")
             .unwrap_err()
-            .contains("FLANNEL_SUBNET"));
-        assert!(
-            SubnetEnv::parse("FLANNEL_SUBNET=10.244.72.1/24\nFLANNEL_NETWORK=x\n")
-                .unwrap_err()
-                .contains("FLANNEL_NETWORK")
-        );
-        let no_mtu =
-            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.72.1/24\nFLANNEL_IPMASQ=true\n";
-        assert!(SubnetEnv::parse(no_mtu)
-            .unwrap_err()
-            .contains("FLANNEL_MTU"));
+            .contains("FLANNEL_NETWORK"));
+        let no_mtu = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.72.1/24\nFLANNEL_IPMASQ=true\n";
+        assert!(SubnetEnv::parse(no_mtu).unwrap_err().contains("FLANNEL_MTU"));
         assert!(SubnetEnv::parse("garbage").is_err());
     }
 }

@@ -78,10 +78,7 @@ fn by_family(subnets: &[IpNet]) -> BTreeMap<u8, (Family, Vec<IpNet>)> {
     let mut m: BTreeMap<u8, (Family, Vec<IpNet>)> = BTreeMap::new();
     for s in subnets {
         let f = family(s);
-        m.entry(if f == Family::V4 { 4 } else { 6 })
-            .or_insert((f, Vec::new()))
-            .1
-            .push(s.trunc());
+        m.entry(if f == Family::V4 { 4 } else { 6 }).or_insert((f, Vec::new())).1.push(s.trunc());
     }
     m
 }
@@ -90,8 +87,7 @@ fn by_family(subnets: &[IpNet]) -> BTreeMap<u8, (Family, Vec<IpNet>)> {
 struct RunLock(#[allow(dead_code)] std::fs::File);
 
 fn lock(run_dir: &Path) -> Result<RunLock> {
-    std::fs::create_dir_all(run_dir)
-        .map_err(PluginError::io(format!("create {}", run_dir.display())))?;
+    std::fs::create_dir_all(run_dir).map_err(PluginError::io(format!("create {}", run_dir.display())))?;
     let path = run_dir.join("masq.lock");
     let f = OpenOptions::new()
         .create(true)
@@ -103,10 +99,7 @@ fn lock(run_dir: &Path) -> Result<RunLock> {
     while unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
         let e = std::io::Error::last_os_error();
         if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(PluginError::Io {
-                what: format!("lock {}", path.display()),
-                source: e,
-            });
+            return Err(PluginError::Io { what: format!("lock {}", path.display()), source: e });
         }
     }
     Ok(RunLock(f))

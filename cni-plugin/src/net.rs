@@ -52,12 +52,8 @@ pub fn ensure_bridge(host: &mut Rtnl, plan: &Plan) -> Result<Link> {
         Err(e) if e.is_exists() => {} // a concurrent ADD created it first
         Err(e) => return Err(e.into()),
     }
-    host.link_get(&plan.bridge)?.ok_or_else(|| {
-        PluginError::Invalid(format!(
-            "bridge {} vanished right after creation",
-            plan.bridge
-        ))
-    })
+    host.link_get(&plan.bridge)?
+        .ok_or_else(|| PluginError::Invalid(format!("bridge {} vanished right after creation", plan.bridge)))
 }
 
 /// Puts `gw` on the bridge. As the reference plugin does: an IPv4 address of another subnet (or an overlapping IPv6
@@ -71,8 +67,7 @@ pub fn ensure_bridge_addr(host: &mut Rtnl, bridge: &Link, gw: IpNet, force: bool
         if have == gw {
             return Ok(());
         }
-        let conflicts =
-            have.addr().is_ipv4() || have.contains(&gw.addr()) || gw.contains(&have.addr());
+        let conflicts = have.addr().is_ipv4() || have.contains(&gw.addr()) || gw.contains(&have.addr());
         if conflicts {
             if force {
                 host.address_del(bridge.index, have)?;
@@ -90,7 +85,8 @@ pub fn ensure_bridge_addr(host: &mut Rtnl, bridge: &Link, gw: IpNet, force: bool
     }
 }
 
-/// Creates the pair: `host_name` on the bridge in this namespace, `ifname` directly in the container's.
+/// Creates the pair: `host_name` on the bridge in this namespace, `ifname` directly in the container's. Returns
+/// the host end as the kernel reports it.
 pub fn create_veth(
     host: &mut Rtnl,
     plan: &Plan,
@@ -98,13 +94,12 @@ pub fn create_veth(
     host_name: &str,
     ifname: &str,
     netns: &netns::NetNs,
-) -> std::result::Result<(), RtnlError> {
+) -> std::result::Result<Link, RtnlError> {
     use std::os::fd::{AsFd, AsRawFd};
     // The peer cannot be brought up in the same request when it lands in another namespace (the kernel answers
     // ENOTCONN); configure_container does it.
-    let mut peer = LinkMessageBuilder::<LinkUnspec>::new()
-        .name(ifname.to_string())
-        .setns_by_fd(netns.as_fd().as_raw_fd());
+    let mut peer =
+        LinkMessageBuilder::<LinkUnspec>::new().name(ifname.to_string()).setns_by_fd(netns.as_fd().as_raw_fd());
     let mut main = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
         .name(host_name.to_string())
         .controller(bridge.index)
@@ -113,10 +108,8 @@ pub fn create_veth(
         peer = peer.mtu(mtu);
         main = main.mtu(mtu);
     }
-    let msg = main
-        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer.build())))
-        .build();
-    host.link_add(msg, &format!("veth {host_name} / {ifname}"))
+    let msg = main.set_info_data(InfoData::Veth(InfoVeth::Peer(peer.build()))).build();
+    host.link_create(msg, &format!("veth {host_name} / {ifname}"))
 }
 
 /// Bridge-port options of the host end: hairpin, and the VLAN as the port's untagged PVID.
@@ -128,18 +121,11 @@ pub fn configure_port(host: &mut Rtnl, plan: &Plan, bridge: &Link, port: &Link) 
     if let Some(vid) = plan.vlan {
         let flags = BridgeVlanInfoFlags::Pvid | BridgeVlanInfoFlags::Untagged;
         let msg = LinkBridgeVlan::new(port.index).vlan(vid, flags).build();
-        host.ack(rtnl::packet::RouteNetlinkMessage::SetLink(msg), 0, || {
-            format!("vlan {vid} on {}", port.name)
-        })?;
+        host.ack(rtnl::packet::RouteNetlinkMessage::SetLink(msg), 0, || format!("vlan {vid} on {}", port.name))?;
         if plan.is_gateway {
             // The gateway lives on the bridge itself, so the bridge's own port joins the VLAN too.
-            let msg = LinkBridgeVlan::new(bridge.index)
-                .vlan(vid, flags)
-                .bridge_self()
-                .build();
-            host.ack(rtnl::packet::RouteNetlinkMessage::SetLink(msg), 0, || {
-                format!("vlan {vid} on {}", bridge.name)
-            })?;
+            let msg = LinkBridgeVlan::new(bridge.index).vlan(vid, flags).bridge_self().build();
+            host.ack(rtnl::packet::RouteNetlinkMessage::SetLink(msg), 0, || format!("vlan {vid} on {}", bridge.name))?;
         }
     }
     Ok(())
@@ -147,21 +133,11 @@ pub fn configure_port(host: &mut Rtnl, plan: &Plan, bridge: &Link, port: &Link) 
 
 /// The route's gateway: its own, or the gateway of the container address of its family.
 pub fn route_gateway(dst: &IpNet, gw: Option<IpAddr>, gateways: &[IpAddr]) -> Option<IpAddr> {
-    gw.or_else(|| {
-        gateways
-            .iter()
-            .copied()
-            .find(|g| g.is_ipv4() == dst.addr().is_ipv4())
-    })
+    gw.or_else(|| gateways.iter().copied().find(|g| g.is_ipv4() == dst.addr().is_ipv4()))
 }
 
 /// Container-side state: addresses, then routes.
-pub fn configure_container(
-    ctr: &mut Rtnl,
-    link: &Link,
-    addrs: &[IpNet],
-    routes: &[RouteSpec],
-) -> Result<()> {
+pub fn configure_container(ctr: &mut Rtnl, link: &Link, addrs: &[IpNet], routes: &[RouteSpec]) -> Result<()> {
     ctr.link_up(link.index)?;
     for a in addrs {
         ctr.address_add(link.index, *a, true)?;

@@ -30,11 +30,8 @@ impl Capture {
 
     /// As [`Capture::start`], with extra tcpdump options (e.g. `-e` for link-level headers, `-v`).
     pub fn start_with(ns: &str, iface: &str, opts: &[&str], filter: &str) -> Result<Capture> {
-        let path = std::env::temp_dir().join(format!(
-            "tartan-cap-{}-{:08x}.txt",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
+        let path =
+            std::env::temp_dir().join(format!("tartan-cap-{}-{:08x}.txt", std::process::id(), rand::random::<u32>()));
         let file = std::fs::File::create(&path)?;
         let out = tempfile_path::TempPath(path);
         let mut cmd = crate::command_in(ns, "tcpdump")?;
@@ -65,10 +62,7 @@ impl Capture {
             }
         });
         match rx.recv_timeout(Duration::from_secs(5)) {
-            Ok(Ok(())) => Ok(Capture {
-                child: Some(child),
-                out,
-            }),
+            Ok(Ok(())) => Ok(Capture { child: Some(child), out }),
             Ok(Err(msg)) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -86,11 +80,7 @@ impl Capture {
     pub fn stop(mut self) -> Result<Vec<String>> {
         self.halt();
         let text = std::fs::read_to_string(&self.out.0)?;
-        Ok(text
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(str::to_string)
-            .collect())
+        Ok(text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect())
     }
 
     fn halt(&mut self) {

@@ -58,31 +58,19 @@ pub struct PluginRun {
 
 impl PluginRun {
     pub fn json(&self) -> Result<Value> {
-        serde_json::from_str(&self.stdout)
-            .with_context(|| format!("plugin printed {:?}", self.stdout))
+        serde_json::from_str(&self.stdout).with_context(|| format!("plugin printed {:?}", self.stdout))
     }
 
     /// The error code of an error document, if that is what was printed.
     pub fn error_code(&self) -> Option<u64> {
-        serde_json::from_str::<Value>(&self.stdout)
-            .ok()?
-            .get("code")?
-            .as_u64()
+        serde_json::from_str::<Value>(&self.stdout).ok()?.get("code")?.as_u64()
     }
 }
 
 /// Runs one plugin binary inside `node_ns`, with exactly the variables given (plus PATH), and `stdin`.
-pub fn exec_raw(
-    node_ns: &str,
-    plugin: &Path,
-    env: &[(&str, &str)],
-    stdin: &[u8],
-) -> Result<PluginRun> {
+pub fn exec_raw(node_ns: &str, plugin: &Path, env: &[(&str, &str)], stdin: &[u8]) -> Result<PluginRun> {
     let mut cmd = crate::command_in(node_ns, plugin)?;
-    cmd.env_clear().env(
-        "PATH",
-        std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into()),
-    );
+    cmd.env_clear().env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into()));
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -112,9 +100,7 @@ fn find_plugin(path: &str, ty: &str) -> Result<PathBuf> {
 
 /// Runs `command` for one plugin config of a list.
 pub fn exec(command: &str, inv: &Invocation, plugin_conf: &Value) -> Result<PluginRun> {
-    let ty = plugin_conf["type"]
-        .as_str()
-        .ok_or_else(|| anyhow!("plugin config without type"))?;
+    let ty = plugin_conf["type"].as_str().ok_or_else(|| anyhow!("plugin config without type"))?;
     let plugin = find_plugin(&inv.path, ty)?;
     let env = [
         ("CNI_COMMAND", command),
@@ -124,12 +110,7 @@ pub fn exec(command: &str, inv: &Invocation, plugin_conf: &Value) -> Result<Plug
         ("CNI_ARGS", inv.args.as_str()),
         ("CNI_PATH", inv.path.as_str()),
     ];
-    exec_raw(
-        &inv.node_ns,
-        &plugin,
-        &env,
-        plugin_conf.to_string().as_bytes(),
-    )
+    exec_raw(&inv.node_ns, &plugin, &env, plugin_conf.to_string().as_bytes())
 }
 
 /// A network configuration list (a `.conflist`, or a single `.conf` wrapped as one).
@@ -142,20 +123,13 @@ pub struct ConfList {
 
 impl ConfList {
     pub fn from_value(v: &Value) -> Result<ConfList> {
-        let name = v["name"]
-            .as_str()
-            .ok_or_else(|| anyhow!("config without name"))?
-            .to_string();
+        let name = v["name"].as_str().ok_or_else(|| anyhow!("config without name"))?.to_string();
         let cni_version = v["cniVersion"].as_str().unwrap_or("1.0.0").to_string();
         let plugins = match v.get("plugins") {
             Some(Value::Array(p)) => p.clone(),
             _ => vec![v.clone()],
         };
-        Ok(ConfList {
-            name,
-            cni_version,
-            plugins,
-        })
+        Ok(ConfList { name, cni_version, plugins })
     }
 
     /// The first config file by name in `dir`, as libcni picks it.
@@ -163,17 +137,10 @@ impl ConfList {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
             .flatten()
             .map(|e| e.path())
-            .filter(|p| {
-                matches!(
-                    p.extension().and_then(|e| e.to_str()),
-                    Some("conflist" | "conf" | "json")
-                )
-            })
+            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("conflist" | "conf" | "json")))
             .collect();
         files.sort();
-        let first = files
-            .first()
-            .ok_or_else(|| anyhow!("no CNI config in {}", dir.display()))?;
+        let first = files.first().ok_or_else(|| anyhow!("no CNI config in {}", dir.display()))?;
         let v: Value = serde_json::from_str(&std::fs::read_to_string(first)?)?;
         ConfList::from_value(&v)
     }
@@ -187,10 +154,7 @@ impl ConfList {
         if let Some(prev) = prev {
             c["prevResult"] = prev.clone();
         }
-        if let (Some(caps), Some(supplied)) = (
-            p.get("capabilities").and_then(Value::as_object),
-            runtime.as_object(),
-        ) {
+        if let (Some(caps), Some(supplied)) = (p.get("capabilities").and_then(Value::as_object), runtime.as_object()) {
             let rc: serde_json::Map<String, Value> = supplied
                 .iter()
                 .filter(|(k, _)| caps.get(*k).and_then(Value::as_bool) == Some(true))
@@ -217,12 +181,7 @@ impl ConfList {
                 for q in self.plugins[..=i].iter().rev() {
                     let _ = exec("DEL", inv, &self.plugin_conf(q, None, runtime));
                 }
-                bail!(
-                    "ADD failed in plugin {}: {}{}",
-                    p["type"],
-                    run.stdout.trim(),
-                    run.stderr.trim()
-                );
+                bail!("ADD failed in plugin {}: {}{}", p["type"], run.stdout.trim(), run.stderr.trim());
             }
             prev = Some(run.json()?);
         }

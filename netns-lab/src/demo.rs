@@ -9,21 +9,14 @@ pub fn run() -> Result<()> {
     println!("== lab {} (removed on exit)", lab.prefix());
     lab.build_static(1)?;
     let node = lab.node("n1")?.clone();
-    println!(
-        "node n1: underlay {} , pod subnet {}",
-        node.underlay_ip,
-        netns_lab::node_subnet(1)
-    );
+    println!("node n1: underlay {} , pod subnet {}", node.underlay_ip, netns_lab::node_subnet(1));
 
     let pods = ["a", "b", "c"];
     for p in pods {
         let r = lab.add_pod("n1", p, "default")?;
         let ip = r["ips"][0]["address"].as_str().unwrap_or("?");
         let mac = r["interfaces"][2]["mac"].as_str().unwrap_or("?");
-        println!(
-            "pod {p}: eth0 {ip} mac {mac} (host side {})",
-            r["interfaces"][1]["name"].as_str().unwrap_or("?")
-        );
+        println!("pod {p}: eth0 {ip} mac {mac} (host side {})", r["interfaces"][1]["name"].as_str().unwrap_or("?"));
     }
 
     println!("\n== ping matrix (row pings column)");
@@ -46,9 +39,7 @@ pub fn run() -> Result<()> {
         println!("{:>9}", if ok { "ok" } else { "FAIL" });
     }
 
-    println!(
-        "\n== capture on the outside host while pod a pings it (source is masqueraded to the node)"
-    );
+    println!("\n== capture on the outside host while pod a pings it (source is masqueraded to the node)");
     let outside = lab.ns_name("outside");
     let cap = lab.capture(&outside, "eth0", "icmp")?;
     let a = lab.pod("a")?.ns.clone();

@@ -43,11 +43,7 @@ pub struct Lab {
 fn run_checked(cmd: &mut Command) -> Result<Output> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(out)
 }
@@ -88,15 +84,7 @@ impl Lab {
         let dir = Path::new(LAB_ROOT).join(&prefix);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         fs::write(dir.join("owner"), std::process::id().to_string())?;
-        let lab = Lab {
-            state: LabState {
-                prefix,
-                ..Default::default()
-            },
-            dir,
-            children: Vec::new(),
-            keep,
-        };
+        let lab = Lab { state: LabState { prefix, ..Default::default() }, dir, children: Vec::new(), keep };
         lab.save()?;
         Ok(lab)
     }
@@ -105,16 +93,10 @@ impl Lab {
     pub fn open(name: &str) -> Result<Lab> {
         let prefix = format!("{NS_PREFIX}c-{name}");
         let dir = Path::new(LAB_ROOT).join(&prefix);
-        let text = fs::read_to_string(dir.join("state.json")).with_context(|| {
-            format!("no lab named {name} (netns-lab up --name {name} creates it)")
-        })?;
+        let text = fs::read_to_string(dir.join("state.json"))
+            .with_context(|| format!("no lab named {name} (netns-lab up --name {name} creates it)"))?;
         let state: LabState = serde_json::from_str(&text)?;
-        Ok(Lab {
-            state,
-            dir,
-            children: Vec::new(),
-            keep: true,
-        })
+        Ok(Lab { state, dir, children: Vec::new(), keep: true })
     }
 
     pub fn save(&self) -> Result<()> {
@@ -157,9 +139,7 @@ impl Lab {
 
     /// A veth pair between two lab namespaces (created in `a`, its peer moved to `b`).
     pub fn veth(&self, a: &str, a_if: &str, b: &str, b_if: &str) -> Result<()> {
-        ip(&[
-            "-n", a, "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b,
-        ])?;
+        ip(&["-n", a, "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b])?;
         ip(&["-n", a, "link", "set", a_if, "up"])?;
         ip(&["-n", b, "link", "set", b_if, "up"])?;
         Ok(())
@@ -185,11 +165,7 @@ impl Lab {
     /// Starts a long-running process inside `ns`, killed (by PID) when the lab goes.
     pub fn spawn(&mut self, ns: &str, argv: &[&str]) -> Result<u32> {
         let (prog, args) = argv.split_first().ok_or_else(|| anyhow!("empty command"))?;
-        let child = self
-            .cmd(ns, prog)?
-            .args(args)
-            .stdin(Stdio::null())
-            .spawn()?;
+        let child = self.cmd(ns, prog)?.args(args).stdin(Stdio::null()).spawn()?;
         let pid = child.id();
         self.children.push(child);
         Ok(pid)
@@ -211,15 +187,7 @@ impl Lab {
         let sw = self.ensure_underlay()?;
         self.veth(&sw, port, ns, "eth0")?;
         ip(&["-n", &sw, "link", "set", port, "master", "br0"])?;
-        ip(&[
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{addr}/24"),
-            "dev",
-            "eth0",
-        ])?;
+        ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
         Ok(())
     }
 
@@ -237,40 +205,21 @@ impl Lab {
         let addr = format!("{UNDERLAY_NET}.{index}");
         self.plug_underlay(&ns, &format!("p-{name}"), &addr)?;
         let root = self.dir.join("nodes").join(name);
-        for d in [
-            "etc/cni/net.d",
-            "var/lib/cni/networks",
-            "run/flannel",
-            "run/tartan",
-            "var/lib/tartan",
-        ] {
+        for d in ["etc/cni/net.d", "var/lib/cni/networks", "run/flannel", "run/tartan", "var/lib/tartan"] {
             fs::create_dir_all(root.join(d))?;
         }
-        let node = NodeState {
-            name: name.into(),
-            ns,
-            underlay_ip: addr,
-            root,
-        };
+        let node = NodeState { name: name.into(), ns, underlay_ip: addr, root };
         self.state.nodes.push(node.clone());
         self.save()?;
         Ok(node)
     }
 
     pub fn node(&self, name: &str) -> Result<&NodeState> {
-        self.state
-            .nodes
-            .iter()
-            .find(|n| n.name == name)
-            .ok_or_else(|| anyhow!("no node {name} in this lab"))
+        self.state.nodes.iter().find(|n| n.name == name).ok_or_else(|| anyhow!("no node {name} in this lab"))
     }
 
     pub fn pod(&self, name: &str) -> Result<&PodState> {
-        self.state
-            .pods
-            .iter()
-            .find(|p| p.name == name)
-            .ok_or_else(|| anyhow!("no pod {name} in this lab"))
+        self.state.pods.iter().find(|p| p.name == name).ok_or_else(|| anyhow!("no pod {name} in this lab"))
     }
 
     /// Writes the node's CNI config (`10-tartan.conflist` in its net.d).
@@ -283,12 +232,7 @@ impl Lab {
 
     /// Creates a pod the way kubelet does: a namespace, then CNI ADD of the node's config with the K8S_* args.
     /// Returns the CNI result.
-    pub fn add_pod(
-        &mut self,
-        node: &str,
-        name: &str,
-        k8s_namespace: &str,
-    ) -> Result<serde_json::Value> {
+    pub fn add_pod(&mut self, node: &str, name: &str, k8s_namespace: &str) -> Result<serde_json::Value> {
         let n = self.node(node)?.clone();
         let ns = self.add_ns(&format!("p-{name}"))?;
         let container_id = format!("{}{name}", "c0ffee");
@@ -308,13 +252,8 @@ impl Lab {
                 return Err(e);
             }
         };
-        let ip = result["ips"][0]["address"]
-            .as_str()
-            .unwrap_or_default()
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .to_string();
+        let ip =
+            result["ips"][0]["address"].as_str().unwrap_or_default().split('/').next().unwrap_or_default().to_string();
         self.state.pods.push(PodState {
             name: name.into(),
             node: node.into(),
@@ -337,10 +276,7 @@ impl Lab {
             container_id: p.container_id.clone(),
             netns: format!("/run/netns/{}", p.ns),
             ifname: "eth0".into(),
-            args: format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
-                p.k8s_namespace, p.name
-            ),
+            args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}", p.k8s_namespace, p.name),
             path: cni::plugin_path(),
         };
         let res = conf.del(&inv);
@@ -369,10 +305,7 @@ impl Lab {
         self.children.clear();
         for ns in self.state.namespaces.iter().rev() {
             kill_ns_processes(ns);
-            let _ = Command::new("ip")
-                .args(["netns", "del", ns])
-                .stderr(Stdio::null())
-                .status();
+            let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
         }
         self.state.namespaces.clear();
         let _ = fs::remove_dir_all(&self.dir);
@@ -405,17 +338,10 @@ fn stop_child(c: &mut Child) {
 /// Kills every process whose network namespace is `ns` (only ever called for lab namespaces, whose processes the
 /// lab or a dead run of it started).
 fn kill_ns_processes(ns: &str) {
-    let Ok(out) = Command::new("ip")
-        .args(["netns", "pids", ns])
-        .stderr(Stdio::null())
-        .output()
-    else {
+    let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).stderr(Stdio::null()).output() else {
         return;
     };
-    for pid in String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .filter_map(|p| p.parse::<i32>().ok())
-    {
+    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
         // SAFETY: plain kill(2).
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
@@ -424,9 +350,7 @@ fn kill_ns_processes(ns: &str) {
 /// A `Command` that enters `ns`'s network namespace between fork and exec.
 pub fn command_in(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
     let path = Path::new("/run/netns").join(ns);
-    let fd: OwnedFd = fs::File::open(&path)
-        .with_context(|| format!("opening {}", path.display()))?
-        .into();
+    let fd: OwnedFd = fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?.into();
     let mut cmd = Command::new(program);
     // SAFETY: setns(2) is async-signal-safe; the descriptor is owned by the closure and stays open until exec.
     unsafe {
@@ -469,27 +393,18 @@ pub fn sweep(all: bool) -> Result<Vec<String>> {
             continue;
         }
         // Which lab owns it: the longest known prefix; a namespace with no state dir at all is a dead run's.
-        let owner = owners
-            .iter()
-            .filter(|(p, _)| name.starts_with(&format!("{p}-")))
-            .max_by_key(|(p, _)| p.len());
+        let owner = owners.iter().filter(|(p, _)| name.starts_with(&format!("{p}-"))).max_by_key(|(p, _)| p.len());
         let wanted = match owner {
             Some((_, wanted)) => *wanted,
             None => {
                 // tl<pid>-...: alive owner means another run is still building its state dir.
-                let pid = name[NS_PREFIX.len()..]
-                    .split('-')
-                    .next()
-                    .and_then(|p| p.parse::<u32>().ok());
+                let pid = name[NS_PREFIX.len()..].split('-').next().and_then(|p| p.parse::<u32>().ok());
                 !all && pid.is_some_and(pid_alive)
             }
         };
         if !wanted {
             kill_ns_processes(name);
-            let _ = Command::new("ip")
-                .args(["netns", "del", name])
-                .stderr(Stdio::null())
-                .status();
+            let _ = Command::new("ip").args(["netns", "del", name]).stderr(Stdio::null()).status();
             removed.push(name.to_string());
         }
     }

@@ -9,10 +9,7 @@ use clap::{Parser, Subcommand};
 use netns_lab::Lab;
 
 #[derive(Parser)]
-#[command(
-    name = "netns-lab",
-    about = "Clusters made of network namespaces, for Tartan's tests and demos"
-)]
+#[command(name = "netns-lab", about = "Clusters made of network namespaces, for Tartan's tests and demos")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -93,22 +90,12 @@ fn main() -> Result<()> {
             }
             println!("lab {name} is up; `netns-lab pod add --name {name} n1 a` adds a pod");
         }
-        Cmd::Pod {
-            cmd:
-                PodCmd::Add {
-                    name,
-                    node,
-                    pod,
-                    namespace,
-                },
-        } => {
+        Cmd::Pod { cmd: PodCmd::Add { name, node, pod, namespace } } => {
             let mut lab = Lab::open(&name)?;
             let r = lab.add_pod(&node, &pod, &namespace)?;
             println!("{}", serde_json::to_string_pretty(&r)?);
         }
-        Cmd::Pod {
-            cmd: PodCmd::Del { name, pod },
-        } => {
+        Cmd::Pod { cmd: PodCmd::Del { name, pod } } => {
             let mut lab = Lab::open(&name)?;
             lab.del_pod(&pod)?;
             println!("pod {pod} deleted");

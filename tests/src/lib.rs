@@ -15,10 +15,7 @@ pub struct OneNode {
 
 impl OneNode {
     pub fn new(tag: &str) -> OneNode {
-        assert!(
-            nix_is_root(),
-            "the end-to-end tests need root (network namespaces)"
-        );
+        assert!(nix_is_root(), "the end-to-end tests need root (network namespaces)");
         let mut lab = Lab::new(tag).expect("lab");
         let node = lab.add_node("n1").expect("node");
         lab.add_outside().expect("outside host");
@@ -64,20 +61,9 @@ impl OneNode {
     }
 
     /// Runs `tartan` in the node namespace like a runtime would.
-    pub fn plugin(
-        &self,
-        command: &str,
-        container: &str,
-        netns: Option<&str>,
-        ifname: &str,
-        conf: &Value,
-    ) -> PluginRun {
+    pub fn plugin(&self, command: &str, container: &str, netns: Option<&str>, ifname: &str, conf: &Value) -> PluginRun {
         let netns_path = netns.map(|n| format!("/run/netns/{n}"));
-        let mut env = vec![
-            ("CNI_COMMAND", command),
-            ("CNI_CONTAINERID", container),
-            ("CNI_IFNAME", ifname),
-        ];
+        let mut env = vec![("CNI_COMMAND", command), ("CNI_CONTAINERID", container), ("CNI_IFNAME", ifname)];
         if let Some(p) = &netns_path {
             env.push(("CNI_NETNS", p));
         }
@@ -89,21 +75,13 @@ impl OneNode {
     /// ADD that must succeed; returns the result.
     pub fn add(&self, container: &str, netns: &str, conf: &Value) -> Value {
         let r = self.plugin("ADD", container, Some(netns), "eth0", conf);
-        assert!(
-            r.success,
-            "ADD {container} failed: {} {}",
-            r.stdout, r.stderr
-        );
+        assert!(r.success, "ADD {container} failed: {} {}", r.stdout, r.stderr);
         r.json().expect("result JSON")
     }
 
     pub fn del(&self, container: &str, netns: Option<&str>, conf: &Value) {
         let r = self.plugin("DEL", container, netns, "eth0", conf);
-        assert!(
-            r.success,
-            "DEL {container} failed: {} {}",
-            r.stdout, r.stderr
-        );
+        assert!(r.success, "DEL {container} failed: {} {}", r.stdout, r.stderr);
     }
 
     /// `ip -j ARGS` inside `ns`.
@@ -118,11 +96,7 @@ impl OneNode {
     pub fn links(&self, ns: &str) -> Vec<String> {
         self.ip_json(ns, &["link", "show"])
             .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|l| l["ifname"].as_str().map(str::to_string))
-                    .collect()
-            })
+            .map(|a| a.iter().filter_map(|l| l["ifname"].as_str().map(str::to_string)).collect())
             .unwrap_or_default()
     }
 
@@ -173,9 +147,6 @@ pub fn tartan() -> PathBuf {
 
 fn nix_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
+        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
         .unwrap_or(false)
 }

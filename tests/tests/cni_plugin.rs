@@ -29,10 +29,7 @@ fn pods_on_one_node_reach_each_other_and_the_gateway() {
     assert_eq!(addrs[0]["addr_info"][0]["local"], ip_a.as_str());
     assert_eq!(addrs[0]["address"], ra["interfaces"][2]["mac"]);
     // ip_forward was turned on in the node (it is the pods' gateway), and only there.
-    let fwd = t
-        .lab
-        .exec(&t.node.ns, &["cat", "/proc/sys/net/ipv4/ip_forward"])
-        .unwrap();
+    let fwd = t.lab.exec(&t.node.ns, &["cat", "/proc/sys/net/ipv4/ip_forward"]).unwrap();
     assert_eq!(String::from_utf8_lossy(&fwd.stdout).trim(), "1");
 }
 
@@ -46,49 +43,24 @@ fn traffic_leaving_the_node_is_masqueraded_to_the_node_address() {
     let outside = t.lab.ns_name("outside");
 
     let cap = t.lab.capture(&outside, "eth0", "icmp").unwrap();
-    assert!(
-        t.lab.ping(&a, OUTSIDE_IP).unwrap(),
-        "pod reaches the outside host"
-    );
+    assert!(t.lab.ping(&a, OUTSIDE_IP).unwrap(), "pod reaches the outside host");
     let lines = cap.stop().unwrap();
     assert!(
-        lines.iter().any(|l| l.contains(&format!(
-            "IP {} > {OUTSIDE_IP}: ICMP echo request",
-            t.node.underlay_ip
-        ))),
+        lines.iter().any(|l| l.contains(&format!("IP {} > {OUTSIDE_IP}: ICMP echo request", t.node.underlay_ip))),
         "outside sees the node address: {lines:#?}"
     );
-    assert!(
-        !lines.iter().any(|l| l.contains(&ip_a)),
-        "the pod address never leaves the node: {lines:#?}"
-    );
+    assert!(!lines.iter().any(|l| l.contains(&ip_a)), "the pod address never leaves the node: {lines:#?}");
 
     // Pod-to-pod traffic inside the network keeps its source.
     let cap = t.lab.capture(&b, "eth0", "icmp").unwrap();
     assert!(t.lab.ping(&a, &ip_b).unwrap());
     let lines = cap.stop().unwrap();
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains(&format!("IP {ip_a} > {ip_b}"))),
-        "{lines:#?}"
-    );
+    assert!(lines.iter().any(|l| l.contains(&format!("IP {ip_a} > {ip_b}"))), "{lines:#?}");
 
     // One shared rule set for the network, not one chain per container.
     let rules = t.tartan_rules();
-    assert_eq!(
-        rules
-            .iter()
-            .filter(|l| l.starts_with("-A POSTROUTING"))
-            .count(),
-        1,
-        "{rules:#?}"
-    );
-    assert_eq!(
-        rules.iter().filter(|l| l.starts_with(':')).count(),
-        1,
-        "{rules:#?}"
-    );
+    assert_eq!(rules.iter().filter(|l| l.starts_with("-A POSTROUTING")).count(), 1, "{rules:#?}");
+    assert_eq!(rules.iter().filter(|l| l.starts_with(':')).count(), 1, "{rules:#?}");
 }
 
 /// kube-proxy's hairpin case: a pod connects to a service address that is DNATed back to the pod itself. With
@@ -98,10 +70,7 @@ fn hairpin_lets_a_pod_reach_itself_through_a_dnat() {
     let mut t = OneNode::new("hairpin");
     for (hairpin, subnet) in [(true, "10.93.0.0/24"), (false, "10.93.1.0/24")] {
         let bridge = if hairpin { "cbr-hp" } else { "cbr-nohp" };
-        let conf = t.conf(
-            subnet,
-            json!({"name": format!("hp{hairpin}"), "bridge": bridge, "hairpinMode": hairpin}),
-        );
+        let conf = t.conf(subnet, json!({"name": format!("hp{hairpin}"), "bridge": bridge, "hairpinMode": hairpin}));
         let pod = t.pod_ns(&format!("hp{hairpin}"));
         let ip = result_ip(&t.add(&format!("ctr-{hairpin}"), &pod, &conf), 4);
         let vip = if hairpin { "10.96.0.10" } else { "10.96.0.11" };
@@ -130,51 +99,15 @@ fn hairpin_lets_a_pod_reach_itself_through_a_dnat() {
         t.lab
             .exec(
                 &node,
-                &[
-                    "iptables",
-                    "-w",
-                    "-t",
-                    "nat",
-                    "-A",
-                    "POSTROUTING",
-                    "-s",
-                    &ip,
-                    "-d",
-                    &ip,
-                    "-j",
-                    "MASQUERADE",
-                ],
+                &["iptables", "-w", "-t", "nat", "-A", "POSTROUTING", "-s", &ip, "-d", &ip, "-j", "MASQUERADE"],
             )
             .unwrap();
-        t.lab
-            .spawn(
-                &pod,
-                &[
-                    "socat",
-                    "TCP-LISTEN:8080,fork,reuseaddr",
-                    "SYSTEM:echo hairpin-ok",
-                ],
-            )
-            .unwrap();
+        t.lab.spawn(&pod, &["socat", "TCP-LISTEN:8080,fork,reuseaddr", "SYSTEM:echo hairpin-ok"]).unwrap();
         std::thread::sleep(Duration::from_millis(300));
-        let out = t
-            .lab
-            .exec_status(
-                &pod,
-                &[
-                    "socat",
-                    "-T",
-                    "2",
-                    "-",
-                    &format!("TCP:{vip}:80,connect-timeout=2"),
-                ],
-            )
-            .unwrap();
+        let out =
+            t.lab.exec_status(&pod, &["socat", "-T", "2", "-", &format!("TCP:{vip}:80,connect-timeout=2")]).unwrap();
         let got = String::from_utf8_lossy(&out.stdout).contains("hairpin-ok");
-        assert_eq!(
-            got, hairpin,
-            "hairpinMode={hairpin}: reached itself = {got}"
-        );
+        assert_eq!(got, hairpin, "hairpinMode={hairpin}: reached itself = {got}");
     }
 }
 
@@ -186,30 +119,11 @@ fn mtu_is_applied_to_both_ends_and_to_packets() {
     let r = t.add("ctr-a", &a, &conf);
     let host_end = r["interfaces"][1]["name"].as_str().unwrap().to_string();
     assert_eq!(t.ip_json(&a, &["link", "show", "eth0"])[0]["mtu"], 1400);
-    assert_eq!(
-        t.ip_json(&t.node.ns.clone(), &["link", "show", &host_end])[0]["mtu"],
-        1400
-    );
+    assert_eq!(t.ip_json(&t.node.ns.clone(), &["link", "show", &host_end])[0]["mtu"], 1400);
     // 1372 bytes of ICMP payload + 28 of headers fill 1400 exactly; one more byte needs fragmenting, which DF forbids.
-    let fits = t
-        .lab
-        .exec_status(
-            &a,
-            &["ping", "-c1", "-W1", "-M", "do", "-s", "1372", "10.94.0.1"],
-        )
-        .unwrap();
-    assert!(
-        fits.status.success(),
-        "{}",
-        String::from_utf8_lossy(&fits.stdout)
-    );
-    let too_big = t
-        .lab
-        .exec_status(
-            &a,
-            &["ping", "-c1", "-W1", "-M", "do", "-s", "1373", "10.94.0.1"],
-        )
-        .unwrap();
+    let fits = t.lab.exec_status(&a, &["ping", "-c1", "-W1", "-M", "do", "-s", "1372", "10.94.0.1"]).unwrap();
+    assert!(fits.status.success(), "{}", String::from_utf8_lossy(&fits.stdout));
+    let too_big = t.lab.exec_status(&a, &["ping", "-c1", "-W1", "-M", "do", "-s", "1373", "10.94.0.1"]).unwrap();
     assert!(!too_big.status.success());
 }
 
@@ -220,10 +134,8 @@ fn del_is_idempotent_and_leaves_nothing_even_without_the_netns() {
     let (a, b) = (t.pod_ns("a"), t.pod_ns("b"));
     let ra = t.add("ctr-a", &a, &conf);
     let rb = t.add("ctr-b", &b, &conf);
-    let (veth_a, veth_b) = (
-        ra["interfaces"][1]["name"].as_str().unwrap(),
-        rb["interfaces"][1]["name"].as_str().unwrap(),
-    );
+    let (veth_a, veth_b) =
+        (ra["interfaces"][1]["name"].as_str().unwrap(), rb["interfaces"][1]["name"].as_str().unwrap());
     let node = t.node.ns.clone();
     assert!(t.links(&node).iter().any(|l| l == veth_a));
     assert_eq!(t.ip_files("testnet").len(), 2);
@@ -233,10 +145,7 @@ fn del_is_idempotent_and_leaves_nothing_even_without_the_netns() {
     assert!(!t.links(&node).iter().any(|l| l == veth_a));
     assert!(!t.links(&a).iter().any(|l| l == "eth0"));
     assert_eq!(t.ip_files("testnet"), vec![result_ip(&rb, 4)]);
-    assert!(
-        !t.tartan_rules().is_empty(),
-        "b still needs the masquerade rules"
-    );
+    assert!(!t.tartan_rules().is_empty(), "b still needs the masquerade rules");
 
     // The runtime deleted the netns before DEL (containerd's `ctr run --rm`).
     t.lab.del_ns(&b).unwrap();
@@ -244,11 +153,7 @@ fn del_is_idempotent_and_leaves_nothing_even_without_the_netns() {
     t.del("ctr-b", None, &conf);
     assert!(!t.links(&node).iter().any(|l| l == veth_b));
     assert!(t.ip_files("testnet").is_empty());
-    assert!(
-        t.tartan_rules().is_empty(),
-        "rules went with the network's last address: {:#?}",
-        t.tartan_rules()
-    );
+    assert!(t.tartan_rules().is_empty(), "rules went with the network's last address: {:#?}", t.tartan_rules());
 }
 
 #[test]
@@ -259,25 +164,15 @@ fn fifty_parallel_adds_get_fifty_addresses_and_fifty_dels_free_them() {
     let t = &t;
     let conf = &conf;
     let results: Vec<Value> = std::thread::scope(|s| {
-        let handles: Vec<_> = pods
-            .iter()
-            .enumerate()
-            .map(|(i, ns)| s.spawn(move || t.add(&format!("ctr{i}"), ns, conf)))
-            .collect();
+        let handles: Vec<_> =
+            pods.iter().enumerate().map(|(i, ns)| s.spawn(move || t.add(&format!("ctr{i}"), ns, conf))).collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let ips: BTreeSet<String> = results.iter().map(|r| result_ip(r, 4)).collect();
     assert_eq!(ips.len(), 50, "distinct addresses");
     assert_eq!(t.ip_files("testnet").len(), 50);
     let rules = t.tartan_rules();
-    assert_eq!(
-        rules
-            .iter()
-            .filter(|l| l.starts_with("-A POSTROUTING"))
-            .count(),
-        1,
-        "no duplicate jumps: {rules:#?}"
-    );
+    assert_eq!(rules.iter().filter(|l| l.starts_with("-A POSTROUTING")).count(), 1, "no duplicate jumps: {rules:#?}");
     std::thread::scope(|s| {
         for (i, ns) in pods.iter().enumerate() {
             s.spawn(move || t.del(&format!("ctr{i}"), Some(ns), conf));
@@ -285,13 +180,7 @@ fn fifty_parallel_adds_get_fifty_addresses_and_fifty_dels_free_them() {
     });
     assert!(t.ip_files("testnet").is_empty());
     let node = t.node.ns.clone();
-    assert_eq!(
-        t.links(&node)
-            .iter()
-            .filter(|l| l.starts_with("veth"))
-            .count(),
-        0
-    );
+    assert_eq!(t.links(&node).iter().filter(|l| l.starts_with("veth")).count(), 0);
     assert!(t.tartan_rules().is_empty());
 }
 
@@ -305,21 +194,11 @@ fn an_exhausted_range_is_an_error_and_leaves_nothing() {
     let r = t.plugin("ADD", "ctr-b", Some(&b), "eth0", &conf);
     assert!(!r.success);
     assert_eq!(r.error_code(), Some(100), "{}", r.stdout);
-    assert!(
-        r.stdout.contains("no IP addresses available"),
-        "{}",
-        r.stdout
-    );
+    assert!(r.stdout.contains("no IP addresses available"), "{}", r.stdout);
     assert_eq!(t.links(&b), vec!["lo"], "nothing was created in the pod");
     assert_eq!(t.ip_files("testnet").len(), 1);
     let node = t.node.ns.clone();
-    assert_eq!(
-        t.links(&node)
-            .iter()
-            .filter(|l| l.starts_with("veth"))
-            .count(),
-        1
-    );
+    assert_eq!(t.links(&node).iter().filter(|l| l.starts_with("veth")).count(), 1);
 }
 
 #[test]
@@ -327,24 +206,14 @@ fn a_failure_mid_add_is_rolled_back() {
     let mut t = OneNode::new("rollback");
     let node = t.node.ns.clone();
     // A non-bridge device squats the bridge name: ADD fails after IPAM has handed out an address.
-    t.lab
-        .exec(
-            &node,
-            &[
-                "ip", "link", "add", "cni0", "type", "veth", "peer", "name", "cni0p",
-            ],
-        )
-        .unwrap();
+    t.lab.exec(&node, &["ip", "link", "add", "cni0", "type", "veth", "peer", "name", "cni0p"]).unwrap();
     let conf = t.conf("10.98.0.0/24", json!({"ipMasq": true}));
     let a = t.pod_ns("a");
     let r = t.plugin("ADD", "ctr-a", Some(&a), "eth0", &conf);
     assert!(!r.success);
     assert_eq!(r.error_code(), Some(7), "{}", r.stdout);
     assert!(r.stdout.contains("not a bridge"), "{}", r.stdout);
-    assert!(
-        t.ip_files("testnet").is_empty(),
-        "the address was given back"
-    );
+    assert!(t.ip_files("testnet").is_empty(), "the address was given back");
     assert_eq!(t.links(&a), vec!["lo"]);
     assert!(t.tartan_rules().is_empty());
 
@@ -366,12 +235,8 @@ fn bad_input_gets_the_spec_error_codes_and_changes_nothing() {
         netns_lab::cni::exec_raw(&t.node.ns, &tartan_e2e::tartan(), env, stdin).unwrap()
     };
     let netns = format!("/run/netns/{a}");
-    let full_env = [
-        ("CNI_COMMAND", "ADD"),
-        ("CNI_CONTAINERID", "c1"),
-        ("CNI_NETNS", netns.as_str()),
-        ("CNI_IFNAME", "eth0"),
-    ];
+    let full_env =
+        [("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c1"), ("CNI_NETNS", netns.as_str()), ("CNI_IFNAME", "eth0")];
 
     let malformed = run_raw(&full_env, b"{\"cniVersion\": \"1.0.0\", ");
     assert_eq!(malformed.error_code(), Some(6), "{}", malformed.stdout);
@@ -380,11 +245,7 @@ fn bad_input_gets_the_spec_error_codes_and_changes_nothing() {
     bad_cidr["ipam"]["ranges"][0][0]["subnet"] = json!("10.99.0.0/33");
     let r = run_raw(&full_env, bad_cidr.to_string().as_bytes());
     assert_eq!(r.error_code(), Some(7), "{}", r.stdout);
-    assert!(
-        r.stdout.contains("ipam.ranges[0][0].subnet"),
-        "the message names the field: {}",
-        r.stdout
-    );
+    assert!(r.stdout.contains("ipam.ranges[0][0].subnet"), "the message names the field: {}", r.stdout);
 
     let r = run_raw(&full_env[..3], good.to_string().as_bytes());
     assert_eq!(r.error_code(), Some(4), "{}", r.stdout);
@@ -396,12 +257,7 @@ fn bad_input_gets_the_spec_error_codes_and_changes_nothing() {
     assert_eq!(r.error_code(), Some(1), "{}", r.stdout);
 
     let r = run_raw(
-        &[
-            ("CNI_COMMAND", "ADD"),
-            ("CNI_CONTAINERID", "c1"),
-            ("CNI_NETNS", "/run/netns/nope"),
-            ("CNI_IFNAME", "eth0"),
-        ],
+        &[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c1"), ("CNI_NETNS", "/run/netns/nope"), ("CNI_IFNAME", "eth0")],
         good.to_string().as_bytes(),
     );
     assert_eq!(r.error_code(), Some(4), "{}", r.stdout);
@@ -419,10 +275,7 @@ fn version_and_result_shapes_follow_the_requested_version() {
     let r = t.plugin("VERSION", "", None, "", &json!({"cniVersion": "0.4.0"}));
     let v = r.json().unwrap();
     assert_eq!(v["cniVersion"], "0.4.0");
-    assert_eq!(
-        v["supportedVersions"],
-        json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
-    );
+    assert_eq!(v["supportedVersions"], json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]));
     let a = t.pod_ns("a");
     let conf = t.conf("10.100.0.0/24", json!({"cniVersion": "0.3.1"}));
     let r = t.add("ctr-a", &a, &conf);
@@ -442,11 +295,7 @@ fn check_notices_a_deleted_route() {
     t.lab.exec(&a, &["ip", "route", "del", "default"]).unwrap();
     let bad = t.plugin("CHECK", "ctr-a", Some(&a), "eth0", &conf);
     assert!(!bad.success);
-    assert!(
-        bad.stdout.contains("route to 0.0.0.0/0 is missing"),
-        "{}",
-        bad.stdout
-    );
+    assert!(bad.stdout.contains("route to 0.0.0.0/0 is missing"), "{}", bad.stdout);
 }
 
 #[test]
@@ -467,10 +316,7 @@ fn gc_frees_what_no_attachment_holds() {
     gc["cni.dev/attachments"] = json!([]);
     assert!(t.plugin("GC", "", None, "", &gc).success);
     assert!(t.ip_files("testnet").is_empty());
-    assert!(
-        t.tartan_rules().is_empty(),
-        "no address left, no rules left"
-    );
+    assert!(t.tartan_rules().is_empty(), "no address left, no rules left");
 }
 
 #[test]
@@ -486,32 +332,24 @@ fn flannel_mode_takes_the_node_subnet_from_subnet_env() {
     });
     let a = t.pod_ns("a");
     let early = t.plugin("ADD", "ctr-a", Some(&a), "eth0", &conf);
-    assert_eq!(
-        early.error_code(),
-        Some(11),
-        "retryable until the agent wrote subnet.env: {}",
-        early.stdout
-    );
+    assert_eq!(early.error_code(), Some(11), "retryable until the agent wrote subnet.env: {}", early.stdout);
     assert!(early.stdout.contains("subnet.env"), "{}", early.stdout);
     let status = t.plugin("STATUS", "", None, "", &conf);
     assert_eq!(status.error_code(), Some(50), "{}", status.stdout);
     assert_eq!(t.links(&a), vec!["lo"]);
 
-    std::fs::write(&subnet_file, "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n")
-        .unwrap();
+    std::fs::write(
+        &subnet_file,
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+    )
+    .unwrap();
     assert!(t.plugin("STATUS", "", None, "", &conf).success);
     let r = t.add("ctr-a", &a, &conf);
     assert_eq!(r["ips"][0]["address"], "10.244.7.2/24");
     assert_eq!(r["ips"][0]["gateway"], "10.244.7.1");
     assert_eq!(t.ip_json(&a, &["link", "show", "eth0"])[0]["mtu"], 1450);
     let routes = t.ip_json(&a, &["route", "show"]);
-    let has = |dst: &str| {
-        routes
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r["dst"] == dst && r["gateway"] == "10.244.7.1")
-    };
+    let has = |dst: &str| routes.as_array().unwrap().iter().any(|r| r["dst"] == dst && r["gateway"] == "10.244.7.1");
     assert!(has("10.244.0.0/16") && has("default"), "{routes}");
     // FLANNEL_IPMASQ=true: the agent masquerades, so the plugin installs nothing.
     assert!(t.tartan_rules().is_empty());
@@ -529,19 +367,10 @@ fn dual_stack_pods_reach_each_other_over_both_families() {
     let rb = t.add("ctr-b", &b, &conf);
     assert!(result_ip(&ra, 6).starts_with("fd00:103::"));
     assert!(t.lab.ping(&a, &result_ip(&rb, 4)).unwrap());
-    assert!(
-        t.lab.ping(&a, &result_ip(&rb, 6)).unwrap(),
-        "IPv6 pod to pod"
-    );
-    assert!(
-        t.lab.ping(&a, "fd00:103::1").unwrap(),
-        "IPv6 gateway on the bridge"
-    );
+    assert!(t.lab.ping(&a, &result_ip(&rb, 6)).unwrap(), "IPv6 pod to pod");
+    assert!(t.lab.ping(&a, "fd00:103::1").unwrap(), "IPv6 gateway on the bridge");
     let rules = t.tartan_rules();
-    assert!(
-        rules.iter().any(|l| l.contains("fd00:103::/64")),
-        "IPv6 masquerade too: {rules:#?}"
-    );
+    assert!(rules.iter().any(|l| l.contains("fd00:103::/64")), "IPv6 masquerade too: {rules:#?}");
 }
 
 #[test]
@@ -584,20 +413,11 @@ fn chains_in_the_middle_of_a_conflist_with_portmap() {
         args: "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=a".into(),
         path: netns_lab::cni::plugin_path(),
     };
-    let runtime =
-        json!({"portMappings": [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]});
+    let runtime = json!({"portMappings": [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]});
     let r = conf.add_with(&inv, &runtime).unwrap();
-    assert_eq!(
-        r["interfaces"][0]["name"], "lo",
-        "loopback's interface is passed on: {r}"
-    );
+    assert_eq!(r["interfaces"][0]["name"], "lo", "loopback's interface is passed on: {r}");
     assert_eq!(r["interfaces"][3]["name"], "eth0");
-    let pod_ip = r["ips"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["interface"] == 3)
-        .unwrap()["address"]
+    let pod_ip = r["ips"].as_array().unwrap().iter().find(|i| i["interface"] == 3).unwrap()["address"]
         .as_str()
         .unwrap()
         .split('/')
@@ -605,35 +425,14 @@ fn chains_in_the_middle_of_a_conflist_with_portmap() {
         .unwrap()
         .to_string();
     assert!(pod_ip.starts_with("10.105.0."));
-    t.lab
-        .spawn(
-            &a,
-            &[
-                "socat",
-                "TCP-LISTEN:80,fork,reuseaddr",
-                "SYSTEM:echo served-by-pod",
-            ],
-        )
-        .unwrap();
+    t.lab.spawn(&a, &["socat", "TCP-LISTEN:80,fork,reuseaddr", "SYSTEM:echo served-by-pod"]).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let outside = t.lab.ns_name("outside");
     let out = t
         .lab
-        .exec_status(
-            &outside,
-            &[
-                "socat",
-                "-T",
-                "2",
-                "-",
-                &format!("TCP:{}:8080,connect-timeout=2", node.underlay_ip),
-            ],
-        )
+        .exec_status(&outside, &["socat", "-T", "2", "-", &format!("TCP:{}:8080,connect-timeout=2", node.underlay_ip)])
         .unwrap();
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("served-by-pod"),
-        "outside -> node:8080 -> pod:80"
-    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("served-by-pod"), "outside -> node:8080 -> pod:80");
     conf.del_with(&inv, &runtime).unwrap();
     assert!(t.ip_files("chained").is_empty());
 }

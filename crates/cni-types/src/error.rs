@@ -86,11 +86,7 @@ pub struct CniError {
 
 impl CniError {
     pub fn new(code: ErrorCode, msg: impl Into<String>, details: impl Into<String>) -> CniError {
-        CniError {
-            code,
-            msg: msg.into(),
-            details: details.into(),
-        }
+        CniError { code, msg: msg.into(), details: details.into() }
     }
 
     /// The JSON a plugin prints, shaped for `version` (the config's, or the latest when the config was unreadable).
@@ -124,11 +120,7 @@ impl CniError {
             details: String,
         }
         let w: Wire = serde_json::from_slice(bytes).ok()?;
-        Some(CniError::new(
-            ErrorCode::from_code(w.code),
-            w.msg,
-            w.details,
-        ))
+        Some(CniError::new(ErrorCode::from_code(w.code), w.msg, w.details))
     }
 }
 
@@ -138,11 +130,7 @@ mod tests {
 
     #[test]
     fn error_json_has_the_spec_fields() {
-        let e = CniError::new(
-            ErrorCode::TryAgainLater,
-            "no subnet file",
-            "/run/flannel/subnet.env: missing",
-        );
+        let e = CniError::new(ErrorCode::TryAgainLater, "no subnet file", "/run/flannel/subnet.env: missing");
         let v: serde_json::Value = serde_json::from_str(&e.to_json(Version::V1_0_0)).unwrap();
         assert_eq!(v["cniVersion"], "1.0.0");
         assert_eq!(v["code"], 11);
@@ -154,9 +142,7 @@ mod tests {
 
     #[test]
     fn codes_round_trip() {
-        for c in [
-            1, 2, 3, 4, 5, 6, 7, 11, 50, 51, 100, 101, 102, 103, 104, 999, 120,
-        ] {
+        for c in [1, 2, 3, 4, 5, 6, 7, 11, 50, 51, 100, 101, 102, 103, 104, 999, 120] {
             assert_eq!(ErrorCode::from_code(c).code(), c);
         }
     }

@@ -79,8 +79,7 @@ impl Request {
         let mut ifname = String::new();
         let mut netns = None;
         if per_container {
-            container_id = nonempty("CNI_CONTAINERID")
-                .ok_or(RequestError::Missing("CNI_CONTAINERID", name))?;
+            container_id = nonempty("CNI_CONTAINERID").ok_or(RequestError::Missing("CNI_CONTAINERID", name))?;
             validate_container_id(&container_id)?;
             ifname = nonempty("CNI_IFNAME").ok_or(RequestError::Missing("CNI_IFNAME", name))?;
             validate_ifname(&ifname)?;
@@ -94,30 +93,16 @@ impl Request {
             None => BTreeMap::new(),
         };
         let path = get("CNI_PATH")
-            .map(|p| {
-                p.split(':')
-                    .filter(|s| !s.is_empty())
-                    .map(PathBuf::from)
-                    .collect()
-            })
+            .map(|p| p.split(':').filter(|s| !s.is_empty()).map(PathBuf::from).collect())
             .unwrap_or_default();
-        Ok(Request {
-            command,
-            container_id,
-            netns,
-            ifname,
-            args,
-            path,
-        })
+        Ok(Request { command, container_id, netns, ifname, args, path })
     }
 }
 
 /// The spec: non-empty, alphanumerics plus `_ . -`, starting with an alphanumeric.
 fn validate_container_id(id: &str) -> Result<(), RequestError> {
     let ok = id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
     if ok {
         Ok(())
     } else {
@@ -135,10 +120,7 @@ fn validate_ifname(name: &str) -> Result<(), RequestError> {
         Some("longer than 15 bytes")
     } else if name == "." || name == ".." {
         Some("'.' and '..' are not interface names")
-    } else if name
-        .chars()
-        .any(|c| c == '/' || c == ':' || c.is_whitespace())
-    {
+    } else if name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
         Some("contains '/', ':' or white space")
     } else {
         None
@@ -156,13 +138,7 @@ fn parse_args(s: &str) -> Result<BTreeMap<String, String>, RequestError> {
             Some((k, v)) if !k.is_empty() => {
                 out.insert(k.to_string(), v.to_string());
             }
-            _ => {
-                return Err(RequestError::Invalid(
-                    "CNI_ARGS",
-                    s.to_string(),
-                    "expected K=V pairs separated by ';'",
-                ))
-            }
+            _ => return Err(RequestError::Invalid("CNI_ARGS", s.to_string(), "expected K=V pairs separated by ';'")),
         }
     }
     Ok(out)
@@ -173,10 +149,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let m: BTreeMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let m: BTreeMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |k| m.get(k).cloned()
     }
 
@@ -187,38 +160,24 @@ mod tests {
             ("CNI_CONTAINERID", "abc123"),
             ("CNI_NETNS", "/var/run/netns/x"),
             ("CNI_IFNAME", "eth0"),
-            (
-                "CNI_ARGS",
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=a",
-            ),
+            ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=a"),
             ("CNI_PATH", "/opt/cni/bin::/usr/lib/cni"),
         ]))
         .unwrap();
         assert_eq!(r.command, Command::Add);
         assert_eq!(r.args["K8S_POD_NAME"], "a");
-        assert_eq!(
-            r.path,
-            vec![PathBuf::from("/opt/cni/bin"), PathBuf::from("/usr/lib/cni")]
-        );
+        assert_eq!(r.path, vec![PathBuf::from("/opt/cni/bin"), PathBuf::from("/usr/lib/cni")]);
     }
 
     #[test]
     fn missing_and_invalid_variables() {
         assert_eq!(Request::from_env(env(&[])), Err(RequestError::NoCommand));
         assert!(matches!(
-            Request::from_env(env(&[
-                ("CNI_COMMAND", "ADD"),
-                ("CNI_IFNAME", "eth0"),
-                ("CNI_NETNS", "/x")
-            ])),
+            Request::from_env(env(&[("CNI_COMMAND", "ADD"), ("CNI_IFNAME", "eth0"), ("CNI_NETNS", "/x")])),
             Err(RequestError::Missing("CNI_CONTAINERID", "ADD"))
         ));
         assert!(matches!(
-            Request::from_env(env(&[
-                ("CNI_COMMAND", "ADD"),
-                ("CNI_CONTAINERID", "a"),
-                ("CNI_IFNAME", "eth0")
-            ])),
+            Request::from_env(env(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "a"), ("CNI_IFNAME", "eth0")])),
             Err(RequestError::Missing("CNI_NETNS", "ADD"))
         ));
         assert!(matches!(
@@ -231,29 +190,18 @@ mod tests {
             Err(RequestError::Invalid("CNI_IFNAME", _, _))
         ));
         assert!(matches!(
-            Request::from_env(env(&[
-                ("CNI_COMMAND", "DEL"),
-                ("CNI_CONTAINERID", "../x"),
-                ("CNI_IFNAME", "eth0")
-            ])),
+            Request::from_env(env(&[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "../x"), ("CNI_IFNAME", "eth0")])),
             Err(RequestError::Invalid("CNI_CONTAINERID", _, _))
         ));
-        assert!(matches!(
-            Request::from_env(env(&[("CNI_COMMAND", "FOO")])),
-            Err(RequestError::UnknownCommand(_))
-        ));
+        assert!(matches!(Request::from_env(env(&[("CNI_COMMAND", "FOO")])), Err(RequestError::UnknownCommand(_))));
         let e: CniError = RequestError::NoCommand.into();
         assert_eq!(e.code.code(), 4);
     }
 
     #[test]
     fn del_without_netns_is_fine() {
-        let r = Request::from_env(env(&[
-            ("CNI_COMMAND", "DEL"),
-            ("CNI_CONTAINERID", "a"),
-            ("CNI_IFNAME", "eth0"),
-        ]))
-        .unwrap();
+        let r = Request::from_env(env(&[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "a"), ("CNI_IFNAME", "eth0")]))
+            .unwrap();
         assert_eq!(r.netns, None);
     }
 

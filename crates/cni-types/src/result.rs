@@ -60,15 +60,7 @@ pub struct Route {
 
 impl Route {
     pub fn new(dst: IpNet, gw: Option<IpAddr>) -> Route {
-        Route {
-            dst,
-            gw,
-            mtu: None,
-            adv_mss: None,
-            priority: None,
-            table: None,
-            scope: None,
-        }
+        Route { dst, gw, mtu: None, adv_mss: None, priority: None, table: None, scope: None }
     }
 }
 
@@ -86,23 +78,15 @@ pub struct Dns {
 
 impl Dns {
     pub fn is_empty(&self) -> bool {
-        self.nameservers.is_empty()
-            && self.domain.is_none()
-            && self.search.is_empty()
-            && self.options.is_empty()
+        self.nameservers.is_empty() && self.domain.is_none() && self.search.is_empty() && self.options.is_empty()
     }
 }
 
 impl CniResult {
     /// Reads a result of any supported version (older ones carry `ips[].version`, which is implied by the address).
     pub fn from_value(v: &serde_json::Value) -> Result<CniResult, CniError> {
-        CniResult::deserialize(v).map_err(|e| {
-            CniError::new(
-                ErrorCode::DecodeFailure,
-                "prevResult is not a CNI result",
-                e.to_string(),
-            )
-        })
+        CniResult::deserialize(v)
+            .map_err(|e| CniError::new(ErrorCode::DecodeFailure, "prevResult is not a CNI result", e.to_string()))
     }
 
     /// The document to print for a config of `version`.
@@ -112,14 +96,11 @@ impl CniResult {
         if version.ips_carry_version() {
             if let Some(ips) = obj.get_mut("ips").and_then(|i| i.as_array_mut()) {
                 for ip in ips {
-                    let family = match ip["address"].as_str().and_then(|a| a.parse::<IpNet>().ok())
-                    {
+                    let family = match ip["address"].as_str().and_then(|a| a.parse::<IpNet>().ok()) {
                         Some(IpNet::V6(_)) => "6",
                         _ => "4",
                     };
-                    ip.as_object_mut()
-                        .expect("ip entries are objects")
-                        .insert("version".into(), family.into());
+                    ip.as_object_mut().expect("ip entries are objects").insert("version".into(), family.into());
                 }
             }
         }
@@ -127,9 +108,7 @@ impl CniResult {
             // Route attributes beyond dst/gw arrived with 1.1.0; older readers may reject them.
             if let Some(routes) = obj.get_mut("routes").and_then(|r| r.as_array_mut()) {
                 for r in routes {
-                    r.as_object_mut()
-                        .expect("routes are objects")
-                        .retain(|k, _| k == "dst" || k == "gw");
+                    r.as_object_mut().expect("routes are objects").retain(|k, _| k == "dst" || k == "gw");
                 }
             }
         }
@@ -149,11 +128,7 @@ mod tests {
     fn sample() -> CniResult {
         CniResult {
             interfaces: vec![
-                Interface {
-                    name: "cni0".into(),
-                    mac: Some("aa:bb:cc:dd:ee:ff".into()),
-                    ..Default::default()
-                },
+                Interface { name: "cni0".into(), mac: Some("aa:bb:cc:dd:ee:ff".into()), ..Default::default() },
                 Interface {
                     name: "eth0".into(),
                     mac: Some("aa:bb:cc:dd:ee:00".into()),
@@ -167,16 +142,9 @@ mod tests {
                     gateway: Some("10.244.1.1".parse().unwrap()),
                     interface: Some(1),
                 },
-                IpConfig {
-                    address: "fd00:1::5/64".parse().unwrap(),
-                    gateway: None,
-                    interface: Some(1),
-                },
+                IpConfig { address: "fd00:1::5/64".parse().unwrap(), gateway: None, interface: Some(1) },
             ],
-            routes: vec![Route {
-                priority: Some(10),
-                ..Route::new("0.0.0.0/0".parse().unwrap(), None)
-            }],
+            routes: vec![Route { priority: Some(10), ..Route::new("0.0.0.0/0".parse().unwrap(), None) }],
             dns: Dns::default(),
         }
     }
@@ -208,8 +176,7 @@ mod tests {
 
     #[test]
     fn garbage_prev_result_is_a_decode_failure() {
-        let e =
-            CniResult::from_value(&serde_json::json!({"ips": [{"address": "nope"}]})).unwrap_err();
+        let e = CniResult::from_value(&serde_json::json!({"ips": [{"address": "nope"}]})).unwrap_err();
         assert_eq!(e.code, ErrorCode::DecodeFailure);
     }
 }

@@ -16,13 +16,8 @@ pub enum Version {
     V1_1_0,
 }
 
-pub const SUPPORTED_VERSIONS: [Version; 5] = [
-    Version::V0_3_0,
-    Version::V0_3_1,
-    Version::V0_4_0,
-    Version::V1_0_0,
-    Version::V1_1_0,
-];
+pub const SUPPORTED_VERSIONS: [Version; 5] =
+    [Version::V0_3_0, Version::V0_3_1, Version::V0_4_0, Version::V1_0_0, Version::V1_1_0];
 
 impl Version {
     pub const LATEST: Version = Version::V1_1_0;
@@ -63,19 +58,13 @@ impl FromStr for Version {
     type Err = CniError;
 
     fn from_str(s: &str) -> Result<Self, CniError> {
-        SUPPORTED_VERSIONS
-            .into_iter()
-            .find(|v| v.as_str() == s)
-            .ok_or_else(|| {
-                CniError::new(
-                    ErrorCode::IncompatibleVersion,
-                    format!("unsupported cniVersion {s:?}"),
-                    format!(
-                        "this plugin supports {}",
-                        SUPPORTED_VERSIONS.map(Version::as_str).join(", ")
-                    ),
-                )
-            })
+        SUPPORTED_VERSIONS.into_iter().find(|v| v.as_str() == s).ok_or_else(|| {
+            CniError::new(
+                ErrorCode::IncompatibleVersion,
+                format!("unsupported cniVersion {s:?}"),
+                format!("this plugin supports {}", SUPPORTED_VERSIONS.map(Version::as_str).join(", ")),
+            )
+        })
     }
 }
 
@@ -88,8 +77,7 @@ impl Serialize for Version {
 impl<'de> Deserialize<'de> for Version {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        s.parse()
-            .map_err(|e: CniError| serde::de::Error::custom(e.msg))
+        s.parse().map_err(|e: CniError| serde::de::Error::custom(e.msg))
     }
 }
 

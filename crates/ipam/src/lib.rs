@@ -29,10 +29,7 @@ pub enum IpamError {
 }
 
 impl IpamError {
-    pub(crate) fn io(
-        op: &'static str,
-        path: impl Into<PathBuf>,
-    ) -> impl FnOnce(std::io::Error) -> IpamError {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> IpamError {
         let path = path.into();
         move |source| IpamError::Io { op, path, source }
     }

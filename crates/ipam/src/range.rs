@@ -52,9 +52,7 @@ impl Range {
         let subnet = spec.subnet;
         let bits = if subnet.addr().is_ipv4() { 32 } else { 128 };
         if subnet.prefix_len() > bits - 2 {
-            return Err(IpamError::InvalidRange(format!(
-                "network {subnet} is too small to allocate from"
-            )));
+            return Err(IpamError::InvalidRange(format!("network {subnet} is too small to allocate from")));
         }
         if subnet.addr() != subnet.network() {
             return Err(IpamError::InvalidRange(format!(
@@ -65,39 +63,25 @@ impl Range {
         }
         let v4 = subnet.addr().is_ipv4();
         let first = from_u128(v4, to_u128(subnet.network()) + 1);
-        let last = if v4 {
-            from_u128(v4, to_u128(subnet.broadcast()) - 1)
-        } else {
-            subnet.broadcast()
-        };
+        let last = if v4 { from_u128(v4, to_u128(subnet.broadcast()) - 1) } else { subnet.broadcast() };
         let check = |what: &str, ip: IpAddr| {
             if subnet.contains(&ip) && ip.is_ipv4() == v4 {
                 Ok(ip)
             } else {
-                Err(IpamError::InvalidRange(format!(
-                    "{what} {ip} is not inside {subnet}"
-                )))
+                Err(IpamError::InvalidRange(format!("{what} {ip} is not inside {subnet}")))
             }
         };
         let gateway = check("gateway", spec.gateway.unwrap_or(first))?;
         let start = check("rangeStart", spec.range_start.unwrap_or(first))?;
         let end = check("rangeEnd", spec.range_end.unwrap_or(last))?;
         if to_u128(start) > to_u128(end) {
-            return Err(IpamError::InvalidRange(format!(
-                "rangeStart {start} is after rangeEnd {end}"
-            )));
+            return Err(IpamError::InvalidRange(format!("rangeStart {start} is after rangeEnd {end}")));
         }
-        Ok(Range {
-            subnet,
-            start,
-            end,
-            gateway,
-        })
+        Ok(Range { subnet, start, end, gateway })
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
-        ip.is_ipv4() == self.start.is_ipv4()
-            && (to_u128(self.start)..=to_u128(self.end)).contains(&to_u128(ip))
+        ip.is_ipv4() == self.start.is_ipv4() && (to_u128(self.start)..=to_u128(self.end)).contains(&to_u128(ip))
     }
 
     fn overlaps(&self, other: &Range) -> bool {
@@ -118,25 +102,16 @@ pub struct RangeSet(pub Vec<Range>);
 impl RangeSet {
     pub fn new(specs: &[RangeSpec]) -> Result<RangeSet, IpamError> {
         if specs.is_empty() {
-            return Err(IpamError::InvalidRange(
-                "a range set needs at least one range".into(),
-            ));
+            return Err(IpamError::InvalidRange("a range set needs at least one range".into()));
         }
-        let ranges = specs
-            .iter()
-            .map(Range::new)
-            .collect::<Result<Vec<_>, _>>()?;
+        let ranges = specs.iter().map(Range::new).collect::<Result<Vec<_>, _>>()?;
         for (i, a) in ranges.iter().enumerate() {
             if a.start.is_ipv4() != ranges[0].start.is_ipv4() {
-                return Err(IpamError::InvalidRange(
-                    "a range set mixes IPv4 and IPv6".into(),
-                ));
+                return Err(IpamError::InvalidRange("a range set mixes IPv4 and IPv6".into()));
             }
             for b in &ranges[i + 1..] {
                 if a.overlaps(b) {
-                    return Err(IpamError::InvalidRange(format!(
-                        "ranges {a} and {b} overlap"
-                    )));
+                    return Err(IpamError::InvalidRange(format!("ranges {a} and {b} overlap")));
                 }
             }
         }
@@ -157,20 +132,14 @@ impl RangeSet {
 
     /// Every candidate in allocation order: after `last` (round robin) when it lies in the set, else from the
     /// start; gateways are never candidates.
-    pub(crate) fn candidates(
-        &self,
-        last: Option<IpAddr>,
-    ) -> impl Iterator<Item = (IpAddr, &Range)> + '_ {
+    pub(crate) fn candidates(&self, last: Option<IpAddr>) -> impl Iterator<Item = (IpAddr, &Range)> + '_ {
         let v4 = self.is_ipv4();
-        let (first_range, first_ip) =
-            match last.and_then(|l| self.0.iter().position(|r| r.contains(l)).map(|i| (i, l))) {
-                Some((i, l)) if to_u128(l) < to_u128(self.0[i].end) => (i, to_u128(l) + 1),
-                Some((i, _)) => (
-                    (i + 1) % self.0.len(),
-                    to_u128(self.0[(i + 1) % self.0.len()].start),
-                ),
-                None => (0, to_u128(self.0[0].start)),
-            };
+        let (first_range, first_ip) = match last.and_then(|l| self.0.iter().position(|r| r.contains(l)).map(|i| (i, l)))
+        {
+            Some((i, l)) if to_u128(l) < to_u128(self.0[i].end) => (i, to_u128(l) + 1),
+            Some((i, _)) => ((i + 1) % self.0.len(), to_u128(self.0[(i + 1) % self.0.len()].start)),
+            None => (0, to_u128(self.0[0].start)),
+        };
         let n = self.0.len();
         // Walk the range we resume in from the resume point, the others whole, then the head of the first range.
         (0..=n).flat_map(move |step| {
@@ -183,9 +152,7 @@ impl RangeSet {
             };
             let empty = step == n && first_ip == to_u128(r.start);
             let iter = if empty { 1..=0 } else { lo..=hi };
-            iter.map(move |x| from_u128(v4, x))
-                .filter(move |ip| *ip != r.gateway)
-                .map(move |ip| (ip, r))
+            iter.map(move |x| from_u128(v4, x)).filter(move |ip| *ip != r.gateway).map(move |ip| (ip, r))
         })
     }
 }
@@ -202,12 +169,7 @@ mod tests {
     use super::*;
 
     fn spec(s: &str) -> RangeSpec {
-        RangeSpec {
-            subnet: s.parse().unwrap(),
-            range_start: None,
-            range_end: None,
-            gateway: None,
-        }
+        RangeSpec { subnet: s.parse().unwrap(), range_start: None, range_end: None, gateway: None }
     }
 
     #[test]
@@ -244,21 +206,17 @@ mod tests {
         assert_eq!(
             all,
             [
-                "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6", "10.0.1.2", "10.0.1.3",
-                "10.0.1.4", "10.0.1.5", "10.0.1.6"
+                "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6", "10.0.1.2", "10.0.1.3", "10.0.1.4",
+                "10.0.1.5", "10.0.1.6"
             ]
         );
-        let resumed: Vec<String> = set
-            .candidates(Some("10.0.0.6".parse().unwrap()))
-            .map(|(ip, _)| ip.to_string())
-            .collect();
+        let resumed: Vec<String> =
+            set.candidates(Some("10.0.0.6".parse().unwrap())).map(|(ip, _)| ip.to_string()).collect();
         assert_eq!(resumed.first().unwrap(), "10.0.1.2");
         assert_eq!(resumed.last().unwrap(), "10.0.0.6");
         assert_eq!(resumed.len(), 10);
-        let mid: Vec<String> = set
-            .candidates(Some("10.0.1.3".parse().unwrap()))
-            .map(|(ip, _)| ip.to_string())
-            .collect();
+        let mid: Vec<String> =
+            set.candidates(Some("10.0.1.3".parse().unwrap())).map(|(ip, _)| ip.to_string()).collect();
         assert_eq!(mid.first().unwrap(), "10.0.1.4");
         assert_eq!(mid.last().unwrap(), "10.0.1.3");
         assert_eq!(mid.len(), 10);

@@ -38,11 +38,7 @@ pub enum IptablesError {
         source: std::io::Error,
     },
     #[error("{cmd} failed ({status}): {stderr}")]
-    Failed {
-        cmd: String,
-        status: String,
-        stderr: String,
-    },
+    Failed { cmd: String, status: String, stderr: String },
 }
 
 pub type Result<T> = std::result::Result<T, IptablesError>;
@@ -59,13 +55,7 @@ impl Iptables {
 
     /// Whether `rule` is in `chain` of `table` (`-C`). A missing chain also answers false.
     pub fn exists(&self, table: &str, chain: &str, rule: &[String]) -> Result<bool> {
-        let mut args: Vec<String> = vec![
-            "-w".into(),
-            "-t".into(),
-            table.into(),
-            "-C".into(),
-            chain.into(),
-        ];
+        let mut args: Vec<String> = vec!["-w".into(), "-t".into(), table.into(), "-C".into(), chain.into()];
         args.extend(rule.iter().cloned());
         let out = self.output(self.family.bin(), &args, None)?;
         // Exit 1: no such rule; exit 2 (or other): a real failure such as a bad rule or a missing chain.
@@ -103,23 +93,11 @@ impl Iptables {
         }
     }
 
-    fn output(
-        &self,
-        bin: &str,
-        args: &[String],
-        stdin: Option<&str>,
-    ) -> Result<std::process::Output> {
-        let spawn_err = |source| IptablesError::Spawn {
-            cmd: bin.to_string(),
-            source,
-        };
+    fn output(&self, bin: &str, args: &[String], stdin: Option<&str>) -> Result<std::process::Output> {
+        let spawn_err = |source| IptablesError::Spawn { cmd: bin.to_string(), source };
         let mut child = Command::new(bin)
             .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -142,11 +120,7 @@ fn failed(bin: &str, args: &[String], out: &std::process::Output) -> IptablesErr
 
 /// Quotes one argument for an iptables-restore payload line.
 pub fn quote(arg: &str) -> String {
-    if !arg.is_empty()
-        && arg
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./:!=,+".contains(c))
-    {
+    if !arg.is_empty() && arg.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:!=,+".contains(c)) {
         arg.to_string()
     } else {
         format!("\"{}\"", arg.replace('\\', "\\\\").replace('"', "\\\""))

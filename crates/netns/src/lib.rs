@@ -62,10 +62,7 @@ impl NetNs {
     pub fn enter(&self) -> io::Result<NetNsGuard> {
         let prev = NetNs::current()?;
         setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-        Ok(NetNsGuard {
-            prev: prev.file,
-            _not_send: PhantomData,
-        })
+        Ok(NetNsGuard { prev: prev.file, _not_send: PhantomData })
     }
 
     /// Runs `f` inside this namespace on a thread of its own and returns its value.

@@ -21,8 +21,7 @@ pub use rtnetlink as build;
 use std::io;
 
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_MULTIPART,
-    NLM_F_REQUEST,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_MULTIPART, NLM_F_REQUEST,
 };
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -59,10 +58,7 @@ impl RtnlError {
 
     /// The object did not exist (deleting twice, a link already gone, ...).
     pub fn is_not_found(&self) -> bool {
-        matches!(
-            self.errno(),
-            Some(libc::ENODEV) | Some(libc::ESRCH) | Some(libc::ENOENT) | Some(libc::EADDRNOTAVAIL)
-        )
+        matches!(self.errno(), Some(libc::ENODEV) | Some(libc::ESRCH) | Some(libc::ENOENT) | Some(libc::EADDRNOTAVAIL))
     }
 
     pub fn is_exists(&self) -> bool {
@@ -84,16 +80,10 @@ impl Rtnl {
     pub fn new() -> Result<Rtnl> {
         let mut socket = Socket::new(NETLINK_ROUTE).map_err(RtnlError::Socket)?;
         socket.bind_auto().map_err(RtnlError::Socket)?;
-        socket
-            .connect(&SocketAddr::new(0, 0))
-            .map_err(RtnlError::Socket)?;
+        socket.connect(&SocketAddr::new(0, 0)).map_err(RtnlError::Socket)?;
         // Errors carry the kernel's extended ack message where it has one; harmless if unsupported.
         let _ = socket.set_ext_ack(true);
-        Ok(Rtnl {
-            socket,
-            seq: 0,
-            buf: vec![0; 64 * 1024],
-        })
+        Ok(Rtnl { socket, seq: 0, buf: vec![0; 64 * 1024] })
     }
 
     /// A socket bound to `ns`.
@@ -124,14 +114,8 @@ impl Rtnl {
         let mut replies = Vec::new();
         loop {
             // SAFETY: recv into our own buffer, bounded by its length.
-            let n = unsafe {
-                libc::recv(
-                    self.socket_fd(),
-                    self.buf.as_mut_ptr() as *mut libc::c_void,
-                    self.buf.len(),
-                    0,
-                )
-            };
+            let n =
+                unsafe { libc::recv(self.socket_fd(), self.buf.as_mut_ptr() as *mut libc::c_void, self.buf.len(), 0) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -156,10 +140,7 @@ impl Rtnl {
                     NetlinkPayload::Error(e) => {
                         return match e.code {
                             None => Ok(replies),
-                            Some(_) => Err(RtnlError::Kernel {
-                                op: op(),
-                                source: e.to_io(),
-                            }),
+                            Some(_) => Err(RtnlError::Kernel { op: op(), source: e.to_io() }),
                         };
                     }
                     NetlinkPayload::Done(_) => return Ok(replies),
@@ -181,21 +162,12 @@ impl Rtnl {
     }
 
     /// A request answered by an ACK.
-    pub fn ack(
-        &mut self,
-        msg: RouteNetlinkMessage,
-        flags: u16,
-        op: impl Fn() -> String,
-    ) -> Result<()> {
+    pub fn ack(&mut self, msg: RouteNetlinkMessage, flags: u16, op: impl Fn() -> String) -> Result<()> {
         self.request(msg, flags | NLM_F_ACK, op).map(|_| ())
     }
 
     /// A dump request.
-    pub fn dump(
-        &mut self,
-        msg: RouteNetlinkMessage,
-        op: impl Fn() -> String,
-    ) -> Result<Vec<RouteNetlinkMessage>> {
+    pub fn dump(&mut self, msg: RouteNetlinkMessage, op: impl Fn() -> String) -> Result<Vec<RouteNetlinkMessage>> {
         self.request(msg, NLM_F_DUMP, op)
     }
 }
@@ -204,10 +176,7 @@ impl Rtnl {
 /// (a write is a syscall and an audit event; reading is cheaper). Applies to the calling thread's namespace.
 pub fn sysctl_ensure(name: &str, value: &str) -> io::Result<()> {
     let path = format!("/proc/sys/{}", name.replace('.', "/"));
-    if std::fs::read_to_string(&path)
-        .map(|v| v.trim() == value)
-        .unwrap_or(false)
-    {
+    if std::fs::read_to_string(&path).map(|v| v.trim() == value).unwrap_or(false) {
         return Ok(());
     }
     std::fs::write(&path, value)

@@ -59,20 +59,13 @@ impl Link {
 
     /// `aa:bb:cc:dd:ee:ff`.
     pub fn mac_string(&self) -> Option<String> {
-        self.mac.as_ref().map(|m| {
-            m.iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(":")
-        })
+        self.mac.as_ref().map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"))
     }
 }
 
 impl Rtnl {
     pub fn link_get(&mut self, name: &str) -> Result<Option<Link>> {
-        let msg = LinkMessageBuilder::<LinkUnspec>::new()
-            .name(name.to_string())
-            .build();
+        let msg = LinkMessageBuilder::<LinkUnspec>::new().name(name.to_string()).build();
         self.link_get_msg(msg, || format!("get link {name}"))
     }
 
@@ -93,9 +86,7 @@ impl Rtnl {
     }
 
     pub fn links(&mut self) -> Result<Vec<Link>> {
-        let r = self.dump(RouteNetlinkMessage::GetLink(LinkMessage::default()), || {
-            "list links".into()
-        })?;
+        let r = self.dump(RouteNetlinkMessage::GetLink(LinkMessage::default()), || "list links".into())?;
         Ok(r.iter()
             .filter_map(|m| match m {
                 RouteNetlinkMessage::NewLink(l) => Some(Link::from_msg(l)),
@@ -106,45 +97,53 @@ impl Rtnl {
 
     /// Creates a link; EEXIST if the name is taken.
     pub fn link_add(&mut self, msg: LinkMessage, what: &str) -> Result<()> {
-        self.ack(
+        self.ack(RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL, || format!("create {what}"))
+    }
+
+    /// Creates a link and returns it as the kernel reports it (NLM_F_ECHO: no second round trip to look it up).
+    pub fn link_create(&mut self, msg: LinkMessage, what: &str) -> Result<Link> {
+        let name = msg.attributes.iter().find_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n.clone()),
+            _ => None,
+        });
+        let replies = self.request(
             RouteNetlinkMessage::NewLink(msg),
-            NLM_F_CREATE | NLM_F_EXCL,
+            NLM_F_CREATE | NLM_F_EXCL | netlink_packet_core::NLM_F_ACK | netlink_packet_core::NLM_F_ECHO,
             || format!("create {what}"),
-        )
+        )?;
+        let echoed = replies.iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewLink(l) => Some(Link::from_msg(l)),
+            _ => None,
+        });
+        match (echoed, name) {
+            (Some(l), _) => Ok(l),
+            // Kernels before 6.3 do not echo RTM_NEWLINK.
+            (None, Some(n)) => {
+                self.link_get(&n)?.ok_or_else(|| RtnlError::Invalid(format!("{n} vanished after creation")))
+            }
+            (None, None) => Err(RtnlError::Invalid(format!("{what}: created but unnamed"))),
+        }
     }
 
     /// Changes attributes of an existing link (up, MTU, master, bridge-port options ...).
     pub fn link_set(&mut self, msg: LinkMessage, what: &str) -> Result<()> {
-        self.ack(RouteNetlinkMessage::NewLink(msg), 0, || {
-            format!("set {what}")
-        })
+        self.ack(RouteNetlinkMessage::NewLink(msg), 0, || format!("set {what}"))
     }
 
     pub fn link_up(&mut self, index: u32) -> Result<()> {
-        let msg = LinkMessageBuilder::<LinkUnspec>::new()
-            .index(index)
-            .up()
-            .build();
-        self.ack(RouteNetlinkMessage::SetLink(msg), 0, || {
-            format!("set link #{index} up")
-        })
+        let msg = LinkMessageBuilder::<LinkUnspec>::new().index(index).up().build();
+        self.ack(RouteNetlinkMessage::SetLink(msg), 0, || format!("set link #{index} up"))
     }
 
     pub fn link_del(&mut self, index: u32) -> Result<()> {
         let msg = LinkMessageBuilder::<LinkUnspec>::new().index(index).build();
-        self.ack(RouteNetlinkMessage::DelLink(msg), 0, || {
-            format!("delete link #{index}")
-        })
+        self.ack(RouteNetlinkMessage::DelLink(msg), 0, || format!("delete link #{index}"))
     }
 
     /// Deletes a link by name; Ok(false) when there was none.
     pub fn link_del_name(&mut self, name: &str) -> Result<bool> {
-        let msg = LinkMessageBuilder::<LinkUnspec>::new()
-            .name(name.to_string())
-            .build();
-        match self.ack(RouteNetlinkMessage::DelLink(msg), 0, || {
-            format!("delete link {name}")
-        }) {
+        let msg = LinkMessageBuilder::<LinkUnspec>::new().name(name.to_string()).build();
+        match self.ack(RouteNetlinkMessage::DelLink(msg), 0, || format!("delete link {name}")) {
             Ok(()) => Ok(true),
             Err(e) if e.is_not_found() => Ok(false),
             Err(e) => Err(e),
@@ -153,10 +152,7 @@ impl Rtnl {
 
     /// Addresses (with prefix) on one link, or on all links with `None`.
     pub fn addresses(&mut self, index: Option<u32>) -> Result<Vec<(u32, IpNet)>> {
-        let r = self.dump(
-            RouteNetlinkMessage::GetAddress(AddressMessage::default()),
-            || "list addresses".into(),
-        )?;
+        let r = self.dump(RouteNetlinkMessage::GetAddress(AddressMessage::default()), || "list addresses".into())?;
         let mut out = Vec::new();
         for m in r {
             let RouteNetlinkMessage::NewAddress(a) = m else {
@@ -175,8 +171,7 @@ impl Rtnl {
                 }
             }
             if let Some(ip) = addr {
-                let net = IpNet::new(ip, a.header.prefix_len)
-                    .map_err(|e| RtnlError::Decode(e.to_string()))?;
+                let net = IpNet::new(ip, a.header.prefix_len).map_err(|e| RtnlError::Decode(e.to_string()))?;
                 out.push((a.header.index, net));
             }
         }
@@ -200,21 +195,16 @@ impl Rtnl {
     pub fn address_add(&mut self, index: u32, addr: IpNet, nodad: bool) -> Result<()> {
         let mut msg = Rtnl::address_msg(index, addr);
         if nodad && addr.addr().is_ipv6() {
-            msg.attributes
-                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            msg.attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
         }
-        self.ack(
-            RouteNetlinkMessage::NewAddress(msg),
-            NLM_F_CREATE | NLM_F_REPLACE,
-            || format!("add address {addr} to link #{index}"),
-        )
+        self.ack(RouteNetlinkMessage::NewAddress(msg), NLM_F_CREATE | NLM_F_REPLACE, || {
+            format!("add address {addr} to link #{index}")
+        })
     }
 
     pub fn address_del(&mut self, index: u32, addr: IpNet) -> Result<()> {
         let msg = Rtnl::address_msg(index, addr);
-        self.ack(RouteNetlinkMessage::DelAddress(msg), 0, || {
-            format!("delete address {addr} from link #{index}")
-        })
+        self.ack(RouteNetlinkMessage::DelAddress(msg), 0, || format!("delete address {addr} from link #{index}"))
     }
 }
 

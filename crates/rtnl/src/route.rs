@@ -2,9 +2,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_REPLACE};
-use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType,
-};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType};
 use netlink_packet_route::RouteNetlinkMessage;
 
 use crate::link::family;
@@ -52,21 +50,13 @@ impl RouteSpec {
         m.header.destination_prefix_length = self.dst.prefix_len();
         m.header.table = RouteHeader::RT_TABLE_MAIN;
         m.header.protocol = netlink_packet_route::route::RouteProtocol::Boot;
-        m.header.scope = if self.link_scope {
-            RouteScope::Link
-        } else {
-            RouteScope::Universe
-        };
+        m.header.scope = if self.link_scope { RouteScope::Link } else { RouteScope::Universe };
         m.header.kind = RouteType::Unicast;
         if self.dst.prefix_len() > 0 {
-            m.attributes
-                .push(RouteAttribute::Destination(RouteAddress::from(
-                    self.dst.network(),
-                )));
+            m.attributes.push(RouteAttribute::Destination(RouteAddress::from(self.dst.network())));
         }
         if let Some(gw) = self.gateway {
-            m.attributes
-                .push(RouteAttribute::Gateway(RouteAddress::from(gw)));
+            m.attributes.push(RouteAttribute::Gateway(RouteAddress::from(gw)));
         }
         if let Some(oif) = self.oif {
             m.attributes.push(RouteAttribute::Oif(oif));
@@ -96,10 +86,7 @@ impl RouteSpec {
             oif: None,
             table: Some(m.header.table as u32),
             priority: None,
-            onlink: m
-                .header
-                .flags
-                .contains(netlink_packet_route::route::RouteFlags::Onlink),
+            onlink: m.header.flags.contains(netlink_packet_route::route::RouteFlags::Onlink),
             link_scope: m.header.scope == RouteScope::Link,
         };
         for a in &m.attributes {
@@ -117,11 +104,7 @@ impl RouteSpec {
             netlink_packet_route::AddressFamily::Inet6 => std::net::Ipv6Addr::UNSPECIFIED.into(),
             _ => return None,
         };
-        r.dst = IpNet::new(
-            dst_addr.unwrap_or(unspecified),
-            m.header.destination_prefix_length,
-        )
-        .ok()?;
+        r.dst = IpNet::new(dst_addr.unwrap_or(unspecified), m.header.destination_prefix_length).ok()?;
         Some(r)
     }
 }
@@ -137,35 +120,26 @@ fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
 impl Rtnl {
     /// Adds or replaces the route to `dst` (idempotent).
     pub fn route_replace(&mut self, r: &RouteSpec) -> Result<()> {
-        self.ack(
-            RouteNetlinkMessage::NewRoute(r.to_msg()),
-            NLM_F_CREATE | NLM_F_REPLACE,
-            || format!("replace route {} via {:?}", r.dst, r.gateway),
-        )
+        self.ack(RouteNetlinkMessage::NewRoute(r.to_msg()), NLM_F_CREATE | NLM_F_REPLACE, || {
+            format!("replace route {} via {:?}", r.dst, r.gateway)
+        })
     }
 
     /// Adds a route; EEXIST if one to `dst` is there already.
     pub fn route_add(&mut self, r: &RouteSpec) -> Result<()> {
-        self.ack(
-            RouteNetlinkMessage::NewRoute(r.to_msg()),
-            NLM_F_CREATE | netlink_packet_core::NLM_F_EXCL,
-            || format!("add route {} via {:?}", r.dst, r.gateway),
-        )
+        self.ack(RouteNetlinkMessage::NewRoute(r.to_msg()), NLM_F_CREATE | netlink_packet_core::NLM_F_EXCL, || {
+            format!("add route {} via {:?}", r.dst, r.gateway)
+        })
     }
 
     pub fn route_del(&mut self, r: &RouteSpec) -> Result<()> {
-        self.ack(RouteNetlinkMessage::DelRoute(r.to_msg()), 0, || {
-            format!("delete route {}", r.dst)
-        })
+        self.ack(RouteNetlinkMessage::DelRoute(r.to_msg()), 0, || format!("delete route {}", r.dst))
     }
 
     /// Unicast routes of the main table (or all tables with `all_tables`) of both families.
     pub fn routes(&mut self, all_tables: bool) -> Result<Vec<RouteSpec>> {
         let mut out = Vec::new();
-        for fam in [
-            netlink_packet_route::AddressFamily::Inet,
-            netlink_packet_route::AddressFamily::Inet6,
-        ] {
+        for fam in [netlink_packet_route::AddressFamily::Inet, netlink_packet_route::AddressFamily::Inet6] {
             let mut q = RouteMessage::default();
             q.header.address_family = fam;
             for m in self.dump(RouteNetlinkMessage::GetRoute(q), || "list routes".into())? {

@@ -1,0 +1,32 @@
+//! `tartan-bench`: measurements of Tartan against the reference, in the same run, reported as ratios.
+
+mod cni;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "tartan-bench")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// CNI ADD/DEL latency: `tartan` against the reference bridge + host-local from /usr/lib/cni.
+    Cni {
+        /// Sequential ADDs (then DELs) per case.
+        #[arg(long, default_value_t = 100)]
+        runs: usize,
+        /// Repetitions of each parallel batch.
+        #[arg(long, default_value_t = 5)]
+        batches: usize,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Cni { runs, batches } => cni::run(runs, batches),
+    }
+}

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The test command: installs what is missing, builds the binaries the tests run, runs every test.
+# Needs root (the tests build network namespaces); touches nothing outside the namespaces it creates.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+cargo fmt --all -- --check
+cargo build --release --workspace --bins --locked
+# End-to-end tests find the tartan binary next to their own (target/x86_64-unknown-linux-gnu/release).
+cargo test --release --workspace --locked
