@@ -105,7 +105,7 @@ fn ipam_add(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<(Vec<Addr>, Vec<
 fn ipam_del(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<()> {
     match &plan.ipam {
         Ipam::HostLocal { data_dir, .. } => {
-            let store = Store::open(data_dir, &plan.network)?;
+            let Some(store) = Store::existing(data_dir, &plan.network) else { return Ok(()) };
             let lock = store.lock()?;
             lock.release(&req.container_id, &req.ifname)?;
             if plan.ip_masq && lock.list()?.is_empty() {
@@ -349,7 +349,8 @@ fn check(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<()> {
     }
     match &plan.ipam {
         Ipam::HostLocal { data_dir, .. } => {
-            let store = Store::open(data_dir, &plan.network)?;
+            let store = Store::existing(data_dir, &plan.network)
+                .ok_or_else(|| PluginError::Mismatch(format!("no IPAM store for network {}", plan.network)))?;
             let owned: BTreeSet<IpAddr> = store.lock()?.owned_by(&req.container_id, &req.ifname)?.into_iter().collect();
             for ip in &prev.ips {
                 if !owned.contains(&ip.address.addr()) {
@@ -383,7 +384,7 @@ fn gc(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<()> {
     };
     match &plan.ipam {
         Ipam::HostLocal { data_dir, .. } => {
-            let store = Store::open(data_dir, &plan.network)?;
+            let Some(store) = Store::existing(data_dir, &plan.network) else { return Ok(()) };
             let lock = store.lock()?;
             lock.retain(|o| valid.iter().any(|a| o.is(&a.container_id, &a.ifname)))?;
             if plan.ip_masq && lock.list()?.is_empty() {
@@ -396,11 +397,17 @@ fn gc(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<()> {
 }
 
 fn status(plan: &Plan) -> Result<()> {
-    // The plan already proved the subnet file is there and the ranges are valid; check the store is writable.
-    if let Some(dir) = plan.data_dir() {
-        Store::open(dir, &plan.network).map_err(|e| {
-            PluginError::Cni(CniError::new(ErrorCode::NotAvailable, "IPAM store is not usable", e.to_string()))
-        })?;
+    // Side-effect free: the plan already proved the config valid and, in flannel mode, subnet.env present; the
+    // store's directory must be usable if it exists (ADD creates it on first use).
+    if let Some(dir) = plan.data_dir().map(|d| d.join(&plan.network)).filter(|d| d.exists()) {
+        let md = std::fs::metadata(&dir).map_err(PluginError::io(format!("stat {}", dir.display())))?;
+        if !md.is_dir() || md.permissions().readonly() {
+            return Err(PluginError::Cni(CniError::new(
+                ErrorCode::NotAvailable,
+                "IPAM store is not usable",
+                format!("{} is not a writable directory", dir.display()),
+            )));
+        }
     }
     Ok(())
 }

@@ -262,11 +262,15 @@ fn bad_input_gets_the_spec_error_codes_and_changes_nothing() {
     );
     assert_eq!(r.error_code(), Some(4), "{}", r.stdout);
 
+    // DEL of something never added succeeds, and creates no store either.
+    let r = t.plugin("DEL", "never-added", Some(&a), "eth0", &good);
+    assert!(r.success, "{}", r.stdout);
+
     // Nothing was created anywhere.
     let node = t.node.ns.clone();
     assert_eq!(t.links(&node), vec!["lo", "eth0"]);
     assert_eq!(t.links(&a), vec!["lo"]);
-    assert!(t.ip_files("testnet").is_empty());
+    assert!(!t.data_dir().join("testnet").exists());
 }
 
 #[test]

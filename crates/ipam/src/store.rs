@@ -63,6 +63,12 @@ impl Store {
         Ok(Store { dir })
     }
 
+    /// `<data_dir>/<network>` if it exists: DEL and GC release from a store, they never create one.
+    pub fn existing(data_dir: &Path, network: &str) -> Option<Store> {
+        let dir = data_dir.join(network);
+        (!network.contains('/') && dir.is_dir()).then_some(Store { dir })
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
