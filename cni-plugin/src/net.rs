@@ -50,6 +50,12 @@ pub fn ensure_bridge(host: &mut Rtnl, plan: &Plan) -> Result<Link> {
     match host.link_add(b.build(), &format!("bridge {}", plan.bridge)) {
         Ok(()) => {}
         Err(e) if e.is_exists() => {} // a concurrent ADD created it first
+        Err(e) if plan.vlan.is_some() && e.is(libc::EOPNOTSUPP) => {
+            return Err(PluginError::Invalid(format!(
+                "vlan {} needs bridge VLAN filtering, which this kernel lacks (CONFIG_BRIDGE_VLAN_FILTERING)",
+                plan.vlan.unwrap_or_default()
+            )))
+        }
         Err(e) => return Err(e.into()),
     }
     host.link_get(&plan.bridge)?

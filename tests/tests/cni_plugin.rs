@@ -440,3 +440,82 @@ fn chains_in_the_middle_of_a_conflist_with_portmap() {
     conf.del_with(&inv, &runtime).unwrap();
     assert!(t.ip_files("chained").is_empty());
 }
+
+/// `vlan`: each pod port is an untagged member of its VLAN on a VLAN-filtering bridge, so pods of one VLAN reach
+/// each other (and the gateway, whose bridge port joins the VLAN) and not the pods of another VLAN.
+#[test]
+fn vlan_separates_pods_on_one_bridge() {
+    let mut t = OneNode::new("vlan");
+    let v10 = t.conf("10.106.0.0/24", json!({"name": "v10", "bridge": "cbr-vlan", "vlan": 10}));
+    let v20 = t.conf(
+        "10.106.1.0/24",
+        json!({"name": "v20", "bridge": "cbr-vlan", "vlan": 20, "isGateway": false, "isDefaultGateway": false}),
+    );
+    let (a, b, c) = (t.pod_ns("a"), t.pod_ns("b"), t.pod_ns("c"));
+    let node = t.node.ns.clone();
+    let probe = t.lab.exec_status(&node, &["ip", "link", "add", "vlanprobe", "type", "bridge", "vlan_filtering", "1"]);
+    if !probe.unwrap().status.success() {
+        // A kernel without bridge VLAN filtering (this machine's): a clear error, and nothing left behind.
+        let r = t.plugin("ADD", "ctr-a", Some(&a), "eth0", &v10);
+        assert_eq!(r.error_code(), Some(7), "{}", r.stdout);
+        assert!(r.stdout.contains("CONFIG_BRIDGE_VLAN_FILTERING"), "{}", r.stdout);
+        assert!(t.ip_files("v10").is_empty());
+        assert_eq!(t.links(&a), vec!["lo"]);
+        eprintln!("kernel lacks bridge VLAN filtering: checked the error path only");
+        return;
+    }
+    t.lab.exec(&node, &["ip", "link", "del", "vlanprobe"]).unwrap();
+    let ra = t.add("ctr-a", &a, &v10);
+    let rb = t.add("ctr-b", &b, &v10);
+    let rc = t.add("ctr-c", &c, &v20);
+    let vlans = t.lab.exec(&node, &["bridge", "-j", "vlan", "show"]).unwrap();
+    let vlans: Value = serde_json::from_slice(&vlans.stdout).unwrap();
+    let port_a = ra["interfaces"][1]["name"].as_str().unwrap();
+    let entry = vlans.as_array().unwrap().iter().find(|p| p["ifname"] == port_a).expect("port a has VLANs");
+    assert!(
+        entry["vlans"].as_array().unwrap().iter().any(|v| v["vlan"] == 10
+            && v["flags"]
+                .as_array()
+                .is_some_and(|f| f.contains(&json!("PVID")) && f.contains(&json!("Egress Untagged")))),
+        "{entry}"
+    );
+    assert!(t.lab.ping(&a, &result_ip(&rb, 4)).unwrap(), "same VLAN");
+    assert!(t.lab.ping(&a, "10.106.0.1").unwrap(), "gateway in the VLAN");
+    // c sits in another VLAN and subnet; give it a direct route to a's subnet so only the VLAN can stop it.
+    t.lab.exec(&c, &["ip", "route", "add", "10.106.0.0/24", "dev", "eth0"]).unwrap();
+    assert!(!t.lab.ping(&c, &result_ip(&ra, 4)).unwrap(), "VLAN 20 must not reach VLAN 10: {rc}");
+}
+
+/// A stale gateway address on the bridge (the node subnet changed): an error naming it without forceAddress,
+/// replaced with it.
+#[test]
+fn force_address_replaces_a_stale_bridge_address() {
+    let mut t = OneNode::new("force");
+    let node = t.node.ns.clone();
+    t.lab.exec(&node, &["ip", "link", "add", "cni0", "type", "bridge"]).unwrap();
+    t.lab.exec(&node, &["ip", "addr", "add", "10.107.9.1/24", "dev", "cni0"]).unwrap();
+    let a = t.pod_ns("a");
+    let conf = t.conf("10.107.0.0/24", json!({}));
+    let r = t.plugin("ADD", "ctr-a", Some(&a), "eth0", &conf);
+    assert_eq!(r.error_code(), Some(7), "{}", r.stdout);
+    assert!(r.stdout.contains("10.107.9.1/24") && r.stdout.contains("forceAddress"), "{}", r.stdout);
+    assert!(t.ip_files("testnet").is_empty());
+    let forced = t.conf("10.107.0.0/24", json!({"forceAddress": true}));
+    t.add("ctr-a", &a, &forced);
+    let addrs = t.ip_json(&node, &["-4", "addr", "show", "cni0"]);
+    let have: Vec<&str> =
+        addrs[0]["addr_info"].as_array().unwrap().iter().filter_map(|a| a["local"].as_str()).collect();
+    assert_eq!(have, vec!["10.107.0.1"]);
+    assert!(t.lab.ping(&a, "10.107.0.1").unwrap());
+}
+
+#[test]
+fn promisc_mode_sets_the_bridge_promiscuous() {
+    let mut t = OneNode::new("promisc");
+    let a = t.pod_ns("a");
+    let conf = t.conf("10.108.0.0/24", json!({"promiscMode": true}));
+    t.add("ctr-a", &a, &conf);
+    let node = t.node.ns.clone();
+    let link = t.ip_json(&node, &["-d", "link", "show", "cni0"]);
+    assert!(link[0]["promiscuity"].as_u64().unwrap() >= 1, "{link}");
+}
