@@ -40,8 +40,20 @@ pub fn run(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
         }
         Err(e) => return fail(e),
     };
-    let done = match req.command {
-        Command::Add => add(&req, &plan, stdin).map(Some),
+    if req.command == Command::Add {
+        return match add(&req, &plan, stdin) {
+            Ok(result) => {
+                let doc = match &plan.prev_result {
+                    Some(prev) => chain_onto(prev, &result, plan.version),
+                    None => result.to_value(plan.version),
+                };
+                Outcome { stdout: doc.to_string(), exit_code: 0 }
+            }
+            Err(e) => fail(e.to_cni()),
+        };
+    }
+    let done: Result<Option<CniResult>> = match req.command {
+        Command::Add => unreachable!("answered above"),
         Command::Del => del(&req, &plan, stdin).map(|_| None),
         Command::Check => check(&req, &plan, stdin).map(|_| None),
         Command::Gc => gc(&req, &plan, stdin).map(|_| None),
@@ -70,13 +82,51 @@ struct Addr {
     gateway: Option<IpAddr>,
 }
 
-/// IPAM for ADD: in-process host-local, or the delegate.
+/// IPAM for ADD: in-process host-local, or the delegate. On failure nothing stays allocated.
 fn ipam_add(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<(Vec<Addr>, Vec<Route>, Option<cni_types::Dns>)> {
     match &plan.ipam {
         Ipam::HostLocal { sets, routes, data_dir } => {
+            let mut requested = plan.requested_ips.clone();
+            if let Some(ips) = req.args.get("IP") {
+                for ip in ips.split(',').filter(|s| !s.is_empty()) {
+                    requested.push(ip.parse().map_err(|_| {
+                        PluginError::Cni(CniError::new(
+                            ErrorCode::InvalidEnvironment,
+                            format!("CNI_ARGS IP={ip} is not an address"),
+                            "",
+                        ))
+                    })?);
+                }
+            }
             let store = Store::open(data_dir, &plan.network)?;
             let lock = store.lock()?;
-            let got = lock.allocate(sets, &req.container_id, &req.ifname)?;
+            let got = (|| -> Result<Vec<ipam::Allocation>> {
+                let mut got = Vec::new();
+                for (index, set) in sets.iter().enumerate() {
+                    match requested.iter().position(|ip| set.contains(*ip)) {
+                        Some(pos) => got.push(lock.allocate_requested(
+                            set,
+                            requested.remove(pos),
+                            &req.container_id,
+                            &req.ifname,
+                        )?),
+                        None => got.push(lock.allocate_at(index, set, &req.container_id, &req.ifname)?),
+                    }
+                }
+                if let Some(ip) = requested.first() {
+                    return Err(PluginError::Ipam(ipam::IpamError::InvalidRange(format!(
+                        "requested address {ip} is in none of the ranges"
+                    ))));
+                }
+                Ok(got)
+            })();
+            let got = match got {
+                Ok(g) => g,
+                Err(e) => {
+                    let _ = lock.release(&req.container_id, &req.ifname);
+                    return Err(e);
+                }
+            };
             let addrs = got
                 .iter()
                 .map(|a| Addr {
@@ -108,7 +158,9 @@ fn ipam_del(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<()> {
             let Some(store) = Store::existing(data_dir, &plan.network) else { return Ok(()) };
             let lock = store.lock()?;
             lock.release(&req.container_id, &req.ifname)?;
-            if plan.ip_masq && lock.list()?.is_empty() {
+            // Whatever ipMasq says now (in flannel mode without subnet.env it cannot be known): rules of a network
+            // with no address left have nothing to do. Rare (the last pod) and a no-op when there are none.
+            if lock.taken()?.is_empty() {
                 masq::remove(&plan.network, &plan.run_dir)?;
             }
             Ok(())
@@ -138,10 +190,7 @@ fn add(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<CniResult> {
             if let Some(dns) = ipam_dns.filter(|d| !d.is_empty()) {
                 result.dns = dns;
             }
-            match &plan.prev_result {
-                Some(prev) => Ok(chain_onto(CniResult::from_value(prev)?, result)),
-                None => Ok(result),
-            }
+            Ok(result)
         }
         Err(e) => {
             // Leave nothing behind: the veth (both ends go with it) and the addresses.
@@ -154,20 +203,39 @@ fn add(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<CniResult> {
     }
 }
 
-/// In the middle of a chain, what earlier plugins reported is passed on with ours appended (interface indices
-/// of our addresses shifted past theirs).
-fn chain_onto(mut prev: CniResult, ours: CniResult) -> CniResult {
-    let offset = prev.interfaces.len();
-    prev.interfaces.extend(ours.interfaces);
-    prev.ips.extend(ours.ips.into_iter().map(|mut ip| {
-        ip.interface = ip.interface.map(|i| i + offset);
-        ip
-    }));
-    prev.routes.extend(ours.routes);
-    if !ours.dns.is_empty() {
-        prev.dns = ours.dns;
+/// In the middle of a chain, what earlier plugins reported is passed on untouched (fields we do not model
+/// included) with ours appended, the interface indices of our addresses shifted past theirs.
+fn chain_onto(prev: &serde_json::Value, ours: &CniResult, version: Version) -> serde_json::Value {
+    let mut out = prev.clone();
+    let ours = ours.to_value(version);
+    let offset = prev.get("interfaces").and_then(|v| v.as_array()).map_or(0, Vec::len);
+    let append = |out: &mut serde_json::Value, key: &str, items: Vec<serde_json::Value>| {
+        if items.is_empty() {
+            return;
+        }
+        let slot = out.as_object_mut().expect("prevResult is an object").entry(key).or_insert(serde_json::json!([]));
+        if let Some(a) = slot.as_array_mut() {
+            a.extend(items);
+        }
+    };
+    let list = |k: &str| ours.get(k).and_then(|v| v.as_array()).cloned().unwrap_or_default();
+    append(&mut out, "interfaces", list("interfaces"));
+    let ips = list("ips")
+        .into_iter()
+        .map(|mut ip| {
+            if let Some(i) = ip.get("interface").and_then(|i| i.as_u64()) {
+                ip["interface"] = serde_json::json!(i as usize + offset);
+            }
+            ip
+        })
+        .collect();
+    append(&mut out, "ips", ips);
+    append(&mut out, "routes", list("routes"));
+    if let Some(dns) = ours.get("dns") {
+        out["dns"] = dns.clone();
     }
-    prev
+    out["cniVersion"] = serde_json::json!(version.as_str());
+    out
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -211,7 +279,11 @@ fn wire(
                 req.container_id, req.ifname
             )))
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => {
+            // The kernel may have created the pair before the reply went wrong: let the rollback look for it.
+            *created_veth = true;
+            return Err(e.into());
+        }
     };
     net::configure_port(host, plan, &bridge, &port)?;
 
@@ -226,8 +298,10 @@ fn wire(
         }
     }
     for r in ipam_routes {
-        // A configured default route gives way to isDefaultGateway's, as in the reference plugin.
-        if plan.is_default_gateway && r.dst.prefix_len() == 0 {
+        // A configured default route gives way to isDefaultGateway's of the same family, as in the reference.
+        let have_default =
+            routes.iter().any(|d| d.dst.prefix_len() == 0 && d.dst.addr().is_ipv4() == r.dst.addr().is_ipv4());
+        if r.dst.prefix_len() == 0 && have_default {
             continue;
         }
         routes.push(r);
@@ -241,18 +315,16 @@ fn wire(
         })
         .collect();
     let nets: Vec<IpNet> = addrs.iter().map(|a| a.net).collect();
-    net::configure_container(ctr, &link, &nets, &specs)?;
+    net::configure_container(ctr, ns, &link, plan.mac, &nets, &specs)?;
 
     if plan.ip_masq {
-        let subnets: Vec<IpNet> = nets.iter().map(IpNet::trunc).collect();
-        masq::ensure(&plan.network, &subnets, &plan.run_dir)?;
+        let mine: Vec<IpNet> = nets.iter().map(IpNet::trunc).collect();
+        masq::ensure(&plan.network, &mine, &plan.subnets(), &plan.run_dir)?;
     }
 
-    // A new bridge takes its MAC from its first port: read it again once ours joined.
-    let bridge = match bridge.mac.as_deref() {
-        Some([0, 0, 0, 0, 0, 0]) | None => host.link_get(&plan.bridge)?.unwrap_or(bridge),
-        Some(_) => bridge,
-    };
+    // A bridge takes the lowest MAC of its ports: read it again now that ours joined.
+    let bridge = host.link_get(&plan.bridge)?.unwrap_or(bridge);
+    let link = if plan.mac.is_some() { ctr.link_get(&req.ifname)?.unwrap_or(link) } else { link };
     Ok(CniResult {
         interfaces: vec![
             Interface { name: bridge.name.clone(), mac: bridge.mac_string(), ..Default::default() },
@@ -293,7 +365,22 @@ fn del(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<()> {
     if let Err(e) = ipam_del(req, plan, stdin) {
         first_err.get_or_insert(e);
     }
+    if plan.ip_masq && matches!(plan.ipam, Ipam::Delegate { .. }) {
+        // No store to tell whether this was the network's last pod: the bridge's ports tell.
+        if let Err(e) = remove_masq_if_bridge_empty(plan) {
+            first_err.get_or_insert(e);
+        }
+    }
     first_err.map_or(Ok(()), Err)
+}
+
+fn remove_masq_if_bridge_empty(plan: &Plan) -> Result<()> {
+    let mut host = Rtnl::new()?;
+    let Some(bridge) = host.link_get(&plan.bridge)? else { return masq::remove(&plan.network, &plan.run_dir) };
+    if !host.links()?.iter().any(|l| l.master == Some(bridge.index)) {
+        masq::remove(&plan.network, &plan.run_dir)?;
+    }
+    Ok(())
 }
 
 fn check(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<()> {
@@ -352,7 +439,7 @@ fn check(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<()> {
             let store = Store::existing(data_dir, &plan.network)
                 .ok_or_else(|| PluginError::Mismatch(format!("no IPAM store for network {}", plan.network)))?;
             let owned: BTreeSet<IpAddr> = store.lock()?.owned_by(&req.container_id, &req.ifname)?.into_iter().collect();
-            for ip in &prev.ips {
+            for ip in prev.ips.iter().filter(|ip| ip.interface.is_none() || ip.interface == idx) {
                 if !owned.contains(&ip.address.addr()) {
                     return mismatch(format!("IPAM does not hold {} for this container", ip.address.addr()));
                 }

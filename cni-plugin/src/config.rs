@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::flannel::{SubnetEnv, SubnetEnvError};
+use flannel::{SubnetEnv, SubnetEnvError};
 
 pub const DEFAULT_BRIDGE: &str = "cni0";
 pub const DEFAULT_SUBNET_FILE: &str = "/run/flannel/subnet.env";
@@ -40,6 +40,10 @@ pub struct NetConf {
     /// Volatile node-local state of ours (locks).
     pub run_dir: Option<PathBuf>,
     pub prev_result: Option<Value>,
+    /// Capabilities the runtime filled in (`ips`, `mac`).
+    pub runtime_config: Option<Value>,
+    /// Conventional `args.cni` (`ips`, `mac`).
+    pub args: Option<Value>,
 }
 
 /// host-local's options.
@@ -91,7 +95,12 @@ pub struct Plan {
     pub ipam: Ipam,
     pub dns: Dns,
     pub run_dir: PathBuf,
+    /// Validated at parse time (a bad one fails before anything changes), passed on as JSON.
     pub prev_result: Option<Value>,
+    /// Addresses the runtime asked for (runtimeConfig `ips`, `args.cni.ips`; CNI_ARGS `IP=` is added by ADD).
+    pub requested_ips: Vec<IpAddr>,
+    /// The container interface's MAC, if the runtime asked for one.
+    pub mac: Option<[u8; 6]>,
     /// Whether the ranges came from a subnet file.
     pub flannel: Option<PathBuf>,
 }
@@ -120,7 +129,13 @@ pub fn parse_raw(stdin: &[u8]) -> Result<(Version, Map<String, Value>), CniError
     let version = match map.get("cniVersion") {
         Some(Value::String(s)) => s.parse::<Version>()?,
         Some(other) => return Err(invalid(format!("cniVersion must be a string, got {other}"))),
-        None => return Err(invalid("cniVersion is required")),
+        None => {
+            return Err(CniError::new(
+                ErrorCode::IncompatibleVersion,
+                "cniVersion is missing, which means 0.1.0; this plugin supports 0.3.0 and later",
+                "add \"cniVersion\": \"0.3.1\" (or later) to the network configuration",
+            ))
+        }
     };
     Ok((version, map))
 }
@@ -216,7 +231,7 @@ impl Plan {
                             routes.extend(r);
                             mtu = mtu.or(env.mtu);
                             ip_masq = ip_masq.or(env.ipmasq.map(|m| !m));
-                            is_gateway = Some(true);
+                            is_gateway = is_gateway.or(Some(true));
                         }
                         Err(SubnetEnvError::Missing(msg)) if need == Need::Ranges => {
                             return Err(CniError::new(ErrorCode::TryAgainLater, "node subnet is not known yet", msg));
@@ -242,6 +257,24 @@ impl Plan {
                 Ipam::HostLocal { sets, routes, data_dir }
             }
         };
+        if let Some(prev) = &c.prev_result {
+            cni_types::CniResult::from_value(prev)?;
+        }
+        let mut requested_ips = Vec::new();
+        let mut mac = None;
+        for src in [c.runtime_config.as_ref(), c.args.as_ref().and_then(|a| a.get("cni"))].into_iter().flatten() {
+            if let Some(list) = src.get("ips").and_then(Value::as_array) {
+                for v in list {
+                    let s = v.as_str().ok_or_else(|| invalid(format!("ips: {v} is not a string")))?;
+                    let ip = s.split('/').next().unwrap_or_default();
+                    requested_ips.push(ip.parse().map_err(|_| invalid(format!("ips: {s:?} is not an address")))?);
+                }
+            }
+            if let Some(m) = src.get("mac").and_then(Value::as_str) {
+                mac = Some(parse_mac(m)?);
+            }
+        }
+
         let is_default_gateway = c.is_default_gateway.unwrap_or(false);
         Ok(Plan {
             version,
@@ -259,8 +292,18 @@ impl Plan {
             dns: c.dns.unwrap_or_default(),
             run_dir: c.run_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR)),
             prev_result: c.prev_result,
+            requested_ips,
+            mac,
             flannel,
         })
+    }
+
+    /// Every subnet of the configured ranges (all the network's pods live in these).
+    pub fn subnets(&self) -> Vec<IpNet> {
+        match &self.ipam {
+            Ipam::HostLocal { sets, .. } => sets.iter().flat_map(|s| s.0.iter().map(|r| r.subnet)).collect(),
+            Ipam::Delegate { .. } => Vec::new(),
+        }
     }
 
     pub fn data_dir(&self) -> Option<&Path> {
@@ -269,6 +312,23 @@ impl Plan {
             Ipam::Delegate { .. } => None,
         }
     }
+}
+
+/// `aa:bb:cc:dd:ee:ff`, a unicast address.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], CniError> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let bad = || invalid(format!("mac {s:?} is not a MAC address"));
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut out = [0u8; 6];
+    for (o, p) in out.iter_mut().zip(parts) {
+        *o = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if out[0] & 1 == 1 {
+        return Err(invalid(format!("mac {s} is a multicast address")));
+    }
+    Ok(out)
 }
 
 /// The ranges and routes the flannel meta-plugin derives from subnet.env.
@@ -313,7 +373,7 @@ mod tests {
         assert_eq!(plan("{not json").unwrap_err().code, ErrorCode::DecodeFailure);
         assert_eq!(plan("[]").unwrap_err().code, ErrorCode::DecodeFailure);
         assert_eq!(plan(r#"{"cniVersion":"0.2.0","name":"n"}"#).unwrap_err().code, ErrorCode::IncompatibleVersion);
-        assert_eq!(plan(r#"{"name":"n"}"#).unwrap_err().code, ErrorCode::InvalidConfig);
+        assert_eq!(plan(r#"{"name":"n"}"#).unwrap_err().code, ErrorCode::IncompatibleVersion, "missing means 0.1.0");
         let bad_cidr = r#"{"cniVersion":"1.0.0","name":"n","ipam":{"type":"host-local","subnet":"10.0.0.300/24"}}"#;
         let e = plan(bad_cidr).unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidConfig);

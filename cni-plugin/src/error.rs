@@ -49,6 +49,7 @@ impl PluginError {
             PluginError::Cni(e) => return e.clone(),
             PluginError::Ipam(IpamError::Exhausted { .. }) => (ErrorCode::RangeExhausted, "no IP addresses available"),
             PluginError::Ipam(IpamError::InvalidRange(_)) => (ErrorCode::InvalidConfig, "invalid IPAM range"),
+            PluginError::Ipam(IpamError::Taken(_)) => (ErrorCode::AddressTaken, "requested address is taken"),
             PluginError::Ipam(IpamError::Io { .. }) => (ErrorCode::IoFailure, "IPAM store failure"),
             PluginError::Netlink(_) => (ErrorCode::Kernel, "the kernel refused a network change"),
             PluginError::Firewall(_) => (ErrorCode::Firewall, "could not program masquerade rules"),

@@ -8,7 +8,7 @@ mod cmd;
 pub mod config;
 mod delegate;
 pub mod error;
-pub mod flannel;
+
 pub mod masq;
 mod net;
 

@@ -105,9 +105,10 @@ fn lock(run_dir: &Path) -> Result<RunLock> {
     Ok(RunLock(f))
 }
 
-/// Makes sure the network's pods in `subnets` are masqueraded.
-pub fn ensure(network: &str, subnets: &[IpNet], run_dir: &Path) -> Result<()> {
-    for (_, (fam, nets)) in by_family(subnets) {
+/// Makes sure the pod subnets in `mine` are masqueraded. When the rules must be (re)written, the chain's
+/// exceptions cover `all` the network's subnets, not only this pod's, so one pod never undoes another's.
+pub fn ensure(network: &str, mine: &[IpNet], all: &[IpNet], run_dir: &Path) -> Result<()> {
+    for (_, (fam, nets)) in by_family(mine) {
         let ipt = Iptables::new(fam);
         let missing = |ipt: &Iptables| -> Result<Vec<IpNet>> {
             let mut m = Vec::new();
@@ -124,7 +125,11 @@ pub fn ensure(network: &str, subnets: &[IpNet], run_dir: &Path) -> Result<()> {
         let _l = lock(run_dir)?;
         let missing = missing(&ipt)?;
         if !missing.is_empty() {
-            ipt.restore(&ensure_payload(network, fam, &nets, &missing))?;
+            let mut exceptions: Vec<IpNet> =
+                all.iter().chain(&nets).filter(|s| family(s) == fam).map(IpNet::trunc).collect();
+            exceptions.sort();
+            exceptions.dedup();
+            ipt.restore(&ensure_payload(network, fam, &exceptions, &missing))?;
         }
     }
     Ok(())

@@ -143,7 +143,26 @@ pub fn route_gateway(dst: &IpNet, gw: Option<IpAddr>, gateways: &[IpAddr]) -> Op
 }
 
 /// Container-side state: addresses, then routes.
-pub fn configure_container(ctr: &mut Rtnl, link: &Link, addrs: &[IpNet], routes: &[RouteSpec]) -> Result<()> {
+pub fn configure_container(
+    ctr: &mut Rtnl,
+    ns: &netns::NetNs,
+    link: &Link,
+    mac: Option<[u8; 6]>,
+    addrs: &[IpNet],
+    routes: &[RouteSpec],
+) -> Result<()> {
+    if let Some(mac) = mac {
+        // Set while the link is still down (a MAC change on an up veth is refused by some drivers).
+        let msg = LinkMessageBuilder::<LinkUnspec>::new().index(link.index).address(mac.to_vec()).build();
+        ctr.link_set(msg, &format!("MAC of {}", link.name))?;
+    }
+    if addrs.iter().any(|a| a.addr().is_ipv6()) {
+        // A runtime may create namespaces with IPv6 disabled by default; an IPv6 address needs it on.
+        let name = format!("net.ipv6.conf.{}.disable_ipv6", link.name);
+        ns.run(|| rtnl::sysctl_ensure(&name, "0"))
+            .and_then(|r| r)
+            .map_err(PluginError::io(format!("sysctl {name} in the container")))?;
+    }
     ctr.link_up(link.index)?;
     for a in addrs {
         ctr.address_add(link.index, *a, true)?;

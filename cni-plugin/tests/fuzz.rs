@@ -3,8 +3,8 @@
 //! well-formed error document with a spec code.
 
 use cni_types::{CniResult, Request};
+use flannel::SubnetEnv;
 use tartan_cni::config::{Need, Plan};
-use tartan_cni::flannel::SubnetEnv;
 
 /// xorshift64*: small, deterministic, good enough to drive mutations.
 struct Rng(u64);

@@ -519,3 +519,56 @@ fn promisc_mode_sets_the_bridge_promiscuous() {
     let link = t.ip_json(&node, &["-d", "link", "show", "cni0"]);
     assert!(link[0]["promiscuity"].as_u64().unwrap() >= 1, "{link}");
 }
+
+/// Addresses and MACs the runtime asks for (podman --ip / --mac-address through runtimeConfig, CNI_ARGS IP=).
+#[test]
+fn requested_addresses_and_mac_are_honoured() {
+    let mut t = OneNode::new("request");
+    let (a, b, c) = (t.pod_ns("a"), t.pod_ns("b"), t.pod_ns("c"));
+    let conf =
+        t.conf("10.109.0.0/24", json!({"runtimeConfig": {"ips": ["10.109.0.50/24"], "mac": "02:00:00:00:00:42"}}));
+    let r = t.add("ctr-a", &a, &conf);
+    assert_eq!(r["ips"][0]["address"], "10.109.0.50/24");
+    assert_eq!(t.ip_json(&a, &["link", "show", "eth0"])[0]["address"], "02:00:00:00:00:42");
+    let plain = t.conf("10.109.0.0/24", json!({}));
+    let node = t.node.ns.clone();
+    let netns = format!("/run/netns/{b}");
+    let path = netns_lab::cni::plugin_path();
+    let env = [
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "ctr-b"),
+        ("CNI_NETNS", netns.as_str()),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_ARGS", "IgnoreUnknown=1;IP=10.109.0.60"),
+        ("CNI_PATH", path.as_str()),
+    ];
+    let rb = netns_lab::cni::exec_raw(&node, &tartan_e2e::tartan(), &env, plain.to_string().as_bytes()).unwrap();
+    assert_eq!(rb.json().unwrap()["ips"][0]["address"], "10.109.0.60/24", "{}", rb.stdout);
+    // Asking for a taken address: code 105, nothing left behind.
+    let taken = t.plugin("ADD", "ctr-c", Some(&c), "eth0", &conf);
+    assert_eq!(taken.error_code(), Some(105), "{}", taken.stdout);
+    assert_eq!(t.ip_files("testnet"), vec!["10.109.0.50", "10.109.0.60"]);
+    assert_eq!(t.links(&c), vec!["lo"]);
+}
+
+/// Chained after another plugin, everything it reported is passed on untouched, fields we do not model included;
+/// a prevResult that is not a result is refused before anything changes.
+#[test]
+fn prev_result_is_passed_on_whole_and_checked_first() {
+    let mut t = OneNode::new("prev");
+    let a = t.pod_ns("a");
+    let prev = json!({"cniVersion": "1.0.0", "interfaces": [{"name": "lo", "sandbox": "/x", "socketPath": "/run/x.sock"}],
+                      "ips": [{"address": "127.0.0.1/8", "interface": 0}], "custom": {"kept": true}});
+    let conf = t.conf("10.110.0.0/24", json!({"cniVersion": "1.0.0", "prevResult": prev}));
+    let r = t.add("ctr-a", &a, &conf);
+    assert_eq!(r["interfaces"][0]["socketPath"], "/run/x.sock");
+    assert_eq!(r["custom"]["kept"], true);
+    assert_eq!(r["interfaces"][3]["name"], "eth0");
+    assert_eq!(r["ips"][1]["interface"], 3);
+    let b = t.pod_ns("b");
+    let bad = t.conf("10.110.0.0/24", json!({"prevResult": {"ips": [{"address": "not-an-address"}]}}));
+    let r = t.plugin("ADD", "ctr-b", Some(&b), "eth0", &bad);
+    assert_eq!(r.error_code(), Some(6), "{}", r.stdout);
+    assert_eq!(t.links(&b), vec!["lo"]);
+    assert_eq!(t.ip_files("testnet").len(), 1);
+}

@@ -25,6 +25,8 @@ pub enum ErrorCode {
     Firewall,
     /// CHECK found the live state differing from prevResult.
     StateMismatch,
+    /// A requested address (CNI_ARGS IP=, runtimeConfig ips) is held by another attachment.
+    AddressTaken,
     /// A code passed through from a delegated plugin.
     Other(u32),
 }
@@ -47,6 +49,7 @@ impl ErrorCode {
             ErrorCode::Kernel => 102,
             ErrorCode::Firewall => 103,
             ErrorCode::StateMismatch => 104,
+            ErrorCode::AddressTaken => 105,
             ErrorCode::Other(c) => c,
         }
     }
@@ -68,6 +71,7 @@ impl ErrorCode {
             ErrorCode::Kernel,
             ErrorCode::Firewall,
             ErrorCode::StateMismatch,
+            ErrorCode::AddressTaken,
         ]
         .into_iter()
         .find(|e| e.code() == c)
@@ -142,7 +146,7 @@ mod tests {
 
     #[test]
     fn codes_round_trip() {
-        for c in [1, 2, 3, 4, 5, 6, 7, 11, 50, 51, 100, 101, 102, 103, 104, 999, 120] {
+        for c in [1, 2, 3, 4, 5, 6, 7, 11, 50, 51, 100, 101, 102, 103, 104, 105, 999, 120] {
             assert_eq!(ErrorCode::from_code(c).code(), c);
         }
     }

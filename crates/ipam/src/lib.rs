@@ -19,6 +19,8 @@ pub enum IpamError {
     InvalidRange(String),
     #[error("no free address left in range set {index} ({ranges})")]
     Exhausted { index: usize, ranges: String },
+    #[error("requested address {0} is already allocated")]
+    Taken(std::net::IpAddr),
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,

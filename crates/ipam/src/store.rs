@@ -153,45 +153,62 @@ impl StoreLock<'_> {
     /// guarantees one ADD per attachment, and the plugin refuses an ADD whose interface exists; an address left by
     /// an ADD that crashed half-way is released by the DEL the runtime sends for it, or by GC.
     pub fn allocate(&self, sets: &[RangeSet], container_id: &str, ifname: &str) -> Result<Vec<Allocation>, IpamError> {
-        let mut taken = self.taken()?;
         let mut out: Vec<Allocation> = Vec::new();
-        let mut created: Vec<IpAddr> = Vec::new();
         for (index, set) in sets.iter().enumerate() {
-            let last = self.last_reserved(index);
-            let mut got = None;
-            for (ip, range) in set.candidates(last) {
-                if taken.contains(&ip) {
-                    continue;
-                }
-                match self.reserve(ip, container_id, ifname) {
-                    Ok(true) => {
-                        got = Some(Allocation { ip, range: range.clone() });
-                        break;
-                    }
-                    // A file appeared since the listing (someone not honouring the lock): try the next one.
-                    Ok(false) => {
-                        taken.insert(ip);
-                    }
-                    Err(e) => {
-                        self.release_ips(&created);
-                        return Err(e);
-                    }
-                }
-            }
-            match got {
-                Some(a) => {
-                    taken.insert(a.ip);
-                    created.push(a.ip);
-                    self.set_last_reserved(index, a.ip)?;
-                    out.push(a);
-                }
-                None => {
-                    self.release_ips(&created);
-                    return Err(IpamError::Exhausted { index, ranges: set.to_string() });
+            match self.allocate_at(index, set, container_id, ifname) {
+                Ok(a) => out.push(a),
+                Err(e) => {
+                    self.release_ips(&out.iter().map(|a| a.ip).collect::<Vec<_>>());
+                    return Err(e);
                 }
             }
         }
         Ok(out)
+    }
+
+    /// One address from range set number `index` (the index names its `last_reserved_ip` file).
+    pub fn allocate_at(
+        &self,
+        index: usize,
+        set: &RangeSet,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<Allocation, IpamError> {
+        let mut taken = self.taken()?;
+        let last = self.last_reserved(index);
+        for (ip, range) in set.candidates(last) {
+            if taken.contains(&ip) {
+                continue;
+            }
+            // false: a file appeared since the listing (someone not honouring the lock): try the next one.
+            if self.reserve(ip, container_id, ifname)? {
+                // Round-robin position only: losing it must not fail the allocation.
+                let _ = self.set_last_reserved(index, ip);
+                return Ok(Allocation { ip, range: range.clone() });
+            }
+            taken.insert(ip);
+        }
+        Err(IpamError::Exhausted { index, ranges: set.to_string() })
+    }
+
+    /// Reserves exactly `ip` (a runtime asked for it: CNI_ARGS `IP=`, runtimeConfig `ips`). Errors if no range of
+    /// `set` holds it, or if it is taken.
+    pub fn allocate_requested(
+        &self,
+        set: &RangeSet,
+        ip: IpAddr,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<Allocation, IpamError> {
+        let range = set
+            .range_of(ip)
+            .filter(|r| r.gateway != ip)
+            .ok_or_else(|| IpamError::InvalidRange(format!("requested address {ip} is not in range set {set}")))?
+            .clone();
+        if !self.reserve(ip, container_id, ifname)? {
+            return Err(IpamError::Taken(ip));
+        }
+        Ok(Allocation { ip, range })
     }
 
     fn reserve(&self, ip: IpAddr, container_id: &str, ifname: &str) -> Result<bool, IpamError> {

@@ -21,7 +21,8 @@ pub use rtnetlink as build;
 use std::io;
 
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_MULTIPART, NLM_F_REQUEST,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_MULTIPART,
+    NLM_F_REQUEST,
 };
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -92,13 +93,29 @@ impl Rtnl {
         Rtnl::new()
     }
 
-    /// Sends one request and collects the messages of its reply (a dump's entries, or nothing for an ACK).
+    /// Sends one request and collects the messages of its reply (a dump's entries, or nothing for an ACK). A dump
+    /// the kernel marks as interrupted (the table changed under it) is run again, a few times at most.
     pub fn request(
         &mut self,
         msg: RouteNetlinkMessage,
         flags: u16,
         op: impl Fn() -> String,
     ) -> Result<Vec<RouteNetlinkMessage>> {
+        for _ in 0..5 {
+            match self.request_once(msg.clone(), flags, &op)? {
+                (replies, false) => return Ok(replies),
+                (_, true) => continue,
+            }
+        }
+        Err(RtnlError::Kernel { op: op(), source: io::Error::from_raw_os_error(libc::EINTR) })
+    }
+
+    fn request_once(
+        &mut self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+        op: &impl Fn() -> String,
+    ) -> Result<(Vec<RouteNetlinkMessage>, bool)> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
         let mut header = NetlinkHeader::default();
@@ -112,6 +129,7 @@ impl Rtnl {
 
         let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
         let mut replies = Vec::new();
+        let mut interrupted = false;
         loop {
             // SAFETY: recv into our own buffer, bounded by its length.
             let n =
@@ -136,18 +154,23 @@ impl Rtnl {
                     continue; // a late reply to an earlier request
                 }
                 let multipart = msg.header.flags & NLM_F_MULTIPART == NLM_F_MULTIPART;
+                interrupted |= msg.header.flags & NLM_F_DUMP_INTR == NLM_F_DUMP_INTR;
                 match msg.payload {
                     NetlinkPayload::Error(e) => {
                         return match e.code {
-                            None => Ok(replies),
+                            None => Ok((replies, interrupted)),
                             Some(_) => Err(RtnlError::Kernel { op: op(), source: e.to_io() }),
                         };
                     }
-                    NetlinkPayload::Done(_) => return Ok(replies),
+                    // A dump can end in an error of its own (e.g. EMSGSIZE): not a complete answer.
+                    NetlinkPayload::Done(d) if d.code < 0 => {
+                        return Err(RtnlError::Kernel { op: op(), source: io::Error::from_raw_os_error(-d.code) });
+                    }
+                    NetlinkPayload::Done(_) => return Ok((replies, interrupted)),
                     NetlinkPayload::InnerMessage(m) => {
                         replies.push(m);
                         if !dump && !multipart && flags & NLM_F_ACK == 0 {
-                            return Ok(replies);
+                            return Ok((replies, interrupted));
                         }
                     }
                     _ => {}

@@ -1,5 +1,8 @@
-//! The subnet.env file flanneld (or tartan-agent) writes.
+//! /run/flannel/subnet.env: what the node agent publishes once the node has its subnet and its routes and rules
+//! are in place; the CNI plugin reads it.
 
+use std::fmt;
+use std::io::Write;
 use std::path::Path;
 
 use ipnet::IpNet;
@@ -76,6 +79,45 @@ impl SubnetEnv {
     }
 }
 
+/// flanneld's layout, line for line.
+impl fmt::Display for SubnetEnv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(n) = self.network {
+            writeln!(f, "FLANNEL_NETWORK={n}")?;
+        }
+        if let Some(s) = self.subnet {
+            writeln!(f, "FLANNEL_SUBNET={s}")?;
+        }
+        if let Some(n) = self.ipv6_network {
+            writeln!(f, "FLANNEL_IPV6_NETWORK={n}")?;
+        }
+        if let Some(s) = self.ipv6_subnet {
+            writeln!(f, "FLANNEL_IPV6_SUBNET={s}")?;
+        }
+        if let Some(m) = self.mtu {
+            writeln!(f, "FLANNEL_MTU={m}")?;
+        }
+        if let Some(m) = self.ipmasq {
+            writeln!(f, "FLANNEL_IPMASQ={m}")?;
+        }
+        Ok(())
+    }
+}
+
+impl SubnetEnv {
+    /// Writes the file atomically (a temporary file in the same directory, then rename), so a reader never sees
+    /// half of it.
+    pub fn write_atomic(&self, path: &Path) -> std::io::Result<()> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("subnet.env")));
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(self.to_string().as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,6 +131,10 @@ mod tests {
         assert_eq!(e.subnet.unwrap().to_string(), "10.244.72.1/24");
         assert_eq!(e.mtu, Some(1450));
         assert_eq!(e.ipmasq, Some(true));
+        assert_eq!(
+            e.to_string(),
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.72.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
+        );
     }
 
     #[test]
