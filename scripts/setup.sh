@@ -6,6 +6,7 @@ set -euo pipefail
 APT_PACKAGES=(
   iproute2 iptables nftables ipset conntrack tcpdump iperf3 ethtool socat
   etcd-server etcd-client containernetworking-plugins hyperfine procps util-linux iputils-ping
+  protobuf-compiler libprotobuf-dev
 )
 
 missing=()

@@ -50,7 +50,8 @@ mod tests {
     use super::*;
 
     fn cfg() -> NetworkConfig {
-        NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","SubnetMax":"10.244.3.0","Backend":{"Type":"host-gw"}}"#).unwrap()
+        NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","SubnetMax":"10.244.3.0","Backend":{"Type":"host-gw"}}"#)
+            .unwrap()
     }
 
     fn attrs(ip: &str) -> LeaseAttrs {

@@ -7,6 +7,7 @@
 //! here touches the root network namespace: links are created inside lab namespaces and moved between them.
 
 pub mod capture;
+pub mod cluster;
 pub mod cni;
 mod state;
 
@@ -165,10 +166,40 @@ impl Lab {
     /// Starts a long-running process inside `ns`, killed (by PID) when the lab goes.
     pub fn spawn(&mut self, ns: &str, argv: &[&str]) -> Result<u32> {
         let (prog, args) = argv.split_first().ok_or_else(|| anyhow!("empty command"))?;
-        let child = self.cmd(ns, prog)?.args(args).stdin(Stdio::null()).spawn()?;
+        let mut cmd = self.cmd(ns, prog)?;
+        cmd.args(args).stdin(Stdio::null());
+        self.spawn_cmd(cmd)
+    }
+
+    /// Starts a prepared command (from [`Lab::cmd`]) and owns it: its PID is recorded so that the lab (or
+    /// `netns-lab down` for a persistent lab) stops it.
+    pub fn spawn_cmd(&mut self, mut cmd: Command) -> Result<u32> {
+        let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
         let pid = child.id();
         self.children.push(child);
+        self.state.processes.push(pid);
+        self.save()?;
         Ok(pid)
+    }
+
+    /// Stops a process the lab started (SIGTERM, then SIGKILL after 3 s) and waits for it.
+    pub fn stop(&mut self, pid: u32) {
+        if let Some(pos) = self.children.iter().position(|c| c.id() == pid) {
+            let mut c = self.children.remove(pos);
+            stop_child(&mut c);
+        } else if self.state.processes.contains(&pid) {
+            // SAFETY: plain kill(2) of a PID this lab recorded as its own.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+        self.state.processes.retain(|p| *p != pid);
+        let _ = self.save();
+    }
+
+    /// Kills a process the lab started, without letting it clean up (a crash).
+    pub fn kill(&mut self, pid: u32) {
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        self.stop(pid);
     }
 
     /// The underlay: a switch namespace with a bridge that node and outside interfaces plug into.
@@ -303,6 +334,11 @@ impl Lab {
             stop_child(c);
         }
         self.children.clear();
+        // A persistent lab's processes outlived the process that started them: stop them by recorded PID.
+        for pid in std::mem::take(&mut self.state.processes) {
+            // SAFETY: plain kill(2) of PIDs this lab recorded as its own.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
         for ns in self.state.namespaces.iter().rev() {
             kill_ns_processes(ns);
             let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();

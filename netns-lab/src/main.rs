@@ -23,6 +23,13 @@ enum Cmd {
         name: String,
         #[arg(long, default_value_t = 1)]
         nodes: usize,
+        /// Run etcd and a tartan-agent per node with this backend (vxlan, host-gw, vxlan-direct, udp); without it,
+        /// each node gets a fixed pod subnet and no agent.
+        #[arg(long)]
+        backend: Option<String>,
+        /// With --backend: put the nodes on two L2 segments joined by a router.
+        #[arg(long, default_value_t = 1)]
+        segments: usize,
     },
     /// Pods: created and deleted through the CNI plugin, as kubelet does.
     Pod {
@@ -76,12 +83,20 @@ enum PodCmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Up { name, nodes } => {
+        Cmd::Up { name, nodes, backend, segments } => {
             if nodes == 0 {
                 bail!("--nodes must be at least 1");
             }
+            if !(1..=2).contains(&segments) {
+                bail!("--segments must be 1 or 2");
+            }
+            let backend = backend.as_deref().map(netns_lab::cluster::Backend::parse).transpose()?;
             let mut lab = Lab::persistent(&name)?;
-            if let Err(e) = lab.build_static(nodes) {
+            let built = match backend {
+                Some(b) => lab.build_cluster(nodes, b, segments),
+                None => lab.build_static(nodes),
+            };
+            if let Err(e) = built {
                 lab.teardown();
                 return Err(e);
             }

@@ -11,6 +11,9 @@ pub struct LabState {
     pub namespaces: Vec<String>,
     pub nodes: Vec<NodeState>,
     pub pods: Vec<PodState>,
+    /// Processes the lab started (etcd, agents), stopped by PID on teardown.
+    #[serde(default)]
+    pub processes: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -9,9 +9,11 @@
 //! without moving the calling thread there for longer than the `socket(2)` call.
 
 mod link;
+mod neighbour;
 mod route;
 
-pub use link::Link;
+pub use link::{Link, VxlanInfo};
+pub use neighbour::Neighbour;
 pub use route::RouteSpec;
 
 pub use netlink_packet_route as packet;

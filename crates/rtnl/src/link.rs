@@ -1,7 +1,7 @@
 use ipnet::IpNet;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
-use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{AddressMessageBuilder, LinkMessageBuilder, LinkUnspec};
 
@@ -20,6 +20,18 @@ pub struct Link {
     pub up: bool,
     /// For a veth, the peer's index (in the peer's namespace).
     pub peer: Option<u32>,
+    /// For a vxlan device, its parameters.
+    pub vxlan: Option<VxlanInfo>,
+}
+
+/// What identifies a vxlan device's tunnel.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VxlanInfo {
+    pub vni: u32,
+    pub port: u16,
+    pub local: Option<std::net::Ipv4Addr>,
+    pub learning: bool,
+    pub dev: Option<u32>,
 }
 
 impl Link {
@@ -33,6 +45,7 @@ impl Link {
             kind: None,
             up: m.header.flags.contains(LinkFlags::Up),
             peer: None,
+            vxlan: None,
         };
         for a in &m.attributes {
             match a {
@@ -43,11 +56,28 @@ impl Link {
                 LinkAttribute::Link(p) => l.peer = Some(*p),
                 LinkAttribute::LinkInfo(infos) => {
                     for i in infos {
-                        if let LinkInfo::Kind(k) = i {
-                            l.kind = Some(match k {
-                                InfoKind::Other(s) => s.clone(),
-                                other => other.to_string(),
-                            });
+                        match i {
+                            LinkInfo::Kind(k) => {
+                                l.kind = Some(match k {
+                                    InfoKind::Other(s) => s.clone(),
+                                    other => other.to_string(),
+                                })
+                            }
+                            LinkInfo::Data(InfoData::Vxlan(v)) => {
+                                let mut x = VxlanInfo::default();
+                                for a in v {
+                                    match a {
+                                        InfoVxlan::Id(id) => x.vni = *id,
+                                        InfoVxlan::Port(p) => x.port = *p,
+                                        InfoVxlan::Local(ip) => x.local = Some(*ip),
+                                        InfoVxlan::Learning(b) => x.learning = *b,
+                                        InfoVxlan::Link(d) => x.dev = Some(*d),
+                                        _ => {}
+                                    }
+                                }
+                                l.vxlan = Some(x);
+                            }
+                            _ => {}
                         }
                     }
                 }

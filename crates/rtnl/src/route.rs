@@ -136,6 +136,24 @@ impl Rtnl {
         self.ack(RouteNetlinkMessage::DelRoute(r.to_msg()), 0, || format!("delete route {}", r.dst))
     }
 
+    /// The route the kernel would use to reach `dst` (`ip route get`).
+    pub fn route_get(&mut self, dst: IpAddr) -> Result<Option<RouteSpec>> {
+        let mut q = RouteMessage::default();
+        let host = IpNet::from(dst);
+        q.header.address_family = family(&host);
+        q.header.destination_prefix_length = host.prefix_len();
+        q.attributes.push(RouteAttribute::Destination(RouteAddress::from(dst)));
+        match self.request(RouteNetlinkMessage::GetRoute(q), 0, || format!("route get {dst}")) {
+            Ok(r) => Ok(r.iter().find_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(rm) => RouteSpec::from_msg(rm),
+                _ => None,
+            })),
+            // ENETUNREACH: no route at all.
+            Err(e) if e.is(libc::ENETUNREACH) || e.is(libc::EHOSTUNREACH) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Unicast routes of the main table (or all tables with `all_tables`) of both families.
     pub fn routes(&mut self, all_tables: bool) -> Result<Vec<RouteSpec>> {
         let mut out = Vec::new();

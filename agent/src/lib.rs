@@ -1,0 +1,9 @@
+//! tartan-agent: a drop-in for flanneld on an etcd datastore.
+
+pub mod acquire;
+pub mod dataplane;
+pub mod external;
+pub mod options;
+pub mod registry;
+pub mod rules;
+pub mod run;

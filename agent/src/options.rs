@@ -1,0 +1,96 @@
+//! flanneld's flags, with the same names, defaults and FLANNELD_* variables, plus the few a test needs.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use clap::{ArgAction, Parser};
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "tartan-agent", version, about = "A drop-in for flanneld on etcd")]
+pub struct Options {
+    #[arg(long, env = "FLANNELD_ETCD_ENDPOINTS", default_value = "http://127.0.0.1:4001,http://127.0.0.1:2379")]
+    pub etcd_endpoints: String,
+    #[arg(long, env = "FLANNELD_ETCD_PREFIX", default_value = flannel::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+    #[arg(long, env = "FLANNELD_ETCD_CAFILE")]
+    pub etcd_cafile: Option<PathBuf>,
+    #[arg(long, env = "FLANNELD_ETCD_CERTFILE")]
+    pub etcd_certfile: Option<PathBuf>,
+    #[arg(long, env = "FLANNELD_ETCD_KEYFILE")]
+    pub etcd_keyfile: Option<PathBuf>,
+    /// Interface (name or address) to use for inter-node traffic; repeatable, the first usable wins.
+    #[arg(long, env = "FLANNELD_IFACE", value_delimiter = ',')]
+    pub iface: Vec<String>,
+    /// Interface name regex; repeatable, after --iface.
+    #[arg(long, env = "FLANNELD_IFACE_REGEX", value_delimiter = ',')]
+    pub iface_regex: Vec<String>,
+    /// The address other nodes reach this one at (default: the interface's).
+    #[arg(long, env = "FLANNELD_PUBLIC_IP")]
+    pub public_ip: Option<Ipv4Addr>,
+    #[arg(long, env = "FLANNELD_SUBNET_FILE", default_value = flannel::DEFAULT_SUBNET_FILE)]
+    pub subnet_file: PathBuf,
+    /// Install masquerade rules for traffic leaving the pod network.
+    #[arg(long, env = "FLANNELD_IP_MASQ", action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          default_value = "false")]
+    pub ip_masq: bool,
+    /// Minutes before the lease expires to renew it (1-1439).
+    #[arg(long, env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=1439))]
+    pub subnet_lease_renew_margin: u64,
+    /// Seconds between resyncs of the iptables rules.
+    #[arg(long, env = "FLANNELD_IPTABLES_RESYNC", default_value_t = 5)]
+    pub iptables_resync: u64,
+    #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
+    pub healthz_ip: String,
+    /// 0 disables /healthz and /readyz.
+    #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
+    pub healthz_port: u16,
+
+    // --- not in flanneld: where node-local state lives, and what tests shorten ---
+    /// Persistent state (the VtepMAC).
+    #[arg(long, env = "TARTAN_STATE_DIR", default_value = "/var/lib/tartan")]
+    pub state_dir: PathBuf,
+    /// Lease TTL in seconds (flanneld: 24 h).
+    #[arg(long, env = "TARTAN_LEASE_TTL", default_value_t = 86_400)]
+    pub lease_ttl: u64,
+    /// Seconds between full resyncs of routes, neighbours and FDB entries.
+    #[arg(long, env = "TARTAN_ROUTE_RESYNC", default_value_t = 10)]
+    pub route_resync: u64,
+}
+
+/// flanneld is a Go program: its users write `-etcd-endpoints=...` as often as `--etcd-endpoints=...`.
+pub fn normalize_args(args: impl Iterator<Item = String>) -> Vec<String> {
+    args.enumerate()
+        .map(
+            |(i, a)| {
+                if i > 0 && a.starts_with('-') && !a.starts_with("--") && a.len() > 2 {
+                    format!("-{a}")
+                } else {
+                    a
+                }
+            },
+        )
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flanneld_command_lines_parse() {
+        let argv = normalize_args(
+            ["tartan-agent", "-etcd-endpoints=http://198.18.0.100:2379", "--ip-masq", "-iface=eth0", "--iface", "eth1"]
+                .into_iter()
+                .map(String::from),
+        );
+        let o = Options::try_parse_from(argv).unwrap();
+        assert_eq!(o.etcd_endpoints, "http://198.18.0.100:2379");
+        assert!(o.ip_masq);
+        assert_eq!(o.iface, vec!["eth0", "eth1"]);
+        assert_eq!(o.subnet_lease_renew_margin, 60);
+        assert!(Options::try_parse_from(["x", "--subnet-lease-renew-margin", "1440"]).is_err());
+        let o = Options::try_parse_from(["x", "--ip-masq=false"]).unwrap();
+        assert!(!o.ip_masq);
+    }
+}

@@ -1,0 +1,129 @@
+//! The etcd side: flanneld's keys under `--etcd-prefix`, one etcd lease (TTL) per subnet lease, creation guarded by
+//! `Version(key) == 0` so two nodes can never hold one subnet, and a watch that resumes from a revision and
+//! re-lists when that revision was compacted away.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+    WatchStream,
+};
+use flannel::{LeaseAttrs, LeaseKey};
+
+pub type Leases = BTreeMap<LeaseKey, LeaseAttrs>;
+
+pub struct Registry {
+    client: Client,
+    prefix: String,
+}
+
+/// What a watch reported.
+pub enum Change {
+    Put(LeaseKey, LeaseAttrs),
+    Delete(LeaseKey),
+    /// The watch's revision was compacted: the caller must re-list.
+    Resync,
+}
+
+impl Registry {
+    pub async fn connect(endpoints: &str, prefix: &str) -> Result<Registry> {
+        let eps: Vec<&str> = endpoints.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
+        let client =
+            Client::connect(eps, Some(opts)).await.with_context(|| format!("connecting to etcd at {endpoints}"))?;
+        Ok(Registry { client, prefix: prefix.trim_end_matches('/').to_string() })
+    }
+
+    fn subnets_prefix(&self) -> String {
+        format!("{}/subnets/", self.prefix)
+    }
+
+    fn key(&self, k: &LeaseKey) -> String {
+        format!("{}{k}", self.subnets_prefix())
+    }
+
+    /// `<prefix>/config`, if set.
+    pub async fn config(&mut self) -> Result<Option<String>> {
+        let r = self.client.get(format!("{}/config", self.prefix), None).await?;
+        Ok(r.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+    }
+
+    /// Every lease, and the revision the listing is as of. Entries that are not leases are skipped.
+    pub async fn leases(&mut self) -> Result<(Leases, i64)> {
+        let r = self.client.get(self.subnets_prefix(), Some(GetOptions::new().with_prefix())).await?;
+        let rev = r.header().map(|h| h.revision()).unwrap_or(0);
+        let mut out = Leases::new();
+        for kv in r.kvs() {
+            if let Some((k, a)) = self.parse(kv.key(), kv.value()) {
+                out.insert(k, a);
+            }
+        }
+        Ok((out, rev))
+    }
+
+    fn parse(&self, key: &[u8], value: &[u8]) -> Option<(LeaseKey, LeaseAttrs)> {
+        let key = std::str::from_utf8(key).ok()?.strip_prefix(&self.subnets_prefix())?;
+        Some((key.parse().ok()?, serde_json::from_slice(value).ok()?))
+    }
+
+    /// Creates the lease if nobody holds that subnet. Ok(false): lost the race.
+    pub async fn create(&mut self, k: &LeaseKey, attrs: &LeaseAttrs, ttl: u64) -> Result<bool> {
+        let lease = self.client.lease_grant(ttl as i64, None).await?.id();
+        let key = self.key(k);
+        let value = serde_json::to_string(attrs)?;
+        let txn = Txn::new().when(vec![Compare::version(key.clone(), CompareOp::Equal, 0)]).and_then(vec![TxnOp::put(
+            key,
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )]);
+        let ok = self.client.txn(txn).await?.succeeded();
+        if !ok {
+            let _ = self.client.lease_revoke(lease).await;
+        }
+        Ok(ok)
+    }
+
+    /// Renews our lease: a fresh TTL and our current attributes (flanneld re-puts the key with a new etcd lease).
+    pub async fn renew(&mut self, k: &LeaseKey, attrs: &LeaseAttrs, ttl: u64) -> Result<()> {
+        let lease = self.client.lease_grant(ttl as i64, None).await?.id();
+        self.client.put(self.key(k), serde_json::to_string(attrs)?, Some(PutOptions::new().with_lease(lease))).await?;
+        Ok(())
+    }
+
+    /// Changes under the subnets prefix after `revision`.
+    pub async fn watch(&mut self, revision: i64) -> Result<WatchStream> {
+        let opts = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
+        Ok(self.client.watch(self.subnets_prefix(), Some(opts)).await?)
+    }
+
+    /// Reads the next batch of a watch.
+    pub async fn next(&self, stream: &mut WatchStream) -> Result<Vec<Change>> {
+        let resp = stream.message().await?.ok_or_else(|| anyhow!("etcd closed the watch"))?;
+        if resp.compact_revision() > 0 || resp.canceled() {
+            return Ok(vec![Change::Resync]);
+        }
+        let mut out = Vec::new();
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            match ev.event_type() {
+                EventType::Put => {
+                    if let Some((k, a)) = self.parse(kv.key(), kv.value()) {
+                        out.push(Change::Put(k, a));
+                    }
+                }
+                EventType::Delete => {
+                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    if let Some(k) = key.strip_prefix(&self.subnets_prefix()).and_then(|s| s.parse().ok()) {
+                        out.push(Change::Delete(k));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}

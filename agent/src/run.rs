@@ -1,0 +1,376 @@
+//! The agent's life: find the external interface, wait for a valid network config, acquire the lease, program
+//! the backend and the rules, publish subnet.env, then keep everything true: renew the lease, follow the other
+//! leases through a watch, resync the kernel state and the rules periodically. A normal stop removes nothing, so a
+//! restart does not interrupt pod traffic.
+
+use std::net::Ipv4Addr;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use flannel::{LeaseAttrs, LeaseKey, NetworkConfig, SubnetEnv};
+use ipnet::{IpNet, Ipv4Net};
+
+use crate::acquire::{choose, Choice};
+use crate::dataplane::{Dataplane, Report};
+use crate::options::Options;
+use crate::registry::{Change, Leases, Registry};
+
+/// What /healthz and /readyz report.
+#[derive(Debug, Default, Clone)]
+pub struct Health {
+    pub ready: bool,
+    pub lease: Option<String>,
+    pub unreachable: Vec<String>,
+    pub last_error: Option<String>,
+}
+
+pub type SharedHealth = Arc<Mutex<Health>>;
+
+fn log(msg: impl AsRef<str>) {
+    eprintln!("tartan-agent: {}", msg.as_ref());
+}
+
+/// Commands for the dataplane thread.
+enum Cmd {
+    Apply { own: LeaseKey, leases: Leases, reply: Option<mpsc::Sender<Result<Report>>> },
+}
+
+/// The dataplane thread: applies every new lease set, and re-applies the last one every `resync` to repair drift.
+fn spawn_dataplane(mut dp: Dataplane, resync: Duration, health: SharedHealth) -> mpsc::Sender<Cmd> {
+    let (tx, rx) = mpsc::channel::<Cmd>();
+    std::thread::Builder::new()
+        .name("dataplane".into())
+        .spawn(move || {
+            let mut last: Option<(LeaseKey, Leases)> = None;
+            loop {
+                let cmd = match rx.recv_timeout(resync) {
+                    Ok(c) => Some(c),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                };
+                let reply = match cmd {
+                    Some(Cmd::Apply { own, leases, reply }) => {
+                        last = Some((own, leases));
+                        reply
+                    }
+                    None => None,
+                };
+                let Some((own, leases)) = &last else { continue };
+                let res = dp.ensure_device(&own.subnet).and_then(|c| {
+                    let mut r = dp.reconcile(own, leases)?;
+                    r.changes += c;
+                    Ok(r)
+                });
+                {
+                    let mut h = health.lock().unwrap();
+                    match &res {
+                        Ok(r) => {
+                            h.unreachable = r
+                                .unreachable
+                                .iter()
+                                .map(|(k, ip)| format!("{k} via {ip} is not on this L2 segment"))
+                                .collect();
+                            if !r.unreachable.is_empty() && reply.is_some() {
+                                for u in &h.unreachable {
+                                    log(format!("host-gw: {u}; not routed"));
+                                }
+                            }
+                        }
+                        Err(e) => h.last_error = Some(format!("{e:#}")),
+                    }
+                }
+                if let Err(e) = &res {
+                    log(format!("dataplane: {e:#}"));
+                }
+                if let Some(r) = reply {
+                    let _ = r.send(res);
+                }
+            }
+        })
+        .expect("spawn dataplane thread");
+    tx
+}
+
+fn apply(tx: &mpsc::Sender<Cmd>, own: LeaseKey, leases: &Leases) -> Result<Report> {
+    let (rtx, rrx) = mpsc::channel();
+    tx.send(Cmd::Apply { own, leases: leases.clone(), reply: Some(rtx) }).context("dataplane thread gone")?;
+    rrx.recv().context("dataplane thread gone")?
+}
+
+async fn connect(opts: &Options) -> Registry {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match Registry::connect(&opts.etcd_endpoints, &opts.etcd_prefix).await {
+            Ok(r) => return r,
+            Err(e) => {
+                log(format!("{e:#}; retrying"));
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Waits for `<prefix>/config` to hold a valid config, saying precisely what is wrong meanwhile.
+async fn wait_config(reg: &mut Registry, opts: &Options, health: &SharedHealth) -> NetworkConfig {
+    let mut last_msg = String::new();
+    loop {
+        let msg = match reg.config().await {
+            Ok(Some(text)) => match NetworkConfig::parse(&text) {
+                Ok(c) => return c,
+                Err(e) => format!("{e} (at {}/config); waiting for a valid one", opts.etcd_prefix),
+            },
+            Ok(None) => format!("no network config at {}/config yet; waiting", opts.etcd_prefix),
+            Err(e) => format!("reading the network config: {e:#}"),
+        };
+        if msg != last_msg {
+            log(&msg);
+            health.lock().unwrap().last_error = Some(msg.clone());
+            last_msg = msg;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// flanneld's acquire: up to 10 attempts against races; an exhausted pool is reported and retried.
+async fn acquire(
+    reg: &mut Registry,
+    cfg: &NetworkConfig,
+    attrs: &LeaseAttrs,
+    previous: Option<Ipv4Net>,
+    ttl: u64,
+) -> Result<LeaseKey> {
+    loop {
+        for _ in 0..10 {
+            let (leases, _) = reg.leases().await?;
+            let choice = choose(cfg, &leases, attrs.public_ip, previous, &mut rand::rng());
+            match choice {
+                Choice::Reuse(k) => {
+                    reg.renew(&k, attrs, ttl).await?;
+                    return Ok(k);
+                }
+                Choice::Take(subnet) => {
+                    let k = LeaseKey { subnet, ipv6_subnet: None };
+                    if reg.create(&k, attrs, ttl).await? {
+                        return Ok(k);
+                    }
+                    // Another node took it between our listing and our transaction: list again.
+                }
+                Choice::Exhausted => break,
+            }
+        }
+        log(format!(
+            "no free subnet between {} and {} (/{}): every one is leased; retrying",
+            cfg.subnet_min, cfg.subnet_max, cfg.subnet_len
+        ));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
+    let mut rt = rtnl::Rtnl::new()?;
+    let ext = crate::external::find(&mut rt, &opts)?;
+    drop(rt);
+    log(format!("using interface {} ({}), public IP {}", ext.name, ext.ip, ext.public_ip));
+
+    let mut reg = connect(&opts).await;
+    let cfg = wait_config(&mut reg, &opts, &health).await;
+    let network = cfg.network.context("IPv4 is disabled; IPv6-only networks are not supported yet")?;
+    let dp = Dataplane::new(ext.clone(), cfg.backend.clone(), network, &opts.state_dir)?;
+    let mtu = dp.mtu();
+    let attrs = LeaseAttrs {
+        public_ip: ext.public_ip,
+        public_ipv6: None,
+        backend_type: cfg.backend.kind.as_str().to_string(),
+        backend_data: dp.backend_data(),
+        backend_v6_data: None,
+    };
+    let previous = SubnetEnv::load(&opts.subnet_file).ok().and_then(|e| match e.subnet {
+        Some(IpNet::V4(s)) => Some(s),
+        _ => None,
+    });
+    let own = acquire(&mut reg, &cfg, &attrs, previous, opts.lease_ttl).await?;
+    log(format!("acquired lease {own}"));
+    health.lock().unwrap().lease = Some(own.to_string());
+
+    let dp_tx = spawn_dataplane(dp, Duration::from_secs(opts.route_resync.max(1)), health.clone());
+    let (mut leases, mut revision) = reg.leases().await?;
+    apply(&dp_tx, own, &leases)?;
+    crate::rules::sync(network, own.subnet, opts.ip_masq).context("installing the FLANNEL-* rules")?;
+
+    // Only now, with routes and rules in place, may pods be wired.
+    let first =
+        IpNet::new(std::net::IpAddr::V4(Ipv4Addr::from(u32::from(own.subnet.network()) + 1)), own.subnet.prefix_len())?;
+    let env = SubnetEnv {
+        network: Some(IpNet::V4(network)),
+        subnet: Some(first),
+        ipv6_network: None,
+        ipv6_subnet: None,
+        mtu: Some(mtu),
+        ipmasq: Some(opts.ip_masq),
+    };
+    env.write_atomic(&opts.subnet_file).with_context(|| format!("writing {}", opts.subnet_file.display()))?;
+    {
+        let mut h = health.lock().unwrap();
+        h.ready = true;
+        h.last_error = None;
+    }
+    log(format!("wrote {}", opts.subnet_file.display()));
+
+    // The rules: resynced every --iptables-resync seconds (someone may flush them).
+    let resync = Duration::from_secs(opts.iptables_resync.max(1));
+    let masq = opts.ip_masq;
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(resync).await;
+            let r = tokio::task::spawn_blocking(move || crate::rules::sync(network, own.subnet, masq)).await;
+            if let Ok(Err(e)) = r {
+                log(format!("iptables resync: {e}"));
+            }
+        }
+    });
+
+    // Renewal: at expiry minus the margin; a failure is retried every minute (sooner with short test TTLs).
+    let ttl = opts.lease_ttl;
+    let margin = opts.subnet_lease_renew_margin * 60;
+    let renew_after = Duration::from_secs(if margin < ttl { ttl - margin } else { (ttl / 2).max(1) });
+    let retry = Duration::from_secs((ttl / 10).clamp(1, 60));
+    let (endpoints, prefix) = (opts.etcd_endpoints.clone(), opts.etcd_prefix.clone());
+    let renew_attrs = attrs.clone();
+    tokio::spawn(async move {
+        let mut wait = renew_after;
+        loop {
+            tokio::time::sleep(wait).await;
+            let res = async {
+                let mut r = Registry::connect(&endpoints, &prefix).await?;
+                r.renew(&own, &renew_attrs, ttl).await
+            }
+            .await;
+            wait = match res {
+                Ok(()) => renew_after,
+                Err(e) => {
+                    log(format!("lease renewal failed: {e:#}; retrying in {}s", retry.as_secs()));
+                    retry
+                }
+            };
+        }
+    });
+
+    // Follow the other leases.
+    loop {
+        let mut stream = match reg.watch(revision).await {
+            Ok(s) => s,
+            Err(e) => {
+                log(format!("watch: {e:#}; reconnecting"));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                reg = connect(&opts).await;
+                match reg.leases().await {
+                    Ok((l, rev)) => {
+                        leases = l;
+                        revision = rev;
+                        let _ = dp_tx.send(Cmd::Apply { own, leases: leases.clone(), reply: None });
+                    }
+                    Err(e) => log(format!("listing leases: {e:#}")),
+                }
+                continue;
+            }
+        };
+        loop {
+            let changes = match reg.next(&mut stream).await {
+                Ok(c) => c,
+                Err(e) => {
+                    log(format!("watch ended: {e:#}"));
+                    break;
+                }
+            };
+            let mut changed = false;
+            let mut resync = false;
+            for c in changes {
+                match c {
+                    Change::Put(k, a) => {
+                        changed |= leases.get(&k) != Some(&a);
+                        leases.insert(k, a);
+                    }
+                    Change::Delete(k) => {
+                        changed |= leases.remove(&k).is_some();
+                        if k == own {
+                            lease_revoked(&mut reg, &own, &attrs, opts.lease_ttl).await?;
+                            leases.insert(own, attrs.clone());
+                        }
+                    }
+                    Change::Resync => resync = true,
+                }
+            }
+            if resync {
+                log("watch revision compacted; re-listing leases");
+                let (l, rev) = reg.leases().await?;
+                leases = l;
+                revision = rev;
+                let _ = dp_tx.send(Cmd::Apply { own, leases: leases.clone(), reply: None });
+                break;
+            }
+            if changed {
+                let _ = dp_tx.send(Cmd::Apply { own, leases: leases.clone(), reply: None });
+            }
+        }
+        // Resume after whatever we have seen: a fresh listing gives the revision.
+        if let Ok((l, rev)) = reg.leases().await {
+            if l != leases {
+                leases = l;
+                let _ = dp_tx.send(Cmd::Apply { own, leases: leases.clone(), reply: None });
+            }
+            revision = rev;
+        }
+    }
+}
+
+/// Our lease was deleted by someone else: take it back if the subnet is still free, else stop (flanneld's
+/// "Lease has been revoked").
+async fn lease_revoked(reg: &mut Registry, own: &LeaseKey, attrs: &LeaseAttrs, ttl: u64) -> Result<()> {
+    log(format!("lease {own} has been revoked"));
+    if reg.create(own, attrs, ttl).await? {
+        log(format!("re-acquired lease {own}"));
+        Ok(())
+    } else {
+        bail!("lease {own} has been revoked and another node holds the subnet now; exiting")
+    }
+}
+
+/// Serves /healthz (alive, with details) and /readyz (200 once subnet.env is written).
+pub async fn serve_health(addr: std::net::SocketAddr, health: SharedHealth) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    loop {
+        let (mut sock, _) = listener.accept().await?;
+        let health = health.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = sock.read(&mut buf).await.unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let path = req.split_whitespace().nth(1).unwrap_or("/");
+            let h = health.lock().unwrap().clone();
+            let (code, body) = match path {
+                "/healthz" => (
+                    200,
+                    serde_json::json!({"ready": h.ready, "lease": h.lease, "unreachable": h.unreachable, "lastError": h.last_error}),
+                ),
+                "/readyz" if h.ready => (200, serde_json::json!({"ready": true})),
+                "/readyz" => (503, serde_json::json!({"ready": false, "lastError": h.last_error})),
+                _ => (404, serde_json::json!({"error": "not found"})),
+            };
+            let body = body.to_string();
+            let status = match code {
+                200 => "OK",
+                503 => "Service Unavailable",
+                _ => "Not Found",
+            };
+            let resp = format!(
+                "HTTP/1.1 {code} {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+        });
+    }
+}

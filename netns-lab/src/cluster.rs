@@ -1,0 +1,236 @@
+//! Multi-node labs: a real etcd (Debian's etcd-server) in a control namespace on the underlay, the network config
+//! in flannel's format, one `tartan-agent` per node, and pods wired by `tartan` in flannel mode.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+use serde_json::{json, Value};
+
+use crate::{ip, wait_for, Lab, NodeState};
+
+/// Where the lab's etcd listens (inside its control namespace, on the underlay).
+pub const ETCD_IP: &str = "198.18.0.100";
+pub const ETCD_URL: &str = "http://198.18.0.100:2379";
+/// The router between underlay segments, on each of them.
+pub const ROUTER_SUFFIX: u8 = 253;
+
+/// The backends a lab can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Vxlan,
+    HostGw,
+    VxlanDirect,
+    Udp,
+}
+
+impl Backend {
+    pub fn parse(s: &str) -> Result<Backend> {
+        Ok(match s {
+            "vxlan" => Backend::Vxlan,
+            "host-gw" => Backend::HostGw,
+            "vxlan-direct" => Backend::VxlanDirect,
+            "udp" => Backend::Udp,
+            _ => bail!("backend {s:?}: one of vxlan, host-gw, vxlan-direct, udp"),
+        })
+    }
+
+    /// The `<prefix>/config` document.
+    pub fn network_config(self) -> Value {
+        let backend = match self {
+            Backend::Vxlan => json!({"Type": "vxlan"}),
+            Backend::HostGw => json!({"Type": "host-gw"}),
+            Backend::VxlanDirect => json!({"Type": "vxlan", "DirectRouting": true}),
+            Backend::Udp => json!({"Type": "udp"}),
+        };
+        json!({"Network": "10.244.0.0/16", "Backend": backend})
+    }
+}
+
+/// Where the `tartan-agent` binary is.
+pub fn agent_bin() -> PathBuf {
+    crate::cni::tartan_bin_dir().join("tartan-agent")
+}
+
+/// The conflist a node uses with an agent: flannel mode (the subnet comes from the node's subnet.env).
+pub fn flannel_conflist(node: &NodeState) -> Value {
+    json!({
+        "cniVersion": "1.1.0",
+        "name": "cbr0",
+        "plugins": [{
+            "type": "tartan",
+            "subnetFile": node.root.join("run/flannel/subnet.env"),
+            "runDir": node.root.join("run/tartan"),
+            "hairpinMode": true,
+            "isDefaultGateway": true,
+            "ipam": {"type": "host-local", "dataDir": node.root.join("var/lib/cni/networks")}
+        }]
+    })
+}
+
+impl Lab {
+    /// Starts etcd in the control namespace and waits until it answers.
+    pub fn start_etcd(&mut self) -> Result<String> {
+        let ns = self.add_ns("etcd")?;
+        self.plug_underlay(&ns, "p-etcd", ETCD_IP)?;
+        let data = self.dir().join("etcd");
+        let data_s = data.display().to_string();
+        let log = std::fs::File::create(self.dir().join("etcd.log"))?;
+        let mut cmd = self.cmd(&ns, "etcd")?;
+        cmd.args([
+            "--name",
+            "lab",
+            "--data-dir",
+            &data_s,
+            "--listen-client-urls",
+            &format!("{ETCD_URL},http://127.0.0.1:2379"),
+            "--advertise-client-urls",
+            ETCD_URL,
+            "--listen-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-cluster",
+            "lab=http://127.0.0.1:2380",
+        ])
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .stdin(std::process::Stdio::null());
+        self.spawn_cmd(cmd)?;
+        let ok = wait_for(Duration::from_secs(15), || {
+            // etcdctl 3.4 prints the verdict on stderr; its exit status is what counts.
+            self.etcdctl(&["endpoint", "health"]).is_ok()
+        });
+        if !ok {
+            bail!("etcd did not become healthy; see {}", self.dir().join("etcd.log").display());
+        }
+        Ok(ns)
+    }
+
+    /// `etcdctl` (v3 API) against the lab's etcd, run inside its namespace; returns stdout.
+    pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
+        let ns = self.ns_name("etcd");
+        let out = self
+            .cmd(&ns, "etcdctl")?
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", "http://127.0.0.1:2379"])
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!("etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Writes `<prefix>/config`.
+    pub fn put_network_config(&self, config: &Value) -> Result<()> {
+        self.etcdctl(&["put", "/coreos.com/network/config", &config.to_string()])?;
+        Ok(())
+    }
+
+    /// Starts `tartan-agent` on a node with the node's own directories (and `extra` flags); returns its PID.
+    pub fn start_agent(&mut self, node: &str, extra: &[&str]) -> Result<u32> {
+        let n = self.node(node)?.clone();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(n.root.join("agent.log"))?;
+        let mut cmd = self.cmd(&n.ns, agent_bin())?;
+        cmd.args(["--etcd-endpoints", ETCD_URL, "--iface", "eth0", "--ip-masq"])
+            .arg("--subnet-file")
+            .arg(n.root.join("run/flannel/subnet.env"))
+            .arg("--state-dir")
+            .arg(n.root.join("var/lib/tartan"))
+            .args(["--route-resync", "1", "--iptables-resync", "2"])
+            .args(extra)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(std::process::Stdio::null());
+        self.spawn_cmd(cmd)
+    }
+
+    /// Waits for the node's subnet.env.
+    pub fn wait_subnet_env(&self, node: &str, timeout: Duration) -> Result<String> {
+        let path = self.node(node)?.root.join("run/flannel/subnet.env");
+        if !wait_for(timeout, || path.exists()) {
+            let log = std::fs::read_to_string(self.node(node)?.root.join("agent.log")).unwrap_or_default();
+            bail!("{} did not appear within {timeout:?}; agent log:\n{log}", path.display());
+        }
+        Ok(std::fs::read_to_string(path)?)
+    }
+
+    /// A second underlay segment (198.18.1.0/24) and a router namespace joining it to the first.
+    pub fn add_segment(&mut self) -> Result<()> {
+        let sw2 = self.add_ns("sw2")?;
+        ip(&["-n", &sw2, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &sw2, "link", "set", "br0", "up"])?;
+        let r = self.add_ns("router")?;
+        let sw = self.ensure_underlay()?;
+        self.veth(&sw, "p-router", &r, "eth0")?;
+        ip(&["-n", &sw, "link", "set", "p-router", "master", "br0"])?;
+        ip(&["-n", &r, "addr", "add", &format!("198.18.0.{ROUTER_SUFFIX}/24"), "dev", "eth0"])?;
+        self.veth(&sw2, "p-router", &r, "eth1")?;
+        ip(&["-n", &sw2, "link", "set", "p-router", "master", "br0"])?;
+        ip(&["-n", &r, "addr", "add", &format!("198.18.1.{ROUTER_SUFFIX}/24"), "dev", "eth1"])?;
+        self.exec(&r, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        Ok(())
+    }
+
+    /// A node on the second segment (198.18.1.x), routed to the first through the router.
+    pub fn add_node_on_segment2(&mut self, name: &str) -> Result<NodeState> {
+        let index = self.state.nodes.len() + 1;
+        let ns = self.add_ns(&format!("n-{name}"))?;
+        let sw2 = self.ns_name("sw2");
+        self.veth(&sw2, &format!("p-{name}"), &ns, "eth0")?;
+        ip(&["-n", &sw2, "link", "set", &format!("p-{name}"), "master", "br0"])?;
+        let addr = format!("198.18.1.{index}");
+        ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        ip(&["-n", &ns, "route", "add", "198.18.0.0/24", "via", &format!("198.18.1.{ROUTER_SUFFIX}")])?;
+        let root = self.dir().join("nodes").join(name);
+        for d in ["etc/cni/net.d", "var/lib/cni/networks", "run/flannel", "run/tartan", "var/lib/tartan"] {
+            std::fs::create_dir_all(root.join(d))?;
+        }
+        let node = NodeState { name: name.into(), ns, underlay_ip: addr, root };
+        self.state.nodes.push(node.clone());
+        self.save()?;
+        Ok(node)
+    }
+
+    /// The cluster of issue 3: etcd, `nodes` nodes (split over two segments with `segments == 2`), the network
+    /// config for `backend`, an agent per node, subnet.env on each, the flannel-mode CNI config, an outside host.
+    pub fn build_cluster(&mut self, nodes: usize, backend: Backend, segments: usize) -> Result<()> {
+        self.ensure_underlay()?;
+        self.start_etcd()?;
+        self.put_network_config(&backend.network_config())?;
+        if segments > 1 {
+            self.add_segment()?;
+        }
+        for i in 1..=nodes {
+            let name = format!("n{i}");
+            let second = segments > 1 && i > nodes.div_ceil(2);
+            let node = if second { self.add_node_on_segment2(&name)? } else { self.add_node(&name)? };
+            if segments > 1 && !second {
+                ip(&["-n", &node.ns, "route", "add", "198.18.1.0/24", "via", &format!("198.18.0.{ROUTER_SUFFIX}")])?;
+            }
+            self.write_cni_config(&name, &flannel_conflist(&node))?;
+            self.start_agent(&name, &[])?;
+        }
+        for i in 1..=nodes {
+            self.wait_subnet_env(&format!("n{i}"), Duration::from_secs(20))?;
+        }
+        if !self.state.namespaces.contains(&self.ns_name("outside")) {
+            self.add_outside()?;
+        }
+        Ok(())
+    }
+
+    /// The route table of a node, as `ip -j route` JSON.
+    pub fn routes(&self, node: &str) -> Result<Value> {
+        let ns = self.node(node)?.ns.clone();
+        let out = self.exec(&ns, &["ip", "-j", "route", "show"])?;
+        serde_json::from_slice(&out.stdout).map_err(|e| anyhow!("ip -j route: {e}"))
+    }
+}
+
+/// Whether `pid` is alive.
+pub fn alive(pid: u32) -> bool {
+    Command::new("kill").args(["-0", &pid.to_string()]).status().map(|s| s.success()).unwrap_or(false)
+}
