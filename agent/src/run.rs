@@ -67,15 +67,17 @@ fn spawn_dataplane(mut dp: Dataplane, resync: Duration, health: SharedHealth) ->
                     let mut h = health.lock().unwrap();
                     match &res {
                         Ok(r) => {
-                            h.unreachable = r
+                            let now: Vec<String> = r
                                 .unreachable
                                 .iter()
                                 .map(|(k, ip)| format!("{k} via {ip} is not on this L2 segment"))
                                 .collect();
-                            if !r.unreachable.is_empty() && reply.is_some() {
-                                for u in &h.unreachable {
+                            // Said once per change, not every resync.
+                            if now != h.unreachable {
+                                for u in now.iter().filter(|u| !h.unreachable.contains(u)) {
                                     log(format!("host-gw: {u}; not routed"));
                                 }
+                                h.unreachable = now;
                             }
                         }
                         Err(e) => h.last_error = Some(format!("{e:#}")),

@@ -171,6 +171,11 @@ impl Lab {
         ip(&["-n", &sw2, "link", "set", "p-router", "master", "br0"])?;
         ip(&["-n", &r, "addr", "add", &format!("198.18.1.{ROUTER_SUFFIX}/24"), "dev", "eth1"])?;
         self.exec(&r, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        // Hosts already on segment A (etcd) learn the way to segment B.
+        let etcd = self.ns_name("etcd");
+        if self.state.namespaces.contains(&etcd) {
+            ip(&["-n", &etcd, "route", "add", "198.18.1.0/24", "via", &format!("198.18.0.{ROUTER_SUFFIX}")])?;
+        }
         Ok(())
     }
 
@@ -217,7 +222,10 @@ impl Lab {
             self.wait_subnet_env(&format!("n{i}"), Duration::from_secs(20))?;
         }
         if !self.state.namespaces.contains(&self.ns_name("outside")) {
-            self.add_outside()?;
+            let outside = self.add_outside()?;
+            if segments > 1 {
+                ip(&["-n", &outside, "route", "add", "198.18.1.0/24", "via", &format!("198.18.0.{ROUTER_SUFFIX}")])?;
+            }
         }
         Ok(())
     }

@@ -1,0 +1,265 @@
+//! tartan-agent in lab clusters: real etcd, real agents, pods wired by `tartan` in flannel mode, and captures on
+//! the underlay proving which path packets took.
+
+use std::time::{Duration, Instant};
+
+use netns_lab::cluster::Backend;
+use netns_lab::{wait_for, Lab};
+
+struct Cluster {
+    lab: Lab,
+}
+
+impl Cluster {
+    fn new(tag: &str, nodes: usize, backend: Backend, segments: usize) -> Cluster {
+        let mut lab = Lab::new(tag).expect("lab");
+        lab.build_cluster(nodes, backend, segments).expect("cluster");
+        Cluster { lab }
+    }
+
+    /// One pod per listed node; returns their IPs.
+    fn pods(&mut self, nodes: &[&str]) -> Vec<String> {
+        nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let r = self.lab.add_pod(n, &format!("p{i}"), "default").expect("pod");
+                r["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().to_string()
+            })
+            .collect()
+    }
+
+    fn pod_ns(&self, i: usize) -> String {
+        self.lab.pod(&format!("p{i}")).unwrap().ns.clone()
+    }
+
+    fn node_ns(&self, n: &str) -> String {
+        self.lab.node(n).unwrap().ns.clone()
+    }
+
+    /// What a ping from pod `from` to `to` looks like on `node`'s underlay interface.
+    fn wire(&mut self, node: &str, from: usize, to: &str, filter: &str) -> Vec<String> {
+        let ns = self.node_ns(node);
+        let cap = netns_lab::Capture::start_with(&ns, "eth0", &["-v"], filter).unwrap();
+        assert!(self.lab.ping(&self.pod_ns(from), to).unwrap(), "ping {to}");
+        cap.stop().unwrap()
+    }
+
+    fn agent_log(&self, node: &str) -> String {
+        std::fs::read_to_string(self.lab.node(node).unwrap().root.join("agent.log")).unwrap_or_default()
+    }
+
+    fn subnet_of(&self, node: &str) -> String {
+        let env = std::fs::read_to_string(self.lab.node(node).unwrap().root.join("run/flannel/subnet.env")).unwrap();
+        let s = env.lines().find_map(|l| l.strip_prefix("FLANNEL_SUBNET=")).unwrap().to_string();
+        // 10.244.7.1/24 -> 10.244.7.0/24
+        let (ip, len) = s.split_once('/').unwrap();
+        let mut o: Vec<u8> = ip.split('.').map(|p| p.parse().unwrap()).collect();
+        o[3] -= 1;
+        format!("{}.{}.{}.{}/{len}", o[0], o[1], o[2], o[3])
+    }
+
+    fn has_route(&self, node: &str, dst: &str) -> bool {
+        self.lab.routes(node).unwrap().as_array().unwrap().iter().any(|r| r["dst"] == dst)
+    }
+}
+
+#[test]
+fn vxlan_carries_pod_traffic_in_udp_8472_with_vni_1() {
+    let mut c = Cluster::new("vxlan", 3, Backend::Vxlan, 1);
+    let ips = c.pods(&["n1", "n2", "n3"]);
+    for (i, _) in ips.iter().enumerate() {
+        for (j, dst) in ips.iter().enumerate() {
+            if i != j {
+                assert!(c.lab.ping(&c.pod_ns(i), dst).unwrap(), "p{i} -> p{j} ({dst})");
+            }
+        }
+    }
+    let lines = c.wire("n1", 0, &ips.clone()[1], "udp port 8472");
+    let text = lines.join("\n");
+    assert!(text.contains("instance 1"), "VNI 1 on the wire: {text}");
+    assert!(text.contains(&format!("{} > {}: ICMP echo request", ips[0], ips[1])), "inner pod addresses: {text}");
+    // flannel's device, with its lease's address and the MTU minus 50.
+    let dev = c.lab.exec(&c.node_ns("n1"), &["ip", "-j", "-d", "addr", "show", "flannel.1"]).unwrap();
+    let dev: serde_json::Value = serde_json::from_slice(&dev.stdout).unwrap();
+    assert_eq!(dev[0]["mtu"], 1450);
+    assert_eq!(dev[0]["linkinfo"]["info_data"]["id"], 1);
+    assert_eq!(dev[0]["linkinfo"]["info_data"]["port"], 8472);
+    assert_eq!(dev[0]["addr_info"][0]["prefixlen"], 32);
+}
+
+#[test]
+fn host_gw_routes_pod_addresses_bare_on_the_wire() {
+    let mut c = Cluster::new("hostgw", 2, Backend::HostGw, 1);
+    let ips = c.pods(&["n1", "n2"]);
+    let lines = c.wire("n1", 0, &ips.clone()[1], "icmp or udp port 8472");
+    let text = lines.join("\n");
+    assert!(text.contains(&format!("{} > {}: ICMP echo request", ips[0], ips[1])), "{text}");
+    assert!(!text.contains("8472"), "no encapsulation: {text}");
+    let sn2 = c.subnet_of("n2");
+    let r = c.lab.routes("n1").unwrap();
+    let route = r.as_array().unwrap().iter().find(|x| x["dst"] == sn2.as_str()).expect("route to n2's subnet");
+    assert_eq!(route["gateway"], "198.18.0.2");
+    assert_eq!(route["dev"], "eth0");
+    let env = std::fs::read_to_string(c.lab.node("n1").unwrap().root.join("run/flannel/subnet.env")).unwrap();
+    assert!(env.contains("FLANNEL_MTU=1500"), "host-gw has no encapsulation overhead: {env}");
+}
+
+#[test]
+fn direct_routing_mixes_direct_routes_and_vxlan_across_segments() {
+    // n1, n2 on segment A; n3, n4 on segment B, joined by a router.
+    let mut c = Cluster::new("direct", 4, Backend::VxlanDirect, 2);
+    let ips = c.pods(&["n1", "n2", "n3"]);
+    let same = c.wire("n1", 0, &ips.clone()[1], "icmp or udp port 8472").join("\n");
+    assert!(same.contains(&format!("{} > {}: ICMP echo request", ips[0], ips[1])) && !same.contains("8472"), "{same}");
+    let cross = c.wire("n1", 0, &ips.clone()[2], "icmp or udp port 8472").join("\n");
+    assert!(cross.contains("8472") && cross.contains("instance 1"), "across the router: VXLAN: {cross}");
+}
+
+#[test]
+fn host_gw_reports_nodes_it_cannot_reach_directly() {
+    let mut c = Cluster::new("hgwseg", 2, Backend::HostGw, 2);
+    let sn2 = c.subnet_of("n2");
+    assert!(!c.has_route("n1", &sn2), "no route through a router for host-gw");
+    assert!(
+        wait_for(Duration::from_secs(5), || c.agent_log("n1").contains("is not on this L2 segment")),
+        "{}",
+        c.agent_log("n1")
+    );
+    let _ = &mut c;
+}
+
+#[test]
+fn lease_json_and_subnet_env_are_flannels() {
+    let c = Cluster::new("compat", 2, Backend::Vxlan, 1);
+    let out = c.lab.etcdctl(&["get", "--prefix", "/coreos.com/network/subnets/"]).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    for pair in lines.chunks(2) {
+        assert!(pair[0].starts_with("/coreos.com/network/subnets/10.244.") && pair[0].ends_with("-24"), "{}", pair[0]);
+        let v: serde_json::Value = serde_json::from_str(pair[1]).unwrap();
+        let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["BackendData", "BackendType", "PublicIP", "PublicIPv6"], "{v}");
+        assert_eq!(v["BackendType"], "vxlan");
+        assert!(v["PublicIPv6"].is_null());
+        assert_eq!(v["BackendData"]["VNI"], 1);
+        assert_eq!(v["BackendData"]["VtepMAC"].as_str().unwrap().len(), 17);
+    }
+    let env = std::fs::read_to_string(c.lab.node("n1").unwrap().root.join("run/flannel/subnet.env")).unwrap();
+    let keys: Vec<&str> = env.lines().map(|l| l.split('=').next().unwrap()).collect();
+    assert_eq!(keys, ["FLANNEL_NETWORK", "FLANNEL_SUBNET", "FLANNEL_MTU", "FLANNEL_IPMASQ"]);
+    assert!(env.contains("FLANNEL_SUBNET=10.244.") && env.contains(".1/24\n"), "{env}");
+    // The etcd lease behind the key has the 24 h TTL.
+    let lease = c.lab.etcdctl(&["get", "--prefix", "/coreos.com/network/subnets/", "-w", "json"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&lease).unwrap();
+    let id = v["kvs"][0]["lease"].as_i64().unwrap();
+    let ttl = c.lab.etcdctl(&["lease", "timetolive", &format!("{id:x}")]).unwrap();
+    assert!(ttl.contains("granted with TTL(86400s)"), "{ttl}");
+}
+
+#[test]
+fn an_invalid_network_config_is_reported_precisely_and_awaited() {
+    let mut lab = Lab::new("badcfg").unwrap();
+    lab.ensure_underlay().unwrap();
+    lab.start_etcd().unwrap();
+    lab.put_network_config(&serde_json::json!({"Network": "10.244.0.0/16", "SubnetLen": 31})).unwrap();
+    lab.add_node("n1").unwrap();
+    lab.start_agent("n1", &[]).unwrap();
+    let log = || std::fs::read_to_string(lab.node("n1").unwrap().root.join("agent.log")).unwrap_or_default();
+    assert!(wait_for(Duration::from_secs(10), || log().contains("SubnetLen: 31 is longer than /30")), "{}", log());
+    assert!(!lab.node("n1").unwrap().root.join("run/flannel/subnet.env").exists());
+    lab.put_network_config(&Backend::Vxlan.network_config()).unwrap();
+    lab.wait_subnet_env("n1", Duration::from_secs(10)).unwrap();
+}
+
+#[test]
+fn a_restart_keeps_the_subnet_and_loses_no_packets() {
+    let mut c = Cluster::new("restart", 2, Backend::Vxlan, 1);
+    let ips = c.pods(&["n1", "n2"]);
+    let before = c.subnet_of("n1");
+    let mac_before = std::fs::read_to_string(c.lab.node("n1").unwrap().root.join("var/lib/tartan/vtep-mac.1")).unwrap();
+    let pinger = c.pod_ns(1);
+    let dst = ips[0].clone();
+    let handle = std::thread::spawn(move || {
+        let out = netns_lab::command_in(&pinger, "ping")
+            .unwrap()
+            .args(["-i", "0.05", "-c", "80", "-q", &dst])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = *c.lab.state.processes.iter().rev().nth(1).unwrap(); // n1's agent (n2's started last)
+    c.lab.stop(pid);
+    c.lab.start_agent("n1", &[]).unwrap();
+    let summary = handle.join().unwrap();
+    assert!(summary.contains(" 0% packet loss"), "{summary}");
+    assert_eq!(c.subnet_of("n1"), before);
+    let mac_after = std::fs::read_to_string(c.lab.node("n1").unwrap().root.join("var/lib/tartan/vtep-mac.1")).unwrap();
+    assert_eq!(mac_before, mac_after);
+    assert!(c.agent_log("n1").matches("acquired lease").count() == 2);
+}
+
+#[test]
+fn deleted_routes_and_devices_are_repaired() {
+    let mut c = Cluster::new("repair", 2, Backend::Vxlan, 1);
+    let ips = c.pods(&["n1", "n2"]);
+    let sn2 = c.subnet_of("n2");
+    let n1 = c.node_ns("n1");
+    c.lab.exec(&n1, &["ip", "route", "del", &sn2]).unwrap();
+    let t = Instant::now();
+    assert!(wait_for(Duration::from_secs(5), || c.has_route("n1", &sn2)), "route repaired");
+    eprintln!("route repaired in {:?}", t.elapsed());
+    c.lab.exec(&n1, &["ip", "link", "del", "flannel.1"]).unwrap();
+    assert!(wait_for(Duration::from_secs(5), || c.lab.ping(&c.pod_ns(0), &ips[1]).unwrap_or(false)), "device repaired");
+}
+
+#[test]
+fn a_dead_node_expires_and_its_routes_go() {
+    let mut lab = Lab::new("expiry").unwrap();
+    lab.ensure_underlay().unwrap();
+    lab.start_etcd().unwrap();
+    lab.put_network_config(&Backend::HostGw.network_config()).unwrap();
+    let mut pids = Vec::new();
+    for n in ["n1", "n2"] {
+        lab.add_node(n).unwrap();
+        pids.push(lab.start_agent(n, &["--lease-ttl", "4", "--subnet-lease-renew-margin", "1"]).unwrap());
+        lab.wait_subnet_env(n, Duration::from_secs(10)).unwrap();
+    }
+    let routes = |lab: &Lab| {
+        lab.routes("n1").unwrap().as_array().unwrap().iter().filter(|r| r["gateway"] == "198.18.0.2").count()
+    };
+    assert!(wait_for(Duration::from_secs(5), || routes(&lab) == 1));
+    // Renewal keeps a live node's lease past its TTL.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(routes(&lab), 1, "n2 renews its 4 s lease");
+    lab.kill(pids[1]);
+    assert!(wait_for(Duration::from_secs(10), || routes(&lab) == 0), "n2's route withdrawn after its lease expired");
+}
+
+#[test]
+fn racing_agents_never_share_a_subnet() {
+    let mut lab = Lab::new("race").unwrap();
+    lab.ensure_underlay().unwrap();
+    lab.start_etcd().unwrap();
+    // Four subnets for four nodes, all starting at once.
+    lab.put_network_config(&serde_json::json!({"Network": "10.244.0.0/16", "SubnetMin": "10.244.1.0", "SubnetMax": "10.244.4.0", "Backend": {"Type": "host-gw"}}))
+        .unwrap();
+    for i in 1..=4 {
+        lab.add_node(&format!("n{i}")).unwrap();
+    }
+    for i in 1..=4 {
+        lab.start_agent(&format!("n{i}"), &[]).unwrap();
+    }
+    let mut subnets = std::collections::BTreeSet::new();
+    for i in 1..=4 {
+        let env = lab.wait_subnet_env(&format!("n{i}"), Duration::from_secs(20)).unwrap();
+        subnets.insert(env.lines().find(|l| l.starts_with("FLANNEL_SUBNET")).unwrap().to_string());
+    }
+    assert_eq!(subnets.len(), 4, "{subnets:?}");
+    // A fifth node finds the pool full and says so.
+    lab.add_node("n5").unwrap();
+    lab.start_agent("n5", &[]).unwrap();
+    let log = || std::fs::read_to_string(lab.node("n5").unwrap().root.join("agent.log")).unwrap_or_default();
+    assert!(wait_for(Duration::from_secs(10), || log().contains("no free subnet")), "{}", log());
+}
