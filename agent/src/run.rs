@@ -243,6 +243,7 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
     let renew_attrs = attrs.clone();
     tokio::spawn(async move {
         let mut wait = renew_after;
+        let mut failing = false;
         loop {
             tokio::time::sleep(wait).await;
             let res = async {
@@ -251,8 +252,14 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
             }
             .await;
             wait = match res {
-                Ok(()) => renew_after,
+                Ok(()) => {
+                    if std::mem::take(&mut failing) {
+                        log(format!("renewed lease {own} after failed attempts"));
+                    }
+                    renew_after
+                }
                 Err(e) => {
+                    failing = true;
                     log(format!("lease renewal failed: {e:#}; retrying in {}s", retry.as_secs()));
                     retry
                 }
