@@ -15,7 +15,7 @@ use ipnet::{IpNet, Ipv4Net};
 use crate::acquire::{choose, Choice};
 use crate::dataplane::{Dataplane, Report};
 use crate::options::Options;
-use crate::registry::{Change, Leases, Registry};
+use crate::registry::{Change, Leases, Registry, Tls};
 
 /// What /healthz and /readyz report.
 #[derive(Debug, Default, Clone)]
@@ -101,10 +101,10 @@ fn apply(tx: &mpsc::Sender<Cmd>, own: LeaseKey, leases: &Leases) -> Result<Repor
     rrx.recv().context("dataplane thread gone")?
 }
 
-async fn connect(opts: &Options) -> Registry {
+async fn connect(opts: &Options, tls: Option<&Tls>) -> Registry {
     let mut delay = Duration::from_millis(200);
     loop {
-        match Registry::connect(&opts.etcd_endpoints, &opts.etcd_prefix).await {
+        match Registry::connect(&opts.etcd_endpoints, &opts.etcd_prefix, tls).await {
             Ok(r) => return r,
             Err(e) => {
                 log(format!("{e:#}; retrying"));
@@ -177,7 +177,9 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
     drop(rt);
     log(format!("using interface {} ({}), public IP {}", ext.name, ext.ip, ext.public_ip));
 
-    let mut reg = connect(&opts).await;
+    let tls =
+        Tls::from_files(opts.etcd_cafile.as_deref(), opts.etcd_certfile.as_deref(), opts.etcd_keyfile.as_deref())?;
+    let mut reg = connect(&opts, tls.as_ref()).await;
     let cfg = wait_config(&mut reg, &opts, &health).await;
     let network = cfg.network.context("IPv4 is disabled; IPv6-only networks are not supported yet")?;
     let dp = Dataplane::new(ext.clone(), cfg.backend.clone(), network, &opts.state_dir)?;
@@ -241,13 +243,14 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
     let retry = Duration::from_secs((ttl / 10).clamp(1, 60));
     let (endpoints, prefix) = (opts.etcd_endpoints.clone(), opts.etcd_prefix.clone());
     let renew_attrs = attrs.clone();
+    let renew_tls = tls.clone();
     tokio::spawn(async move {
         let mut wait = renew_after;
         let mut failing = false;
         loop {
             tokio::time::sleep(wait).await;
             let res = async {
-                let mut r = Registry::connect(&endpoints, &prefix).await?;
+                let mut r = Registry::connect(&endpoints, &prefix, renew_tls.as_ref()).await?;
                 r.renew(&own, &renew_attrs, ttl).await
             }
             .await;
@@ -274,7 +277,7 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
             Err(e) => {
                 log(format!("watch: {e:#}; reconnecting"));
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                reg = connect(&opts).await;
+                reg = connect(&opts, tls.as_ref()).await;
                 match reg.leases().await {
                     Ok((l, rev)) => {
                         leases = l;

@@ -1,5 +1,6 @@
 //! `tartan-bench`: measurements of Tartan against the reference, in the same run, reported as ratios.
 
+mod agent;
 mod cni;
 
 use anyhow::Result;
@@ -23,10 +24,24 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         batches: usize,
     },
+    /// Pod-to-pod TCP throughput (same node, vxlan, host-gw) against a raw veth pair.
+    Throughput {
+        #[arg(long, default_value_t = 5)]
+        secs: u32,
+    },
+    /// Agent convergence: start-up with N leases in etcd, and new lease to route latency.
+    Convergence {
+        #[arg(long, default_value_t = 1000)]
+        leases: u32,
+        #[arg(long, default_value_t = 100)]
+        new: u32,
+    },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Cni { runs, batches } => cni::run(runs, batches),
+        Cmd::Throughput { secs } => agent::throughput(secs),
+        Cmd::Convergence { leases, new } => agent::convergence(leases, new),
     }
 }

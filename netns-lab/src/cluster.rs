@@ -72,31 +72,60 @@ pub fn flannel_conflist(node: &NodeState) -> Value {
 impl Lab {
     /// Starts etcd in the control namespace and waits until it answers.
     pub fn start_etcd(&mut self) -> Result<String> {
+        self.start_etcd_with(None)
+    }
+
+    /// A CA, an etcd server certificate (for 198.18.0.100) and a client certificate, made with openssl in `dir`:
+    /// ca.crt, server.{crt,key}, client.{crt,key}.
+    pub fn make_certs(&self, dir: &std::path::Path) -> Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let sh = format!(
+            "set -e; cd {d}
+             openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 1 -subj /CN=tartan-lab-ca 2>/dev/null
+             for who in server client; do
+               openssl req -newkey rsa:2048 -nodes -keyout $who.key -out $who.csr -subj /CN=$who 2>/dev/null
+             done
+             printf 'subjectAltName=IP:{ETCD_IP},IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n' > server.ext
+             printf 'extendedKeyUsage=clientAuth\n' > client.ext
+             for who in server client; do
+               openssl x509 -req -in $who.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out $who.crt -days 1 -extfile $who.ext 2>/dev/null
+             done",
+            d = dir.display()
+        );
+        let st = Command::new("sh").args(["-c", &sh]).status()?;
+        if !st.success() {
+            bail!("openssl failed making lab certificates");
+        }
+        Ok(())
+    }
+
+    /// Starts etcd; with `tls`, clients on the underlay must use https and a certificate signed by the lab CA
+    /// (plain http stays on the namespace's own loopback, for the lab's etcdctl).
+    pub fn start_etcd_with(&mut self, tls: Option<&std::path::Path>) -> Result<String> {
         let ns = self.add_ns("etcd")?;
         self.plug_underlay(&ns, "p-etcd", ETCD_IP)?;
         let data = self.dir().join("etcd");
         let data_s = data.display().to_string();
         let log = std::fs::File::create(self.dir().join("etcd.log"))?;
         let mut cmd = self.cmd(&ns, "etcd")?;
-        cmd.args([
-            "--name",
-            "lab",
-            "--data-dir",
-            &data_s,
-            "--listen-client-urls",
-            &format!("{ETCD_URL},http://127.0.0.1:2379"),
-            "--advertise-client-urls",
-            ETCD_URL,
-            "--listen-peer-urls",
-            "http://127.0.0.1:2380",
-            "--initial-advertise-peer-urls",
-            "http://127.0.0.1:2380",
-            "--initial-cluster",
-            "lab=http://127.0.0.1:2380",
-        ])
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .stdin(std::process::Stdio::null());
+        let url = match tls {
+            Some(_) => format!("https://{ETCD_IP}:2379"),
+            None => ETCD_URL.to_string(),
+        };
+        if let Some(d) = tls {
+            cmd.arg("--cert-file").arg(d.join("server.crt"));
+            cmd.arg("--key-file").arg(d.join("server.key"));
+            cmd.arg("--trusted-ca-file").arg(d.join("ca.crt"));
+            cmd.arg("--client-cert-auth");
+        }
+        let listen = format!("{url},http://127.0.0.1:2379");
+        cmd.args(["--name", "lab", "--data-dir", &data_s, "--listen-client-urls", &listen])
+            .args(["--advertise-client-urls", &url, "--listen-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--initial-cluster", "lab=http://127.0.0.1:2380"])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(std::process::Stdio::null());
         self.spawn_cmd(cmd)?;
         let ok = wait_for(Duration::from_secs(15), || {
             // etcdctl 3.4 prints the verdict on stderr; its exit status is what counts.
@@ -134,7 +163,10 @@ impl Lab {
         let n = self.node(node)?.clone();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(n.root.join("agent.log"))?;
         let mut cmd = self.cmd(&n.ns, agent_bin())?;
-        cmd.args(["--etcd-endpoints", ETCD_URL, "--iface", "eth0", "--ip-masq"])
+        if !extra.contains(&"--etcd-endpoints") {
+            cmd.args(["--etcd-endpoints", ETCD_URL]);
+        }
+        cmd.args(["--iface", "eth0", "--ip-masq"])
             .arg("--subnet-file")
             .arg(n.root.join("run/flannel/subnet.env"))
             .arg("--state-dir")

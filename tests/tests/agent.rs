@@ -330,3 +330,33 @@ fn pod_traffic_survives_an_etcd_outage_and_the_agent_renews_after() {
     assert!(log1().contains("lease renewal failed"), "{}", log1());
     assert!(!log1().contains("revoked"), "{}", log1());
 }
+
+#[test]
+fn the_agent_talks_to_etcd_over_tls_with_a_client_certificate() {
+    let mut lab = Lab::new("tls").unwrap();
+    let certs = lab.dir().join("certs");
+    lab.make_certs(&certs).unwrap();
+    lab.ensure_underlay().unwrap();
+    lab.start_etcd_with(Some(&certs)).unwrap();
+    lab.put_network_config(&Backend::HostGw.network_config()).unwrap();
+    lab.add_node("n1").unwrap();
+    lab.add_node("n2").unwrap();
+    let c = |f: &str| certs.join(f).display().to_string();
+    let tls = [
+        "--etcd-endpoints",
+        "https://198.18.0.100:2379",
+        "--etcd-cafile",
+        &c("ca.crt"),
+        "--etcd-certfile",
+        &c("client.crt"),
+        "--etcd-keyfile",
+        &c("client.key"),
+    ];
+    lab.start_agent("n1", &tls).unwrap();
+    lab.wait_subnet_env("n1", Duration::from_secs(15)).unwrap();
+    // Without a client certificate, etcd refuses the agent and it says why, without writing subnet.env.
+    lab.start_agent("n2", &["--etcd-endpoints", "https://198.18.0.100:2379", "--etcd-cafile", &c("ca.crt")]).unwrap();
+    let log = || std::fs::read_to_string(lab.node("n2").unwrap().root.join("agent.log")).unwrap_or_default();
+    assert!(wait_for(Duration::from_secs(10), || log().contains("retrying") || log().contains("error")), "{}", log());
+    assert!(!lab.node("n2").unwrap().root.join("run/flannel/subnet.env").exists());
+}
