@@ -163,15 +163,17 @@ impl Lab {
         let n = self.node(node)?.clone();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(n.root.join("agent.log"))?;
         let mut cmd = self.cmd(&n.ns, agent_bin())?;
-        if !extra.contains(&"--etcd-endpoints") {
-            cmd.args(["--etcd-endpoints", ETCD_URL]);
+        // Lab defaults (quick resyncs, so drift repair shows within a second); a flag in `extra` replaces its default.
+        for (flag, value) in [("--etcd-endpoints", ETCD_URL), ("--route-resync", "1"), ("--iptables-resync", "2")] {
+            if !extra.contains(&flag) {
+                cmd.args([flag, value]);
+            }
         }
         cmd.args(["--iface", "eth0", "--ip-masq"])
             .arg("--subnet-file")
             .arg(n.root.join("run/flannel/subnet.env"))
             .arg("--state-dir")
             .arg(n.root.join("var/lib/tartan"))
-            .args(["--route-resync", "1", "--iptables-resync", "2"])
             .args(extra)
             .stdout(log.try_clone()?)
             .stderr(log)
