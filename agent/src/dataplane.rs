@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use flannel::{BackendConfig, BackendType, LeaseAttrs, LeaseKey, VxlanData};
 use ipnet::{IpNet, Ipv4Net};
 use rtnl::build::{LinkMessageBuilder, LinkUnspec, LinkVxlan};
@@ -64,9 +64,6 @@ fn vtep_mac(state_dir: &Path, vni: u32) -> Result<[u8; 6]> {
 
 impl Dataplane {
     pub fn new(ext: External, backend: BackendConfig, network: Ipv4Net, state_dir: &Path) -> Result<Dataplane> {
-        if backend.kind == BackendType::Udp {
-            bail!("the udp backend is not implemented yet; use vxlan or host-gw");
-        }
         let vtep_mac = match backend.kind {
             BackendType::Vxlan => Some(vtep_mac(state_dir, backend.vni)?),
             _ => None,
@@ -160,6 +157,10 @@ impl Dataplane {
     /// Brings routes, neighbours and FDB entries to what `leases` ask for.
     pub fn reconcile(&mut self, own: &LeaseKey, leases: &Leases) -> Result<Report> {
         let mut report = Report::default();
+        if self.backend.kind == BackendType::Udp {
+            // flannel0's prefix route covers the network; the userspace loop picks the node per packet.
+            return Ok(report);
+        }
         let dev: Option<Link> = match self.vtep_mac {
             Some(_) => Some(
                 self.rt.link_get(&self.device_name())?.ok_or_else(|| anyhow!("{} is missing", self.device_name()))?,

@@ -7,3 +7,4 @@ pub mod options;
 pub mod registry;
 pub mod rules;
 pub mod run;
+pub mod udp;

@@ -201,6 +201,26 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
 
     let dp_tx = spawn_dataplane(dp, Duration::from_secs(opts.route_resync.max(1)), health.clone());
     let (mut leases, mut revision) = reg.leases().await?;
+    // udp: the TUN device and the userspace loop, fed the remote subnets as leases change.
+    let udp_routes: Option<crate::udp::Routes> = if cfg.backend.kind == flannel::BackendType::Udp {
+        let fd = crate::udp::setup(own.subnet, network, mtu).context("setting up flannel0")?;
+        let routes = std::sync::Arc::new(std::sync::RwLock::new(crate::udp::routes_of(&own.subnet, &leases)));
+        let (r, port) = (routes.clone(), cfg.backend.port);
+        tokio::spawn(async move {
+            if let Err(e) = crate::udp::run(fd, port, r).await {
+                log(format!("udp backend: {e:#}"));
+                std::process::exit(1);
+            }
+        });
+        Some(routes)
+    } else {
+        None
+    };
+    let update_udp = |leases: &Leases| {
+        if let Some(r) = &udp_routes {
+            *r.write().unwrap() = crate::udp::routes_of(&own.subnet, leases);
+        }
+    };
     apply(&dp_tx, own, &leases)?;
     crate::rules::sync(network, own.subnet, opts.ip_masq).context("installing the FLANNEL-* rules")?;
 
@@ -282,6 +302,7 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
                     Ok((l, rev)) => {
                         leases = l;
                         revision = rev;
+                        update_udp(&leases);
                         let _ = dp_tx.send(Cmd::Apply { own, leases: leases.clone(), reply: None });
                     }
                     Err(e) => log(format!("listing leases: {e:#}")),
@@ -302,6 +323,9 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
             for c in changes {
                 match c {
                     Change::Put(k, a) => {
+                        if k == own && a.public_ip != attrs.public_ip {
+                            bail!("lease {own} has been revoked: node {} holds the subnet now; exiting", a.public_ip);
+                        }
                         changed |= leases.get(&k) != Some(&a);
                         leases.insert(k, a);
                     }
@@ -320,10 +344,12 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
                 let (l, rev) = reg.leases().await?;
                 leases = l;
                 revision = rev;
+                update_udp(&leases);
                 let _ = dp_tx.send(Cmd::Apply { own, leases: leases.clone(), reply: None });
                 break;
             }
             if changed {
+                update_udp(&leases);
                 let _ = dp_tx.send(Cmd::Apply { own, leases: leases.clone(), reply: None });
             }
         }
@@ -331,6 +357,7 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
         if let Ok((l, rev)) = reg.leases().await {
             if l != leases {
                 leases = l;
+                update_udp(&leases);
                 let _ = dp_tx.send(Cmd::Apply { own, leases: leases.clone(), reply: None });
             }
             revision = rev;

@@ -61,7 +61,7 @@ pub fn throughput(secs: u32) -> Result<()> {
     drop(raw);
     rows.push(("raw veth pair (physical limit)".into(), raw1, raw4));
 
-    for (name, backend) in [("vxlan", Backend::Vxlan), ("host-gw", Backend::HostGw)] {
+    for (name, backend) in [("vxlan", Backend::Vxlan), ("host-gw", Backend::HostGw), ("udp", Backend::Udp)] {
         let mut lab = Lab::new("tput")?;
         lab.build_cluster(2, backend, 1)?;
         let s = pod_ip(&lab.add_pod("n1", "s", "default")?);

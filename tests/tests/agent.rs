@@ -360,3 +360,53 @@ fn the_agent_talks_to_etcd_over_tls_with_a_client_certificate() {
     assert!(wait_for(Duration::from_secs(10), || log().contains("retrying") || log().contains("error")), "{}", log());
     assert!(!lab.node("n2").unwrap().root.join("run/flannel/subnet.env").exists());
 }
+
+#[test]
+fn udp_carries_pod_packets_in_udp_8285() {
+    let mut c = Cluster::new("udp", 2, Backend::Udp, 1);
+    let ips = c.pods(&["n1", "n2"]);
+    let text = c.wire("n1", 0, &ips.clone()[1], "udp port 8285").join("\n");
+    assert!(text.contains("198.18.0.1.") && text.contains("> 198.18.0.2.8285: UDP"), "{text}");
+    assert!(c.lab.ping(&c.pod_ns(1), &ips[0]).unwrap(), "and back");
+    let env = std::fs::read_to_string(c.lab.node("n1").unwrap().root.join("run/flannel/subnet.env")).unwrap();
+    assert!(env.contains("FLANNEL_MTU=1472"), "28 bytes of overhead: {env}");
+    // A pod-sized packet that fills the MTU goes through whole (DF set).
+    let big = c.lab.exec_status(&c.pod_ns(0), &["ping", "-c1", "-W2", "-M", "do", "-s", "1444", &ips[1]]).unwrap();
+    assert!(big.status.success(), "{}", String::from_utf8_lossy(&big.stdout));
+}
+
+#[test]
+fn a_revoked_lease_is_taken_back_if_free_and_the_agent_exits_if_not() {
+    let c = Cluster::new("revoke", 1, Backend::HostGw, 1);
+    let key = format!("/coreos.com/network/subnets/{}", c.subnet_of("n1").replace('/', "-"));
+    c.lab.etcdctl(&["del", &key]).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || c.agent_log("n1").contains("re-acquired lease")),
+        "{}",
+        c.agent_log("n1")
+    );
+    assert!(c.lab.etcdctl(&["get", &key]).unwrap().contains("198.18.0.1"));
+    // Taken over by another node (its key overwritten): the agent must not fight over it, and says so.
+    c.lab.etcdctl(&["put", &key, r#"{"PublicIP":"198.18.0.77","PublicIPv6":null,"BackendType":"host-gw"}"#]).unwrap();
+    let exited = wait_for(Duration::from_secs(10), || c.agent_log("n1").contains("holds the subnet now; exiting"));
+    assert!(exited, "{}", c.agent_log("n1"));
+    assert!(c.lab.etcdctl(&["get", &key]).unwrap().contains("198.18.0.77"), "the agent did not fight over it");
+}
+
+#[test]
+fn an_incompatible_vxlan_device_is_recreated() {
+    let mut lab = Lab::new("vni").unwrap();
+    lab.ensure_underlay().unwrap();
+    lab.start_etcd().unwrap();
+    lab.put_network_config(&Backend::Vxlan.network_config()).unwrap();
+    let n = lab.add_node("n1").unwrap();
+    // A leftover flannel.1 with another port (4789) and no local address.
+    lab.exec(&n.ns, &["ip", "link", "add", "flannel.1", "type", "vxlan", "id", "1", "dstport", "4789", "dev", "eth0"])
+        .unwrap();
+    lab.start_agent("n1", &[]).unwrap();
+    lab.wait_subnet_env("n1", Duration::from_secs(10)).unwrap();
+    let out = lab.exec(&n.ns, &["ip", "-j", "-d", "link", "show", "flannel.1"]).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["linkinfo"]["info_data"]["port"], 8472);
+    assert_eq!(v[0]["linkinfo"]["info_data"]["local"], "198.18.0.1");
+}
