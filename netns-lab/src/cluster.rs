@@ -104,10 +104,27 @@ impl Lab {
     pub fn start_etcd_with(&mut self, tls: Option<&std::path::Path>) -> Result<String> {
         let ns = self.add_ns("etcd")?;
         self.plug_underlay(&ns, "p-etcd", ETCD_IP)?;
-        let data = self.dir().join("etcd");
-        let data_s = data.display().to_string();
-        let log = std::fs::File::create(self.dir().join("etcd.log"))?;
-        let mut cmd = self.cmd(&ns, "etcd")?;
+        self.spawn_etcd(&ns, tls, "etcd.log")?;
+        let ok = wait_for(Duration::from_secs(15), || {
+            // etcdctl 3.4 prints the verdict on stderr; its exit status is what counts.
+            self.etcdctl(&["endpoint", "health"]).is_ok()
+        });
+        if !ok {
+            bail!("etcd did not become healthy; see {}", self.dir().join("etcd.log").display());
+        }
+        Ok(ns)
+    }
+
+    /// Starts etcd again on its existing data (after a test stopped it); returns its PID.
+    pub fn restart_etcd(&mut self, tls: Option<&std::path::Path>) -> Result<u32> {
+        let ns = self.ns_name("etcd");
+        self.spawn_etcd(&ns, tls, "etcd-restarted.log")
+    }
+
+    fn spawn_etcd(&mut self, ns: &str, tls: Option<&std::path::Path>, log_name: &str) -> Result<u32> {
+        let data_s = self.dir().join("etcd").display().to_string();
+        let log = std::fs::File::create(self.dir().join(log_name))?;
+        let mut cmd = self.cmd(ns, "etcd")?;
         let url = match tls {
             Some(_) => format!("https://{ETCD_IP}:2379"),
             None => ETCD_URL.to_string(),
@@ -126,15 +143,7 @@ impl Lab {
             .stdout(log.try_clone()?)
             .stderr(log)
             .stdin(std::process::Stdio::null());
-        self.spawn_cmd(cmd)?;
-        let ok = wait_for(Duration::from_secs(15), || {
-            // etcdctl 3.4 prints the verdict on stderr; its exit status is what counts.
-            self.etcdctl(&["endpoint", "health"]).is_ok()
-        });
-        if !ok {
-            bail!("etcd did not become healthy; see {}", self.dir().join("etcd.log").display());
-        }
-        Ok(ns)
+        self.spawn_cmd(cmd)
     }
 
     /// `etcdctl` (v3 API) against the lab's etcd, run inside its namespace; returns stdout.

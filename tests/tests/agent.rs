@@ -290,29 +290,7 @@ fn pod_traffic_survives_an_etcd_outage_and_the_agent_renews_after() {
     });
     std::thread::sleep(Duration::from_secs(30));
     // etcd comes back (same data directory).
-    let ns = lab.ns_name("etcd");
-    let data = lab.dir().join("etcd").display().to_string();
-    let log = std::fs::File::create(lab.dir().join("etcd2.log")).unwrap();
-    let mut cmd = lab.cmd(&ns, "etcd").unwrap();
-    cmd.args([
-        "--name",
-        "lab",
-        "--data-dir",
-        &data,
-        "--listen-client-urls",
-        "http://198.18.0.100:2379,http://127.0.0.1:2379",
-        "--advertise-client-urls",
-        "http://198.18.0.100:2379",
-        "--listen-peer-urls",
-        "http://127.0.0.1:2380",
-        "--initial-advertise-peer-urls",
-        "http://127.0.0.1:2380",
-        "--initial-cluster",
-        "lab=http://127.0.0.1:2380",
-    ])
-    .stdout(log.try_clone().unwrap())
-    .stderr(log);
-    lab.spawn_cmd(cmd).unwrap();
+    lab.restart_etcd(None).unwrap();
     let summary = pinger.join().unwrap();
     assert!(summary.contains(" 0% packet loss"), "pods kept talking while etcd was down: {summary}");
     // The leases (60 s TTL, renewed every 30 s) are still there and held by the same nodes.
