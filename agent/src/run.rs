@@ -34,7 +34,32 @@ fn log(msg: impl AsRef<str>) {
 
 /// Commands for the dataplane thread.
 enum Cmd {
-    Apply { own: LeaseKey, leases: Leases, reply: Option<mpsc::Sender<Result<Report>>> },
+    Apply {
+        own: LeaseKey,
+        leases: Leases,
+        reply: Option<mpsc::Sender<Result<Report>>>,
+    },
+    /// Something was deleted in the kernel: check now rather than at the next periodic resync.
+    Drift,
+}
+
+/// Watches the kernel for deleted links, neighbours and routes (someone removing ours by hand, a device going
+/// away) and nudges the dataplane thread. Our own removals nudge it too; the reconcile that follows finds nothing
+/// to do, so this settles at once.
+fn spawn_monitor(tx: mpsc::Sender<Cmd>) {
+    let Ok(mut mon) = rtnl::Monitor::new(&[rtnl::GROUP_LINK, rtnl::GROUP_NEIGH, rtnl::GROUP_IPV4_ROUTE]) else {
+        log("cannot watch netlink events; relying on the periodic resync");
+        return;
+    };
+    let _ = std::thread::Builder::new().name("netlink-monitor".into()).spawn(move || loop {
+        let Ok(msgs) = mon.next() else { return };
+        use rtnl::packet::RouteNetlinkMessage as M;
+        let deleted =
+            msgs.is_empty() || msgs.iter().any(|m| matches!(m, M::DelLink(_) | M::DelRoute(_) | M::DelNeighbour(_)));
+        if deleted && tx.send(Cmd::Drift).is_err() {
+            return;
+        }
+    });
 }
 
 /// The dataplane thread: applies every new lease set, and re-applies the last one every `resync` to repair drift.
@@ -54,6 +79,12 @@ fn spawn_dataplane(mut dp: Dataplane, resync: Duration, health: SharedHealth) ->
                     Some(Cmd::Apply { own, leases, reply }) => {
                         last = Some((own, leases));
                         reply
+                    }
+                    Some(Cmd::Drift) => {
+                        // Coalesce a burst of notifications into one reconcile.
+                        std::thread::sleep(Duration::from_millis(20));
+                        while let Ok(Cmd::Drift) = rx.try_recv() {}
+                        None
                     }
                     None => None,
                 };
@@ -92,6 +123,7 @@ fn spawn_dataplane(mut dp: Dataplane, resync: Duration, health: SharedHealth) ->
             }
         })
         .expect("spawn dataplane thread");
+    spawn_monitor(tx.clone());
     tx
 }
 

@@ -9,10 +9,12 @@
 //! without moving the calling thread there for longer than the `socket(2)` call.
 
 mod link;
+mod monitor;
 mod neighbour;
 mod route;
 
 pub use link::{Link, VxlanInfo};
+pub use monitor::{Monitor, GROUP_IPV4_ROUTE, GROUP_LINK, GROUP_NEIGH};
 pub use neighbour::Neighbour;
 pub use route::RouteSpec;
 
