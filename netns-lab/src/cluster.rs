@@ -70,6 +70,15 @@ pub fn flannel_conflist(node: &NodeState) -> Value {
 }
 
 impl Lab {
+    /// A fresh lab with the underlay, etcd, and `config` at `<prefix>/config`; nodes and agents come next.
+    pub fn with_etcd(tag: &str, config: &Value) -> Result<Lab> {
+        let mut lab = Lab::new(tag)?;
+        lab.ensure_underlay()?;
+        lab.start_etcd()?;
+        lab.put_network_config(config)?;
+        Ok(lab)
+    }
+
     /// Starts etcd in the control namespace and waits until it answers.
     pub fn start_etcd(&mut self) -> Result<String> {
         self.start_etcd_with(None)

@@ -159,10 +159,7 @@ fn lease_json_and_subnet_env_are_flannels() {
 
 #[test]
 fn an_invalid_network_config_is_reported_precisely_and_awaited() {
-    let mut lab = Lab::new("badcfg").unwrap();
-    lab.ensure_underlay().unwrap();
-    lab.start_etcd().unwrap();
-    lab.put_network_config(&serde_json::json!({"Network": "10.244.0.0/16", "SubnetLen": 31})).unwrap();
+    let mut lab = Lab::with_etcd("badcfg", &serde_json::json!({"Network": "10.244.0.0/16", "SubnetLen": 31})).unwrap();
     lab.add_node("n1").unwrap();
     lab.start_agent("n1", &[]).unwrap();
     let log = || std::fs::read_to_string(lab.node("n1").unwrap().root.join("agent.log")).unwrap_or_default();
@@ -202,10 +199,7 @@ fn a_restart_keeps_the_subnet_and_loses_no_packets() {
 
 #[test]
 fn deleted_routes_neighbours_fdb_entries_and_devices_are_repaired_at_once() {
-    let mut lab = Lab::new("repair").unwrap();
-    lab.ensure_underlay().unwrap();
-    lab.start_etcd().unwrap();
-    lab.put_network_config(&Backend::Vxlan.network_config()).unwrap();
+    let mut lab = Lab::with_etcd("repair", &Backend::Vxlan.network_config()).unwrap();
     for n in ["n1", "n2"] {
         let node = lab.add_node(n).unwrap();
         lab.write_cni_config(n, &netns_lab::cluster::flannel_conflist(&node)).unwrap();
@@ -244,10 +238,7 @@ fn deleted_routes_neighbours_fdb_entries_and_devices_are_repaired_at_once() {
 
 #[test]
 fn a_dead_node_expires_and_its_routes_go() {
-    let mut lab = Lab::new("expiry").unwrap();
-    lab.ensure_underlay().unwrap();
-    lab.start_etcd().unwrap();
-    lab.put_network_config(&Backend::HostGw.network_config()).unwrap();
+    let mut lab = Lab::with_etcd("expiry", &Backend::HostGw.network_config()).unwrap();
     let mut pids = Vec::new();
     for n in ["n1", "n2"] {
         lab.add_node(n).unwrap();
@@ -267,12 +258,10 @@ fn a_dead_node_expires_and_its_routes_go() {
 
 #[test]
 fn racing_agents_never_share_a_subnet() {
-    let mut lab = Lab::new("race").unwrap();
-    lab.ensure_underlay().unwrap();
-    lab.start_etcd().unwrap();
     // Four subnets for four nodes, all starting at once.
-    lab.put_network_config(&serde_json::json!({"Network": "10.244.0.0/16", "SubnetMin": "10.244.1.0", "SubnetMax": "10.244.4.0", "Backend": {"Type": "host-gw"}}))
-        .unwrap();
+    let pool = serde_json::json!({"Network": "10.244.0.0/16", "SubnetMin": "10.244.1.0", "SubnetMax": "10.244.4.0",
+                                  "Backend": {"Type": "host-gw"}});
+    let mut lab = Lab::with_etcd("race", &pool).unwrap();
     for i in 1..=4 {
         lab.add_node(&format!("n{i}")).unwrap();
     }
@@ -401,10 +390,7 @@ fn a_revoked_lease_is_taken_back_if_free_and_the_agent_exits_if_not() {
 
 #[test]
 fn an_incompatible_vxlan_device_is_recreated() {
-    let mut lab = Lab::new("vni").unwrap();
-    lab.ensure_underlay().unwrap();
-    lab.start_etcd().unwrap();
-    lab.put_network_config(&Backend::Vxlan.network_config()).unwrap();
+    let mut lab = Lab::with_etcd("vni", &Backend::Vxlan.network_config()).unwrap();
     let n = lab.add_node("n1").unwrap();
     // A leftover flannel.1 with another port (4789) and no local address.
     lab.exec(&n.ns, &["ip", "link", "add", "flannel.1", "type", "vxlan", "id", "1", "dstport", "4789", "dev", "eth0"])
