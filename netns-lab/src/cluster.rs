@@ -289,8 +289,3 @@ impl Lab {
         serde_json::from_slice(&out.stdout).map_err(|e| anyhow!("ip -j route: {e}"))
     }
 }
-
-/// Whether `pid` is alive.
-pub fn alive(pid: u32) -> bool {
-    Command::new("kill").args(["-0", &pid.to_string()]).status().map(|s| s.success()).unwrap_or(false)
-}
