@@ -1,6 +1,6 @@
 //! The external interface: the one inter-node traffic uses, and the public IP other nodes reach us at.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{bail, Result};
 use ipnet::IpNet;
@@ -14,6 +14,8 @@ pub struct External {
     pub name: String,
     pub ip: Ipv4Addr,
     pub public_ip: Ipv4Addr,
+    /// The interface's global IPv6 address (or --public-ipv6), for dual-stack networks.
+    pub public_ipv6: Option<Ipv6Addr>,
     pub mtu: u32,
 }
 
@@ -53,6 +55,15 @@ pub fn find(rt: &mut Rtnl, opts: &Options) -> Result<External> {
             }
         }
     }
+    // Link-local (fe80::/10) addresses cannot carry tunnels between nodes.
+    let v6_of = |l: &Link| -> Option<Ipv6Addr> {
+        addrs.iter().find_map(|(i, a)| match a {
+            IpNet::V6(n) if *i == l.index && (n.addr().segments()[0] & 0xffc0) != 0xfe80 && !n.addr().is_loopback() => {
+                Some(n.addr())
+            }
+            _ => None,
+        })
+    };
     for l in candidates {
         if let Some(ip) = v4_of(l) {
             return Ok(External {
@@ -60,6 +71,7 @@ pub fn find(rt: &mut Rtnl, opts: &Options) -> Result<External> {
                 name: l.name.clone(),
                 ip,
                 public_ip: opts.public_ip.unwrap_or(ip),
+                public_ipv6: opts.public_ipv6.or_else(|| v6_of(l)),
                 mtu: l.mtu.unwrap_or(1500),
             });
         }

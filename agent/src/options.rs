@@ -1,6 +1,6 @@
 //! flanneld's flags, with the same names, defaults and FLANNELD_* variables, plus the few a test needs.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 use clap::{ArgAction, Parser};
@@ -27,6 +27,9 @@ pub struct Options {
     /// The address other nodes reach this one at (default: the interface's).
     #[arg(long, env = "FLANNELD_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
+    /// The IPv6 address other nodes reach this one at, with EnableIPv6 (default: the interface's global one).
+    #[arg(long, env = "FLANNELD_PUBLIC_IPV6")]
+    pub public_ipv6: Option<Ipv6Addr>,
     #[arg(long, env = "FLANNELD_SUBNET_FILE", default_value = flannel::DEFAULT_SUBNET_FILE)]
     pub subnet_file: PathBuf,
     /// Install masquerade rules for traffic leaving the pod network.

@@ -9,7 +9,7 @@
 //!
 //! Each resync rewrites both chains in one iptables-restore transaction and adds a missing jump.
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use iptables::{Family, Iptables, IptablesError};
 
 pub const POSTRTG: &str = "FLANNEL-POSTRTG";
@@ -70,9 +70,10 @@ fn jump_args(chain: &str, comment: &str) -> Vec<String> {
     vec!["-m".into(), "comment".into(), "--comment".into(), comment.into(), "-j".into(), chain.into()]
 }
 
-/// Brings the node's rules to the desired state (idempotent; one transaction per family).
-pub fn sync(network: Ipv4Net, subnet: Ipv4Net, masq: bool) -> Result<(), IptablesError> {
-    let ipt = Iptables::new(Family::V4);
+/// Brings one family's rules (iptables or ip6tables, by the network's family) to the desired state (idempotent;
+/// one transaction).
+pub fn sync(network: IpNet, subnet: IpNet, masq: bool) -> Result<(), IptablesError> {
+    let ipt = Iptables::new(if network.addr().is_ipv4() { Family::V4 } else { Family::V6 });
     let mut missing = Vec::new();
     if masq && !ipt.exists("nat", "POSTROUTING", &jump_args(POSTRTG, "flanneld masq"))? {
         missing.push("nat");
@@ -80,7 +81,7 @@ pub fn sync(network: Ipv4Net, subnet: Ipv4Net, masq: bool) -> Result<(), Iptable
     if !ipt.exists("filter", "FORWARD", &jump_args(FWD, "flanneld forward"))? {
         missing.push("filter");
     }
-    ipt.restore(&payload(&IpNet::V4(network), &IpNet::V4(subnet), masq, &missing))
+    ipt.restore(&payload(&network, &subnet, masq, &missing))
 }
 
 #[cfg(test)]

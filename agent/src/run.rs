@@ -3,14 +3,14 @@
 //! leases through a watch, resync the kernel state and the rules periodically. A normal stop removes nothing, so a
 //! restart does not interrupt pod traffic.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use flannel::{LeaseAttrs, LeaseKey, NetworkConfig, SubnetEnv};
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 
 use crate::acquire::{choose, Choice};
 use crate::dataplane::{Dataplane, Report};
@@ -47,7 +47,9 @@ enum Cmd {
 /// away) and nudges the dataplane thread. Our own removals nudge it too; the reconcile that follows finds nothing
 /// to do, so this settles at once.
 fn spawn_monitor(tx: mpsc::Sender<Cmd>) {
-    let Ok(mut mon) = rtnl::Monitor::new(&[rtnl::GROUP_LINK, rtnl::GROUP_NEIGH, rtnl::GROUP_IPV4_ROUTE]) else {
+    let Ok(mut mon) =
+        rtnl::Monitor::new(&[rtnl::GROUP_LINK, rtnl::GROUP_NEIGH, rtnl::GROUP_IPV4_ROUTE, rtnl::GROUP_IPV6_ROUTE])
+    else {
         log("cannot watch netlink events; relying on the periodic resync");
         return;
     };
@@ -89,7 +91,7 @@ fn spawn_dataplane(mut dp: Dataplane, resync: Duration, health: SharedHealth) ->
                     None => None,
                 };
                 let Some((own, leases)) = &last else { continue };
-                let res = dp.ensure_device(&own.subnet).and_then(|c| {
+                let res = dp.ensure_device(own).and_then(|c| {
                     let mut r = dp.reconcile(own, leases)?;
                     r.changes += c;
                     Ok(r)
@@ -173,7 +175,7 @@ async fn acquire(
     reg: &mut Registry,
     cfg: &NetworkConfig,
     attrs: &LeaseAttrs,
-    previous: Option<Ipv4Net>,
+    previous: Option<LeaseKey>,
     ttl: u64,
 ) -> Result<LeaseKey> {
     loop {
@@ -185,8 +187,7 @@ async fn acquire(
                     reg.renew(&k, attrs, ttl).await?;
                     return Ok(k);
                 }
-                Choice::Take(subnet) => {
-                    let k = LeaseKey { subnet, ipv6_subnet: None };
+                Choice::Take(k) => {
                     if reg.create(&k, attrs, ttl).await? {
                         return Ok(k);
                     }
@@ -213,18 +214,26 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
         Tls::from_files(opts.etcd_cafile.as_deref(), opts.etcd_certfile.as_deref(), opts.etcd_keyfile.as_deref())?;
     let mut reg = connect(&opts, tls.as_ref()).await;
     let cfg = wait_config(&mut reg, &opts, &health).await;
-    let network = cfg.network.context("IPv4 is disabled; IPv6-only networks are not supported yet")?;
-    let dp = Dataplane::new(ext.clone(), cfg.backend.clone(), network, &opts.state_dir)?;
+    let network = cfg.network.context("EnableIPv4 is false: IPv6-only networks are not supported (dual stack is)")?;
+    let network6 = if cfg.enable_ipv6 { cfg.ipv6_network } else { None };
+    let dp = Dataplane::new(ext.clone(), cfg.backend.clone(), network, network6, &opts.state_dir)?;
     let mtu = dp.mtu();
     let attrs = LeaseAttrs {
         public_ip: ext.public_ip,
-        public_ipv6: None,
+        // flanneld writes null here unless the network is dual stack.
+        public_ipv6: network6.and(ext.public_ipv6),
         backend_type: cfg.backend.kind.as_str().to_string(),
         backend_data: dp.backend_data(),
-        backend_v6_data: None,
+        backend_v6_data: dp.backend_v6_data(),
     };
-    let previous = SubnetEnv::load(&opts.subnet_file).ok().and_then(|e| match e.subnet {
-        Some(IpNet::V4(s)) => Some(s),
+    let previous = SubnetEnv::load(&opts.subnet_file).ok().and_then(|e| match (e.subnet, e.ipv6_subnet) {
+        (Some(IpNet::V4(s)), v6) => Some(LeaseKey {
+            subnet: s.trunc(),
+            ipv6_subnet: match v6 {
+                Some(IpNet::V6(s6)) => Some(s6.trunc()),
+                _ => None,
+            },
+        }),
         _ => None,
     });
     let own = acquire(&mut reg, &cfg, &attrs, previous, opts.lease_ttl).await?;
@@ -254,16 +263,28 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
         }
     };
     apply(&dp_tx, own, &leases)?;
-    crate::rules::sync(network, own.subnet, opts.ip_masq).context("installing the FLANNEL-* rules")?;
+    // (network, this node's subnet) per family.
+    let mut families = vec![(IpNet::V4(network), IpNet::V4(own.subnet))];
+    if let (Some(n6), Some(s6)) = (network6, own.ipv6_subnet) {
+        families.push((IpNet::V6(n6), IpNet::V6(s6)));
+    }
+    for (n, s) in &families {
+        crate::rules::sync(*n, *s, opts.ip_masq).context("installing the FLANNEL-* rules")?;
+    }
 
     // Only now, with routes and rules in place, may pods be wired.
-    let first =
-        IpNet::new(std::net::IpAddr::V4(Ipv4Addr::from(u32::from(own.subnet.network()) + 1)), own.subnet.prefix_len())?;
+    let first = |s: IpNet| -> Result<IpNet> {
+        let addr = match s.network() {
+            IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(u32::from(a) + 1)),
+            IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a) + 1)),
+        };
+        Ok(IpNet::new(addr, s.prefix_len())?)
+    };
     let env = SubnetEnv {
         network: Some(IpNet::V4(network)),
-        subnet: Some(first),
-        ipv6_network: None,
-        ipv6_subnet: None,
+        subnet: Some(first(IpNet::V4(own.subnet))?),
+        ipv6_network: network6.map(IpNet::V6),
+        ipv6_subnet: own.ipv6_subnet.map(|s| first(IpNet::V6(s))).transpose()?,
         mtu: Some(mtu),
         ipmasq: Some(opts.ip_masq),
     };
@@ -281,7 +302,11 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(resync).await;
-            let r = tokio::task::spawn_blocking(move || crate::rules::sync(network, own.subnet, masq)).await;
+            let fams = families.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                fams.iter().try_for_each(|(n, s)| crate::rules::sync(*n, *s, masq))
+            })
+            .await;
             if let Ok(Err(e)) = r {
                 log(format!("iptables resync: {e}"));
             }

@@ -22,6 +22,12 @@ pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
     format!("veth{:011x}", h & 0xfff_ffff_ffff)
 }
 
+/// The modified EUI-64 link-local address of `mac` (what the kernel would derive), as fe80::/64.
+fn link_local(mac: &[u8; 6]) -> IpNet {
+    let b = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, mac[0] ^ 2, mac[1], mac[2], 0xff, 0xfe, mac[3], mac[4], mac[5]];
+    IpNet::new(std::net::IpAddr::V6(std::net::Ipv6Addr::from(b)), 64).expect("/64")
+}
+
 /// The bridge, created (up, with the configured MTU and VLAN filtering) if absent.
 pub fn ensure_bridge(host: &mut Rtnl, plan: &Plan) -> Result<Link> {
     if let Some(l) = host.link_get(&plan.bridge)? {
@@ -47,8 +53,20 @@ pub fn ensure_bridge(host: &mut Rtnl, plan: &Plan) -> Result<Link> {
     if plan.promisc {
         b = b.promiscuous(true);
     }
+    // A MAC of its own: otherwise the bridge takes its first port's, and its IPv6 link-local address with it.
+    let mut mac: [u8; 6] = rand::random();
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    b = b.address(mac.to_vec());
     match host.link_add(b.build(), &format!("bridge {}", plan.bridge)) {
-        Ok(()) => {}
+        Ok(()) => {
+            // The kernel sends no neighbour solicitation without a usable link-local source address, and the one
+            // it makes itself stays tentative for a second or two after the first port joins (DAD): the first
+            // IPv6 packets forwarded to a new node's first pod waited that long. So the same address goes on now,
+            // without DAD (the MAC is ours and random). Best effort: a node may have IPv6 off.
+            if let Some(l) = host.link_get(&plan.bridge)? {
+                let _ = host.address_add(l.index, link_local(&mac), true);
+            }
+        }
         Err(e) if e.is_exists() => {} // a concurrent ADD created it first
         Err(e) if plan.vlan.is_some() && e.is(libc::EOPNOTSUPP) => {
             return Err(PluginError::Invalid(format!(

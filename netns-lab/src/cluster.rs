@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
 
-use crate::{ip, wait_for, Lab, NodeState};
+use crate::{add_underlay_addrs, ip, wait_for, Lab, NodeState};
 
 /// Where the lab's etcd listens (inside its control namespace, on the underlay).
 pub const ETCD_IP: &str = "198.18.0.100";
@@ -46,7 +46,18 @@ impl Backend {
         };
         json!({"Network": "10.244.0.0/16", "Backend": backend})
     }
+
+    /// The same, dual stack: pods also get an IPv6 /64 out of [`POD_NET_V6`].
+    pub fn dual_stack_config(self) -> Value {
+        let mut c = self.network_config();
+        c["EnableIPv6"] = json!(true);
+        c["IPv6Network"] = json!(POD_NET_V6);
+        c
+    }
 }
+
+/// The pods' IPv6 network in dual-stack labs (unique local addresses).
+pub const POD_NET_V6: &str = "fd00:10:244::/56";
 
 /// Where the `tartan-agent` binary is.
 pub fn agent_bin() -> PathBuf {
@@ -187,7 +198,11 @@ impl Lab {
                 cmd.args([flag, value]);
             }
         }
-        cmd.args(["--iface", "eth0", "--ip-masq"])
+        // The underlay interface, unless the caller picks one itself.
+        if !extra.iter().any(|a| a.starts_with("--iface")) {
+            cmd.args(["--iface", "eth0"]);
+        }
+        cmd.arg("--ip-masq")
             .arg("--subnet-file")
             .arg(n.root.join("run/flannel/subnet.env"))
             .arg("--state-dir")
@@ -218,11 +233,11 @@ impl Lab {
         let sw = self.ensure_underlay()?;
         self.veth(&sw, "p-router", &r, "eth0")?;
         ip(&["-n", &sw, "link", "set", "p-router", "master", "br0"])?;
-        ip(&["-n", &r, "addr", "add", &format!("198.18.0.{ROUTER_SUFFIX}/24"), "dev", "eth0"])?;
+        add_underlay_addrs(&r, "eth0", &format!("198.18.0.{ROUTER_SUFFIX}"))?;
         self.veth(&sw2, "p-router", &r, "eth1")?;
         ip(&["-n", &sw2, "link", "set", "p-router", "master", "br0"])?;
-        ip(&["-n", &r, "addr", "add", &format!("198.18.1.{ROUTER_SUFFIX}/24"), "dev", "eth1"])?;
-        self.exec(&r, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        add_underlay_addrs(&r, "eth1", &format!("198.18.1.{ROUTER_SUFFIX}"))?;
+        self.exec(&r, &["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])?;
         // Hosts already on segment A (etcd) learn the way to segment B.
         let etcd = self.ns_name("etcd");
         if self.state.namespaces.contains(&etcd) {
@@ -239,8 +254,9 @@ impl Lab {
         self.veth(&sw2, &format!("p-{name}"), &ns, "eth0")?;
         ip(&["-n", &sw2, "link", "set", &format!("p-{name}"), "master", "br0"])?;
         let addr = format!("198.18.1.{index}");
-        ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        add_underlay_addrs(&ns, "eth0", &addr)?;
         ip(&["-n", &ns, "route", "add", "198.18.0.0/24", "via", &format!("198.18.1.{ROUTER_SUFFIX}")])?;
+        ip(&["-n", &ns, "route", "add", "2001:2:0:0::/64", "via", &format!("2001:2:0:1::{ROUTER_SUFFIX}")])?;
         let root = self.dir().join("nodes").join(name);
         for d in ["etc/cni/net.d", "var/lib/cni/networks", "run/flannel", "run/tartan", "var/lib/tartan"] {
             std::fs::create_dir_all(root.join(d))?;
@@ -254,9 +270,14 @@ impl Lab {
     /// The cluster of issue 3: etcd, `nodes` nodes (split over two segments with `segments == 2`), the network
     /// config for `backend`, an agent per node, subnet.env on each, the flannel-mode CNI config, an outside host.
     pub fn build_cluster(&mut self, nodes: usize, backend: Backend, segments: usize) -> Result<()> {
+        self.build_cluster_with(nodes, &backend.network_config(), segments)
+    }
+
+    /// [`Lab::build_cluster`] with any network config (dual stack, a VNI, a port...).
+    pub fn build_cluster_with(&mut self, nodes: usize, config: &Value, segments: usize) -> Result<()> {
         self.ensure_underlay()?;
         self.start_etcd()?;
-        self.put_network_config(&backend.network_config())?;
+        self.put_network_config(config)?;
         if segments > 1 {
             self.add_segment()?;
         }
@@ -266,6 +287,15 @@ impl Lab {
             let node = if second { self.add_node_on_segment2(&name)? } else { self.add_node(&name)? };
             if segments > 1 && !second {
                 ip(&["-n", &node.ns, "route", "add", "198.18.1.0/24", "via", &format!("198.18.0.{ROUTER_SUFFIX}")])?;
+                ip(&[
+                    "-n",
+                    &node.ns,
+                    "route",
+                    "add",
+                    "2001:2:0:1::/64",
+                    "via",
+                    &format!("2001:2:0:0::{ROUTER_SUFFIX}"),
+                ])?;
             }
             self.write_cni_config(&name, &flannel_conflist(&node))?;
             self.start_agent(&name, &[])?;

@@ -32,6 +32,20 @@ pub const NS_PREFIX: &str = "tl";
 pub const UNDERLAY_NET: &str = "198.18.0";
 pub const OUTSIDE_IP: &str = "198.18.0.254";
 
+/// The IPv6 twin of an underlay address, in the IPv6 benchmarking range (RFC 5180) as 198.18.0.0/15 is IPv4's:
+/// 198.18.X.Y -> 2001:2:0:X::Y (a /64 per segment).
+pub fn underlay_v6(v4: &str) -> String {
+    let o: Vec<&str> = v4.split('.').collect();
+    format!("2001:2:0:{}::{}", o.get(2).unwrap_or(&"0"), o.get(3).unwrap_or(&"0"))
+}
+
+/// `addr`/24 and its IPv6 twin/64 on `dev` in `ns` (no duplicate address detection: the lab hands them out).
+pub fn add_underlay_addrs(ns: &str, dev: &str, addr: &str) -> Result<()> {
+    ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
+    ip(&["-n", ns, "addr", "add", &format!("{}/64", underlay_v6(addr)), "dev", dev, "nodad"])?;
+    Ok(())
+}
+
 /// A lab and everything it owns.
 pub struct Lab {
     pub state: LabState,
@@ -127,6 +141,10 @@ impl Lab {
         self.state.namespaces.push(name.clone());
         self.save()?;
         ip(&["-n", &name, "link", "set", "lo", "up"])?;
+        // A real node's interfaces finished IPv6 duplicate address detection long ago; a new namespace's would
+        // spend their first seconds tentative, unable to source neighbour solicitations, so a test's first
+        // forwarded IPv6 packets would wait. The lab hands out every address itself: no DAD in its namespaces.
+        self.exec(&name, &["sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"])?;
         Ok(name)
     }
 
@@ -213,13 +231,13 @@ impl Lab {
         Ok(sw)
     }
 
-    /// Plugs `ns` into the underlay switch as `eth0` with `addr` (a /24 of 198.18.0.0/15).
+    /// Plugs `ns` into the underlay switch as `eth0` with `addr` (a /24 of 198.18.0.0/15) and its IPv6 twin
+    /// ([`underlay_v6`]).
     pub fn plug_underlay(&mut self, ns: &str, port: &str, addr: &str) -> Result<()> {
         let sw = self.ensure_underlay()?;
         self.veth(&sw, port, ns, "eth0")?;
         ip(&["-n", &sw, "link", "set", port, "master", "br0"])?;
-        ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
-        Ok(())
+        add_underlay_addrs(ns, "eth0", addr)
     }
 
     /// A host outside the cluster, on the underlay at [`OUTSIDE_IP`].

@@ -30,6 +30,9 @@ enum Cmd {
         /// With --backend: put the nodes on two L2 segments joined by a router.
         #[arg(long, default_value_t = 1)]
         segments: usize,
+        /// With --backend vxlan, vxlan-direct or host-gw: dual stack (pods get an IPv6 address too).
+        #[arg(long)]
+        ipv6: bool,
     },
     /// Pods: created and deleted through the CNI plugin, as kubelet does.
     Pod {
@@ -83,7 +86,7 @@ enum PodCmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Up { name, nodes, backend, segments } => {
+        Cmd::Up { name, nodes, backend, segments, ipv6 } => {
             if nodes == 0 {
                 bail!("--nodes must be at least 1");
             }
@@ -93,6 +96,7 @@ fn main() -> Result<()> {
             let backend = backend.as_deref().map(netns_lab::cluster::Backend::parse).transpose()?;
             let mut lab = Lab::persistent(&name)?;
             let built = match backend {
+                Some(b) if ipv6 => lab.build_cluster_with(nodes, &b.dual_stack_config(), segments),
                 Some(b) => lab.build_cluster(nodes, b, segments),
                 None => lab.build_static(nodes),
             };

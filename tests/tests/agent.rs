@@ -402,3 +402,93 @@ fn an_incompatible_vxlan_device_is_recreated() {
     assert_eq!(v[0]["linkinfo"]["info_data"]["port"], 8472);
     assert_eq!(v[0]["linkinfo"]["info_data"]["local"], "198.18.0.1");
 }
+
+#[test]
+fn dual_stack_vxlan_and_host_gw_carry_ipv6_pod_traffic() {
+    for (backend, tag) in [(Backend::Vxlan, "ds-vx"), (Backend::HostGw, "ds-hgw")] {
+        let mut lab = Lab::new(tag).unwrap();
+        lab.build_cluster_with(2, &backend.dual_stack_config(), 1).unwrap();
+        let r0 = lab.add_pod("n1", "a", "default").unwrap();
+        let r1 = lab.add_pod("n2", "b", "default").unwrap();
+        let v6_of = |r: &serde_json::Value| -> String {
+            let ips = r["ips"].as_array().unwrap();
+            let a =
+                ips.iter().find_map(|i| i["address"].as_str().filter(|a| a.contains(':'))).expect("an IPv6 address");
+            a.split('/').next().unwrap().to_string()
+        };
+        let (a6, b6) = (v6_of(&r0), v6_of(&r1));
+        assert!(a6.starts_with("fd00:10:244:") && b6.starts_with("fd00:10:244:"), "{a6} {b6}");
+        let (a_ns, n1) = (lab.pod("a").unwrap().ns.clone(), lab.node("n1").unwrap().ns.clone());
+        let cap = netns_lab::Capture::start_with(&n1, "eth0", &["-v"], "ip6 and (icmp6 or udp port 8472)").unwrap();
+        let ok = lab.ping(&a_ns, &b6).unwrap();
+        let text = cap.stop().unwrap().join("\n");
+        let routes = lab.exec(&n1, &["ip", "-6", "route"]).unwrap();
+        let routes = String::from_utf8_lossy(&routes.stdout).into_owned();
+        assert!(ok, "{backend:?}: a -> b over IPv6; on the wire:\n{text}\nn1's IPv6 routes:\n{routes}");
+        let inner = format!("{a6} > {b6}: [icmp6 sum ok] ICMP6, echo request");
+        match backend {
+            Backend::Vxlan => {
+                assert!(text.contains("2001:2::1.") && text.contains("> 2001:2::2.8472"), "IPv6 underlay: {text}");
+                assert!(text.contains("instance 1") && text.contains(&inner), "{text}");
+            }
+            _ => assert!(text.contains(&inner) && !text.contains("8472"), "bare on the wire: {text}"),
+        }
+        // IPv4 still works alongside.
+        let b4 = r1["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().to_string();
+        assert!(lab.ping(&a_ns, &b4).unwrap());
+        // flannel's dual-stack lease and subnet.env.
+        let out = lab.etcdctl(&["get", "--prefix", "/coreos.com/network/subnets/"]).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 4, "{out}");
+        for pair in lines.chunks(2) {
+            assert!(pair[0].contains("-24&fd00:10:244:") && pair[0].ends_with("-64"), "{}", pair[0]);
+            let v: serde_json::Value = serde_json::from_str(pair[1]).unwrap();
+            assert!(v["PublicIPv6"].as_str().unwrap().starts_with("2001:2::"), "{v}");
+            if backend == Backend::Vxlan {
+                assert_eq!(v["BackendV6Data"]["VNI"], 1, "{v}");
+                assert_ne!(v["BackendV6Data"]["VtepMAC"], v["BackendData"]["VtepMAC"], "{v}");
+            }
+        }
+        let env = std::fs::read_to_string(lab.node("n1").unwrap().root.join("run/flannel/subnet.env")).unwrap();
+        assert!(env.contains("FLANNEL_IPV6_NETWORK=fd00:10:244::/56\n"), "{env}");
+        assert!(env.contains("FLANNEL_IPV6_SUBNET=fd00:10:244:") && env.contains("::1/64\n"), "{env}");
+        if backend == Backend::Vxlan {
+            assert!(env.contains("FLANNEL_MTU=1430"), "the IPv6 tunnel's 70 bytes set the pod MTU: {env}");
+        }
+        let rules = lab.exec(&n1, &["ip6tables-save", "-t", "nat"]).unwrap();
+        let rules = String::from_utf8_lossy(&rules.stdout);
+        assert!(rules.contains("-A FLANNEL-POSTRTG -s fd00:10:244::/56 -d fd00:10:244::/56"), "{rules}");
+    }
+}
+
+#[test]
+fn the_interface_is_chosen_by_address_or_by_regex_as_flanneld_does() {
+    let mut lab = Lab::with_etcd("iface", &Backend::HostGw.network_config()).unwrap();
+    let n = lab.add_node("n1").unwrap();
+    // A second interface, made after eth0: only an explicit choice picks it.
+    let other = lab.add_ns("mgmt").unwrap();
+    lab.veth(&n.ns, "mgmt0", &other, "eth0").unwrap();
+    lab.exec(&n.ns, &["ip", "addr", "add", "198.19.5.1/24", "dev", "mgmt0"]).unwrap();
+    let log_path = n.root.join("agent.log");
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let runs: [(&[&str], &str); 4] = [
+        (&["--iface", "198.19.5.1"], "using interface mgmt0 (198.19.5.1)"),
+        (&["--iface", "nosuch", "--iface-regex", "^mgm"], "using interface mgmt0 (198.19.5.1)"),
+        (&["--iface", "2001:2::1"], "using interface eth0 (198.18.0.1)"),
+        (&["--iface-regex", "^nomatch$"], "no usable external interface"),
+    ];
+    for (i, (flags, expect)) in runs.iter().enumerate() {
+        let pid = lab.start_agent("n1", flags).unwrap();
+        assert!(
+            wait_for(Duration::from_secs(10), || log().matches(expect).count() == 1 + (i == 1) as usize),
+            "{flags:?}: {}",
+            log()
+        );
+        if i == 0 {
+            lab.wait_subnet_env("n1", Duration::from_secs(10)).unwrap();
+            let out = lab.etcdctl(&["get", "--prefix", "/coreos.com/network/subnets/"]).unwrap();
+            assert!(out.contains(r#""PublicIP":"198.19.5.1""#), "{out}");
+        }
+        lab.stop(pid);
+    }
+}

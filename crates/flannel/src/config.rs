@@ -229,6 +229,30 @@ impl NetworkConfig {
     }
 }
 
+impl NetworkConfig {
+    /// Every IPv6 subnet leases may take, in order (empty without IPv6).
+    pub fn ipv6_subnets(&self) -> impl Iterator<Item = Ipv6Net> + '_ {
+        let (lo, hi) = match (self.ipv6_subnet_min, self.ipv6_subnet_max) {
+            (Some(lo), Some(hi)) => (u128::from(lo), u128::from(hi)),
+            _ => (1, 0),
+        };
+        let size = if self.enable_ipv6 { 1u128 << (128 - self.ipv6_subnet_len) } else { 1 };
+        // u128 ranges cannot step_by a u128; walk by hand.
+        std::iter::successors(Some(lo), move |a| a.checked_add(size))
+            .take_while(move |a| *a <= hi)
+            .map(move |a| Ipv6Net::new(Ipv6Addr::from(a), self.ipv6_subnet_len).expect("valid prefix"))
+    }
+
+    /// Whether `subnet` is an IPv6 subnet this config could have handed out.
+    pub fn fits_v6(&self, subnet: &Ipv6Net) -> bool {
+        let (Some(lo), Some(hi)) = (self.ipv6_subnet_min, self.ipv6_subnet_max) else { return false };
+        subnet.prefix_len() == self.ipv6_subnet_len
+            && subnet.addr() >= lo
+            && subnet.addr() <= hi
+            && subnet.addr() == subnet.network()
+    }
+}
+
 fn parse_backend(v: Option<&serde_json::Value>) -> Result<BackendConfig, ConfigError> {
     // flanneld's own rule: no Backend at all means udp.
     let raw: RawBackend = match v {

@@ -81,6 +81,11 @@ impl LeaseAttrs {
     pub fn vxlan(&self) -> Option<VxlanData> {
         self.backend_data.as_ref().and_then(|d| serde_json::from_value(d.clone()).ok())
     }
+
+    /// The IPv6 tunnel's BackendV6Data (dual stack).
+    pub fn vxlan_v6(&self) -> Option<VxlanData> {
+        self.backend_v6_data.as_ref().and_then(|d| serde_json::from_value(d.clone()).ok())
+    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ mod neighbour;
 mod route;
 
 pub use link::{Link, VxlanInfo};
-pub use monitor::{Monitor, GROUP_IPV4_ROUTE, GROUP_LINK, GROUP_NEIGH};
+pub use monitor::{Monitor, GROUP_IPV4_ROUTE, GROUP_IPV6_ROUTE, GROUP_LINK, GROUP_NEIGH};
 pub use neighbour::Neighbour;
 pub use route::RouteSpec;
 

@@ -29,7 +29,7 @@ pub struct Link {
 pub struct VxlanInfo {
     pub vni: u32,
     pub port: u16,
-    pub local: Option<std::net::Ipv4Addr>,
+    pub local: Option<std::net::IpAddr>,
     pub learning: bool,
     pub dev: Option<u32>,
 }
@@ -69,7 +69,8 @@ impl Link {
                                     match a {
                                         InfoVxlan::Id(id) => x.vni = *id,
                                         InfoVxlan::Port(p) => x.port = *p,
-                                        InfoVxlan::Local(ip) => x.local = Some(*ip),
+                                        InfoVxlan::Local(ip) => x.local = Some((*ip).into()),
+                                        InfoVxlan::Local6(ip) => x.local = Some((*ip).into()),
                                         InfoVxlan::Learning(b) => x.learning = *b,
                                         InfoVxlan::Link(d) => x.dev = Some(*d),
                                         _ => {}

@@ -8,6 +8,7 @@ use crate::{Result, RtnlError};
 pub const GROUP_LINK: u32 = 1;
 pub const GROUP_NEIGH: u32 = 3;
 pub const GROUP_IPV4_ROUTE: u32 = 7;
+pub const GROUP_IPV6_ROUTE: u32 = 11;
 
 /// A socket that receives the kernel's change notifications for the groups it joined, in the namespace it was
 /// created in.
