@@ -4,6 +4,7 @@ pub mod acquire;
 pub mod dataplane;
 pub mod external;
 pub mod options;
+pub mod publish;
 pub mod registry;
 pub mod rules;
 pub mod run;

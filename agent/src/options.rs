@@ -49,7 +49,16 @@ pub struct Options {
     #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
     pub healthz_port: u16,
 
-    // --- not in flanneld: where node-local state lives, and what tests shorten ---
+    // --- not in flanneld: the cluster store, where node-local state lives, and what tests shorten ---
+    /// This node's name in the cluster store (flannel's NODE_NAME; default: the hostname).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// The cluster store's prefix in the same etcd (Nodes, Pods, Services...).
+    #[arg(long, env = "TARTAN_STORE_PREFIX", default_value = store::DEFAULT_PREFIX)]
+    pub store_prefix: String,
+    /// Volatile node state: where the `tartan` plugin records the pods it wires (its runDir).
+    #[arg(long, env = "TARTAN_RUN_DIR", default_value = "/run/tartan")]
+    pub run_dir: PathBuf,
     /// Persistent state (the VtepMAC).
     #[arg(long, env = "TARTAN_STATE_DIR", default_value = "/var/lib/tartan")]
     pub state_dir: PathBuf,

@@ -3,12 +3,10 @@
 //! re-lists when that revision was compacted away.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions,
-    Txn, TxnOp, WatchOptions, WatchStream,
+    Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions, WatchStream,
 };
 use flannel::{LeaseAttrs, LeaseKey};
 
@@ -27,50 +25,11 @@ pub enum Change {
     Resync,
 }
 
-/// --etcd-cafile / --etcd-certfile / --etcd-keyfile, read once at start.
-#[derive(Debug, Clone, Default)]
-pub struct Tls {
-    pub ca: Option<Vec<u8>>,
-    /// (certificate, key), PEM.
-    pub identity: Option<(Vec<u8>, Vec<u8>)>,
-}
-
-impl Tls {
-    pub fn from_files(
-        ca: Option<&std::path::Path>,
-        cert: Option<&std::path::Path>,
-        key: Option<&std::path::Path>,
-    ) -> Result<Option<Tls>> {
-        let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-        let identity = match (cert, key) {
-            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
-            (None, None) => None,
-            _ => anyhow::bail!("--etcd-certfile and --etcd-keyfile go together"),
-        };
-        let ca = ca.map(read).transpose()?;
-        Ok((ca.is_some() || identity.is_some()).then_some(Tls { ca, identity }))
-    }
-}
+pub use store::Tls;
 
 impl Registry {
     pub async fn connect(endpoints: &str, prefix: &str, tls: Option<&Tls>) -> Result<Registry> {
-        let eps: Vec<&str> = endpoints.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
-        let mut opts = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
-        if let Some(t) = tls {
-            let mut o = TlsOptions::new();
-            if let Some(ca) = &t.ca {
-                o = o.ca_certificate(Certificate::from_pem(ca));
-            }
-            if let Some((cert, key)) = &t.identity {
-                o = o.identity(Identity::from_pem(cert, key));
-            }
-            opts = opts.with_tls(o);
-        }
-        let client =
-            Client::connect(eps, Some(opts)).await.with_context(|| format!("connecting to etcd at {endpoints}"))?;
+        let client = store::connect(endpoints, tls).await?;
         Ok(Registry { client, prefix: prefix.trim_end_matches('/').to_string() })
     }
 

@@ -296,6 +296,30 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
     }
     log(format!("wrote {}", opts.subnet_file.display()));
 
+    // The cluster store: this Node, and the status of the pods wired here.
+    let publisher = crate::publish::Publisher {
+        node: opts.node_name.clone().unwrap_or_else(hostname),
+        public_ip: IpAddr::V4(ext.public_ip),
+        public_ipv6: attrs.public_ipv6.map(IpAddr::V6),
+        pod_cidrs: families.iter().map(|(_, s)| s.to_string()).collect(),
+        run_dir: opts.run_dir.clone(),
+    };
+    let (store_eps, store_prefix, store_tls) = (opts.etcd_endpoints.clone(), opts.store_prefix.clone(), tls.clone());
+    tokio::spawn(async move {
+        let mut delay = Duration::from_millis(200);
+        let store = loop {
+            match store::Store::connect(&store_eps, &store_prefix, store_tls.as_ref()).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    log(format!("cluster store: {e}; retrying"));
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        publisher.run(store).await
+    });
+
     // The rules: resynced every --iptables-resync seconds (someone may flush them).
     let resync = Duration::from_secs(opts.iptables_resync.max(1));
     let masq = opts.ip_masq;
@@ -420,6 +444,12 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
             revision = rev;
         }
     }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
 }
 
 /// Our lease was deleted by someone else: take it back if the subnet is still free, else stop (flanneld's

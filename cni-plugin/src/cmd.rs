@@ -14,7 +14,7 @@ use rtnl::{RouteSpec, Rtnl};
 
 use crate::config::{parse_raw, Ipam, Need, Plan};
 use crate::error::{PluginError, Result};
-use crate::{delegate, masq, net, Outcome};
+use crate::{delegate, masq, net, pods, Outcome};
 
 /// The whole plugin: environment lookup and stdin in, what to print and the exit code out.
 pub fn run(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
@@ -41,7 +41,7 @@ pub fn run(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
         Err(e) => return fail(e),
     };
     if req.command == Command::Add {
-        return match add(&req, &plan, stdin) {
+        return match add(&req, &plan, stdin).and_then(|r| record_pod(&req, &plan, stdin, r)) {
             Ok(result) => {
                 let doc = match &plan.prev_result {
                     Some(prev) => chain_onto(prev, &result, plan.version),
@@ -342,9 +342,34 @@ fn wire(
     })
 }
 
+/// After a successful ADD of a named pod: the node-local record the agent publishes. If it cannot be written,
+/// the ADD is undone and fails (a pod the store never hears of would never get Service traffic).
+fn record_pod(req: &Request, plan: &Plan, stdin: &[u8], result: CniResult) -> Result<CniResult> {
+    let (Some(namespace), Some(name)) = (req.args.get("K8S_POD_NAMESPACE"), req.args.get("K8S_POD_NAME")) else {
+        return Ok(result);
+    };
+    let mut ips: Vec<IpAddr> = result.ips.iter().map(|i| i.address.addr()).collect();
+    ips.sort_by_key(|ip| ip.is_ipv6());
+    let rec = pods::PodRecord {
+        namespace: namespace.clone(),
+        name: name.clone(),
+        container_id: req.container_id.clone(),
+        ifname: req.ifname.clone(),
+        ips: ips.iter().map(ToString::to_string).collect(),
+    };
+    if let Err(e) = pods::record(&plan.run_dir, &rec) {
+        let _ = del(req, plan, stdin);
+        return Err(PluginError::io(format!("recording the pod in {}", pods::dir(&plan.run_dir).display()))(e));
+    }
+    Ok(result)
+}
+
 fn del(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<()> {
     // Best effort: carry on past each failure, report the first one at the end.
     let mut first_err: Option<PluginError> = None;
+    if let Err(e) = pods::forget(&plan.run_dir, &req.container_id, &req.ifname) {
+        first_err.get_or_insert(PluginError::io("removing the pod record".to_string())(e));
+    }
     let host_name = net::host_veth_name(&req.container_id, &req.ifname);
     let ns = req.netns.as_ref().and_then(|p| NetNs::open(p).ok());
     let links = (|| -> Result<()> {
@@ -469,6 +494,8 @@ fn gc(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<()> {
     let Some(valid) = valid_attachments(stdin)? else {
         return Err(PluginError::Invalid("GC requires cni.dev/valid-attachments".into()));
     };
+    pods::retain(&plan.run_dir, |id, ifname| valid.iter().any(|a| a.container_id == id && a.ifname == ifname))
+        .map_err(PluginError::io("pruning pod records".to_string()))?;
     match &plan.ipam {
         Ipam::HostLocal { data_dir, .. } => {
             let Some(store) = Store::existing(data_dir, &plan.network) else { return Ok(()) };

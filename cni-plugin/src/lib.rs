@@ -11,6 +11,7 @@ pub mod error;
 
 pub mod masq;
 mod net;
+pub mod pods;
 
 pub use cmd::run;
 pub use net::host_veth_name;

@@ -166,6 +166,21 @@ impl Lab {
         self.spawn_cmd(cmd)
     }
 
+    /// `tartanctl` against the lab's etcd, run inside its namespace (stdin closed unless `input` is given).
+    pub fn tartanctl(&self, args: &[&str], input: Option<&str>) -> Result<std::process::Output> {
+        use std::io::Write;
+        let ns = self.ns_name("etcd");
+        let mut cmd = self.cmd(&ns, crate::cni::tartan_bin_dir().join("tartanctl"))?;
+        cmd.args(["--etcd-endpoints", "http://127.0.0.1:2379"]).args(args);
+        cmd.stdin(if input.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() });
+        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn()?;
+        if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+            stdin.write_all(text.as_bytes())?;
+        }
+        Ok(child.wait_with_output()?)
+    }
+
     /// `etcdctl` (v3 API) against the lab's etcd, run inside its namespace; returns stdout.
     pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
         let ns = self.ns_name("etcd");
@@ -203,10 +218,27 @@ impl Lab {
             cmd.args(["--iface", "eth0"]);
         }
         cmd.arg("--ip-masq")
+            .args(["--node-name", node])
+            .arg("--run-dir")
+            .arg(n.root.join("run/tartan"))
             .arg("--subnet-file")
             .arg(n.root.join("run/flannel/subnet.env"))
             .arg("--state-dir")
             .arg(n.root.join("var/lib/tartan"))
+            .args(extra)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(std::process::Stdio::null());
+        self.spawn_cmd(cmd)
+    }
+
+    /// Starts `tartan-proxy` on a node (iptables mode, the lab's etcd, the node's name, the pod network as the
+    /// cluster CIDR, metrics on 127.0.0.1:10249 inside the node); its log is the node's proxy.log.
+    pub fn start_proxy(&mut self, node: &str, extra: &[&str]) -> Result<u32> {
+        let n = self.node(node)?.clone();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(n.root.join("proxy.log"))?;
+        let mut cmd = self.cmd(&n.ns, crate::cni::tartan_bin_dir().join("tartan-proxy"))?;
+        cmd.args(["--etcd-endpoints", ETCD_URL, "--node-name", node, "--cluster-cidr", "10.244.0.0/16"])
             .args(extra)
             .stdout(log.try_clone()?)
             .stderr(log)

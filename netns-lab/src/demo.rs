@@ -1,6 +1,7 @@
 //! The README's demo: a three-node cluster (a real etcd, a tartan-agent per node with the vxlan backend), two pods
 //! per node wired by `tartan` from the agent's subnet.env, a connectivity matrix across all of them and out of the
-//! cluster, and one packet captured on the underlay showing the VXLAN encapsulation.
+//! cluster, one packet captured on the underlay showing the VXLAN encapsulation, and the nodes and pods as the
+//! cluster store (`tartanctl`) shows them.
 
 use anyhow::{bail, Result};
 use netns_lab::cluster::Backend;
@@ -56,6 +57,14 @@ pub fn run() -> Result<()> {
     lab.exec(&a1.ns, &["ping", "-c", "1", "-W", "2", "-q", &b1.ip])?;
     for line in cap.stop()? {
         println!("  {line}");
+    }
+
+    // The cluster store: the agents registered their nodes and published the pods the plugin wired.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    for args in [&["get", "nodes", "-o", "wide"][..], &["get", "pods", "-o", "wide"][..]] {
+        println!("\n== tartanctl {}", args.join(" "));
+        let out = lab.tartanctl(args, None)?;
+        print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     }
 
     println!("\n== teardown");

@@ -150,9 +150,13 @@ impl RangeSet {
                 s if s == n => (to_u128(r.start), first_ip.saturating_sub(1)),
                 _ => (to_u128(r.start), to_u128(r.end)),
             };
+            // The wrap-around step is empty when the walk began at its range's first address.
             let empty = step == n && first_ip == to_u128(r.start);
-            let iter = if empty { 1..=0 } else { lo..=hi };
-            iter.map(move |x| from_u128(v4, x)).filter(move |ip| *ip != r.gateway).map(move |ip| (ip, r))
+            (lo..=hi)
+                .filter(move |_| !empty)
+                .map(move |x| from_u128(v4, x))
+                .filter(move |ip| *ip != r.gateway)
+                .map(move |ip| (ip, r))
         })
     }
 }

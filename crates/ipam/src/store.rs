@@ -325,7 +325,7 @@ mod tests {
         let store = Store::open(tmp.path(), "n").unwrap();
         let lock = store.lock().unwrap();
         let small = set("10.1.0.0/30"); // .1 is the gateway, .2 the only address
-        lock.allocate(&[small.clone()], "a", "eth0").unwrap();
+        lock.allocate(std::slice::from_ref(&small), "a", "eth0").unwrap();
         let err = lock.allocate(&[set("10.2.0.0/24"), small], "b", "eth0").unwrap_err();
         assert!(matches!(err, IpamError::Exhausted { index: 1, .. }), "{err}");
         assert_eq!(lock.list().unwrap().len(), 1, "the address from set 0 was given back");
