@@ -2,6 +2,7 @@
 
 mod agent;
 mod cni;
+mod proxy;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -29,6 +30,17 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         secs: u32,
     },
+    /// tartan-proxy (iptables) at scale: sync times, rule count and connect latency for N services.
+    Proxy {
+        /// Service counts, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "10,1000,10000")]
+        services: Vec<usize>,
+        #[arg(long, default_value_t = 5)]
+        endpoints: usize,
+        /// New connections measured per size.
+        #[arg(long, default_value_t = 1000)]
+        connects: usize,
+    },
     /// Agent convergence: start-up with N leases in etcd, and new lease to route latency.
     Convergence {
         #[arg(long, default_value_t = 1000)]
@@ -43,5 +55,6 @@ fn main() -> Result<()> {
         Cmd::Cni { runs, batches } => cni::run(runs, batches),
         Cmd::Throughput { secs } => agent::throughput(secs),
         Cmd::Convergence { leases, new } => agent::convergence(leases, new),
+        Cmd::Proxy { services, endpoints, connects } => proxy::run(&services, endpoints, connects),
     }
 }

@@ -1,0 +1,114 @@
+//! tartan-proxy's iptables dataplane at scale: with N services x E endpoints programmed in a node, the full sync
+//! time, the one-service-change (partial) sync time, the rule count, and the TCP connect latency from a pod to
+//! one real service (a new connection each time), against connecting to the pod directly with no proxy rules at
+//! all (the floor). The measured service sorts last, so every new connection walks the whole services chain, as
+//! kube-proxy's iptables mode makes it.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use netns_lab::Lab;
+use tartan_proxy::iptables_dp::IptablesDataplane;
+use tartan_proxy::model::{Endpoint, ServicePort};
+use tartan_proxy::Dataplane;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 255, 254);
+
+fn synthetic(n: usize, endpoints: usize) -> Vec<ServicePort> {
+    (0..n)
+        .map(|i| {
+            let vip = IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 97, 0, 0)) + i as u32));
+            let eps = (0..endpoints)
+                .map(|e| Endpoint {
+                    ip: IpAddr::V4(Ipv4Addr::new(10, 200, (i / 250) as u8, (i % 250) as u8 + e as u8 % 5)),
+                    port: 8080,
+                    local: false,
+                })
+                .collect();
+            ServicePort::cluster_ip(&format!("bench/svc-{i:05}:/tcp"), vip, 80, eps)
+        })
+        .collect()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Connect latencies (ms) to `dst` from inside `ns`, `count` new connections.
+fn connects(ns: &str, dst: SocketAddr, count: usize) -> Result<Vec<f64>> {
+    let ns = netns::NetNs::named(ns)?;
+    ns.run(|| -> Result<Vec<f64>> {
+        let mut v = Vec::with_capacity(count);
+        for _ in 0..count {
+            let t = Instant::now();
+            let s = TcpStream::connect_timeout(&dst, Duration::from_secs(2)).context("connect")?;
+            v.push(t.elapsed().as_secs_f64() * 1e3);
+            drop(s);
+        }
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        Ok(v)
+    })?
+}
+
+pub fn run(sizes: &[usize], endpoints: usize, count: usize) -> Result<()> {
+    let mut lab = Lab::new("bench-proxy")?;
+    lab.build_static(1)?;
+    let server = lab.add_pod("n1", "server", "default")?;
+    lab.add_pod("n1", "client", "default")?;
+    let server_ip: Ipv4Addr = server["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().parse()?;
+    let (server_ns, client_ns, node_ns) =
+        (lab.pod("server")?.ns.clone(), lab.pod("client")?.ns.clone(), lab.node("n1")?.ns.clone());
+    // A server that accepts and closes, inside the server pod, for the whole run.
+    let sns = server_ns.clone();
+    std::thread::spawn(move || {
+        let ns = netns::NetNs::named(&sns).unwrap();
+        let _g = ns.enter().unwrap();
+        let l = TcpListener::bind("0.0.0.0:8080").unwrap();
+        for c in l.incoming() {
+            drop(c);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let floor = connects(&client_ns, SocketAddr::new(server_ip.into(), 8080), count)?;
+    println!("services x {endpoints} endpoints, iptables dataplane; connect latency over {count} new connections\n");
+    println!("| services | rules | full sync | one-service sync | connect p50 | connect p99 |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| no proxy (floor) | 0 | - | - | {:.3} ms | {:.3} ms |",
+        percentile(&floor, 0.5),
+        percentile(&floor, 0.99)
+    );
+    let nns = netns::NetNs::named(&node_ns)?;
+    for &n in sizes {
+        let mut ports = synthetic(n.saturating_sub(1), endpoints);
+        let to_server = vec![Endpoint { ip: server_ip.into(), port: 8080, local: true }];
+        ports.push(ServicePort::cluster_ip("zzz/measured:/tcp", VIP.into(), 80, to_server));
+        let (full, partial, rules) = nns.run(|| -> Result<(Duration, Duration, usize)> {
+            let mut dp = IptablesDataplane::new("10.244.0.0/16".parse().ok(), vec![]);
+            let t = Instant::now();
+            let r = dp.sync(&ports, true)?;
+            let full = t.elapsed();
+            let mut changed = ports.clone();
+            if let Some(first) = changed.first_mut() {
+                first.endpoints.pop();
+            }
+            let t = Instant::now();
+            dp.sync(&changed, false)?;
+            let partial = t.elapsed();
+            dp.sync(&ports, false)?;
+            Ok((full, partial, r.rules))
+        })??;
+        let lat = connects(&client_ns, SocketAddr::new(VIP.into(), 80), count)?;
+        println!(
+            "| {n} | {rules} | {:.0} ms | {:.0} ms | {:.3} ms | {:.3} ms |",
+            full.as_secs_f64() * 1e3,
+            partial.as_secs_f64() * 1e3,
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99)
+        );
+        nns.run(|| IptablesDataplane::new(None, vec![]).cleanup())??;
+    }
+    lab.teardown();
+    Ok(())
+}

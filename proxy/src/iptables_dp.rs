@@ -1,0 +1,143 @@
+//! The iptables dataplane: [`crate::rules`] rendered into one `iptables-restore --noflush -w` payload per sync, the
+//! jumps from the built-in chains checked on full syncs, and UDP conntrack entries of removed endpoints deleted
+//! (otherwise a UDP client keeps talking to a dead pod).
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use ipnet::IpNet;
+use iptables::{Family, Iptables};
+
+use crate::model::{Proto, ServicePort};
+use crate::rules::{self, Rules, CANARY};
+use crate::{Dataplane, SyncReport};
+
+pub struct IptablesDataplane {
+    ipt: Iptables,
+    opts: rules::Options,
+    last: Option<Rules>,
+    last_udp: BTreeSet<(IpAddr, IpAddr)>,
+}
+
+impl IptablesDataplane {
+    pub fn new(cluster_cidr: Option<IpNet>, nodeport_addresses: Vec<IpNet>) -> IptablesDataplane {
+        let opts = rules::Options { cluster_cidr, nodeport_addresses };
+        IptablesDataplane { ipt: Iptables::new(Family::V4), opts, last: None, last_udp: BTreeSet::new() }
+    }
+
+    fn ensure_jumps(&self) -> Result<()> {
+        let mut missing = String::new();
+        for table in ["nat", "filter"] {
+            let mut add = String::new();
+            for (t, chain, rule) in rules::jumps().into_iter().filter(|(t, _, _)| *t == table) {
+                if !self.ipt.exists(t, chain, &rule)? {
+                    // First in the chain, as kube-proxy puts its jumps.
+                    add += &format!("-I {chain} 1 {}\n", iptables::render(&rule));
+                }
+            }
+            if !add.is_empty() {
+                missing += &format!("*{table}\n{add}COMMIT\n");
+            }
+        }
+        if !missing.is_empty() {
+            self.ipt.restore(&missing).context("adding the jumps into tartan-proxy's chains")?;
+        }
+        Ok(())
+    }
+
+    /// (cluster IP or external IP, endpoint IP) pairs of UDP services.
+    fn udp_pairs(ports: &[ServicePort]) -> BTreeSet<(IpAddr, IpAddr)> {
+        let mut out = BTreeSet::new();
+        for p in ports.iter().filter(|p| p.proto == Proto::Udp) {
+            for e in &p.endpoints {
+                for vip in p.cluster_ip.iter().chain(&p.external_ips) {
+                    out.insert((*vip, e.ip));
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Dataplane for IptablesDataplane {
+    fn sync(&mut self, ports: &[ServicePort], full: bool) -> Result<SyncReport> {
+        let desired = rules::render(ports, &self.opts);
+        // The first sync of a run rewrites everything too: what a previous run left is not known.
+        let full = full || self.last.is_none();
+        let previous = if full { None } else { self.last.as_ref() };
+        let mut payload = rules::payload(&desired, previous);
+        if full {
+            // Chains of ours that exist but are no longer wanted (left by a previous run) go too.
+            for table in ["nat", "filter"] {
+                let want = if table == "nat" { &desired.nat } else { &desired.filter };
+                let stale: Vec<String> =
+                    our_chains(&self.ipt, table)?.into_iter().filter(|c| !want.contains_key(c)).collect();
+                if !stale.is_empty() {
+                    let extra: String = stale.iter().map(|c| format!(":{c} - [0:0]\n-X {c}\n")).collect();
+                    let at = payload.find(&format!("*{table}\n")).unwrap();
+                    let end = at + payload[at..].find("COMMIT\n").unwrap();
+                    payload.insert_str(end, &extra);
+                }
+            }
+        }
+        self.ipt.restore(&payload).context("iptables-restore of the service rules")?;
+        if full {
+            self.ensure_jumps()?;
+        }
+        let udp = Self::udp_pairs(ports);
+        for (vip, ep) in self.last_udp.difference(&udp) {
+            // Best effort: no entries is not an error worth failing a sync for.
+            let _ = Command::new("conntrack")
+                .args(["-D", "-p", "udp", "--orig-dst", &vip.to_string(), "--dst-nat", &ep.to_string()])
+                .output();
+        }
+        self.last_udp = udp;
+        let report = SyncReport { rules: desired.rule_count(), full };
+        self.last = Some(desired);
+        Ok(report)
+    }
+
+    fn tampered(&mut self) -> bool {
+        ["nat", "filter"].iter().any(|t| {
+            Command::new("iptables")
+                .args(["-w", "-t", t, "-S", CANARY])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .map(|s| !s.success())
+                .unwrap_or(true)
+        })
+    }
+
+    fn cleanup(&mut self) -> Result<()> {
+        let mut jumps = String::new();
+        for table in ["nat", "filter"] {
+            jumps += &format!("*{table}\n");
+            for (t, chain, rule) in rules::jumps().into_iter().filter(|(t, _, _)| *t == table) {
+                if self.ipt.exists(t, chain, &rule)? {
+                    jumps += &format!("-D {chain} {}\n", iptables::render(&rule));
+                }
+            }
+            jumps += "COMMIT\n";
+        }
+        self.ipt.restore(&jumps).context("removing the jumps")?;
+        let (nat, filter) = (our_chains(&self.ipt, "nat")?, our_chains(&self.ipt, "filter")?);
+        self.ipt.restore(&rules::cleanup_payload(&nat, &filter)).context("removing tartan-proxy's chains")?;
+        self.last = None;
+        Ok(())
+    }
+}
+
+/// The TARTAN-* chains of a table that are tartan-proxy's (not the CNI plugin's TARTAN-MASQ-*).
+fn our_chains(ipt: &Iptables, table: &str) -> Result<Vec<String>> {
+    let text = ipt.save(table)?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.strip_prefix(':'))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| c.starts_with("TARTAN-") && !c.starts_with("TARTAN-MASQ-"))
+        .map(String::from)
+        .collect())
+}

@@ -1,0 +1,103 @@
+//! `tartan-proxy`: flags, then the daemon (or `--cleanup`).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use tartan_proxy::{daemon, iptables_dp::IptablesDataplane, metrics, Dataplane};
+
+#[derive(Parser, Debug)]
+#[command(name = "tartan-proxy", version, about = "Services from Tartan's cluster store, programmed into the kernel")]
+struct Options {
+    #[arg(long, env = "TARTAN_ETCD_ENDPOINTS", default_value = "http://127.0.0.1:2379")]
+    etcd_endpoints: String,
+    #[arg(long, env = "TARTAN_ETCD_CAFILE")]
+    etcd_cafile: Option<std::path::PathBuf>,
+    #[arg(long, env = "TARTAN_ETCD_CERTFILE")]
+    etcd_certfile: Option<std::path::PathBuf>,
+    #[arg(long, env = "TARTAN_ETCD_KEYFILE")]
+    etcd_keyfile: Option<std::path::PathBuf>,
+    #[arg(long, env = "TARTAN_STORE_PREFIX", default_value = store::DEFAULT_PREFIX)]
+    store_prefix: String,
+    /// This node's name in the store (endpoints on it are "local").
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// The dataplane: iptables (eBPF comes later).
+    #[arg(long, default_value = "iptables")]
+    mode: String,
+    /// The pod network: traffic to a cluster IP from outside it is masqueraded.
+    #[arg(long)]
+    cluster_cidr: Option<ipnet::IpNet>,
+    /// Node ports answer only on this node's addresses within these CIDRs (comma-separated; default: all).
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Vec<ipnet::IpNet>,
+    /// Where metrics are served (0 port disables).
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_bind_address: SocketAddr,
+    /// Seconds between full syncs.
+    #[arg(long, default_value_t = 30)]
+    sync_period: u64,
+    /// Milliseconds between two syncs at most: changes in between are coalesced.
+    #[arg(long, default_value_t = 100)]
+    min_sync_period: u64,
+    /// Remove every rule this proxy owns, and exit.
+    #[arg(long)]
+    cleanup: bool,
+}
+
+fn main() -> Result<()> {
+    let o = Options::parse();
+    let mut dp: Box<dyn Dataplane + Send> = match o.mode.as_str() {
+        "iptables" => Box::new(IptablesDataplane::new(o.cluster_cidr, o.nodeport_addresses.clone())),
+        m => bail!("--mode {m:?}: only iptables is available"),
+    };
+    if o.cleanup {
+        dp.cleanup()?;
+        eprintln!("tartan-proxy: removed all rules");
+        return Ok(());
+    }
+    // NodePorts and external IPs forward to pods on other nodes: this node must route (kube-proxy expects the
+    // node to be set up so; a node without pods yet may not be).
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling net.ipv4.ip_forward")?;
+    let tls = store::Tls::from_files(o.etcd_cafile.as_deref(), o.etcd_certfile.as_deref(), o.etcd_keyfile.as_deref())?;
+    let node = match o.node_name {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname").context("hostname")?.trim().to_string(),
+    };
+    let settings = daemon::Settings {
+        endpoints: o.etcd_endpoints,
+        prefix: o.store_prefix,
+        tls,
+        node,
+        min_sync: Duration::from_millis(o.min_sync_period),
+        full_sync: Duration::from_secs(o.sync_period.max(1)),
+    };
+    let m: metrics::Shared = Arc::new(Mutex::new(metrics::Metrics::default()));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        if o.metrics_bind_address.port() != 0 {
+            let (addr, m2) = (o.metrics_bind_address, m.clone());
+            tokio::spawn(async move {
+                if let Err(e) = metrics::serve(addr, m2).await {
+                    eprintln!("tartan-proxy: metrics on {addr}: {e}");
+                }
+            });
+        }
+        tokio::select! {
+            r = daemon::run(settings, dp, m) => r,
+            _ = tokio::signal::ctrl_c() => Ok(()),
+            _ = sigterm() => Ok(()),
+        }
+    })
+}
+
+async fn sigterm() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}

@@ -1,0 +1,79 @@
+//! Prometheus text metrics on an HTTP port: syncs, their duration, rules programmed, the last error.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub syncs: u64,
+    pub full_syncs: u64,
+    pub errors: u64,
+    pub rules: usize,
+    pub services: usize,
+    pub last_error: Option<String>,
+    buckets: [u64; BUCKETS.len()],
+    sum: f64,
+}
+
+pub type Shared = Arc<Mutex<Metrics>>;
+
+impl Metrics {
+    pub fn observe(&mut self, took: Duration) {
+        let s = took.as_secs_f64();
+        self.sum += s;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if s <= *b {
+                self.buckets[i] += 1;
+            }
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        o += "# TYPE tartan_proxy_sync_total counter\n";
+        o += &format!("tartan_proxy_sync_total {}\n", self.syncs);
+        o += &format!("tartan_proxy_full_sync_total {}\n", self.full_syncs);
+        o += &format!("tartan_proxy_sync_errors_total {}\n", self.errors);
+        o += "# TYPE tartan_proxy_sync_duration_seconds histogram\n";
+        for (i, b) in BUCKETS.iter().enumerate() {
+            o += &format!("tartan_proxy_sync_duration_seconds_bucket{{le=\"{b}\"}} {}\n", self.buckets[i]);
+        }
+        o += &format!("tartan_proxy_sync_duration_seconds_bucket{{le=\"+Inf\"}} {}\n", self.syncs);
+        o += &format!("tartan_proxy_sync_duration_seconds_sum {}\n", self.sum);
+        o += &format!("tartan_proxy_sync_duration_seconds_count {}\n", self.syncs);
+        o += &format!("tartan_proxy_rules {}\n", self.rules);
+        o += &format!("tartan_proxy_service_ports {}\n", self.services);
+        let err = self.last_error.as_deref().unwrap_or("").replace(['"', '\\', '\n'], " ");
+        o += &format!("tartan_proxy_last_error{{error=\"{err}\"}} {}\n", u8::from(self.last_error.is_some()));
+        o
+    }
+}
+
+/// Serves /metrics and /healthz until the process ends.
+pub async fn serve(addr: std::net::SocketAddr, m: Shared) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    loop {
+        let (mut sock, _) = listener.accept().await?;
+        let m = m.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = sock.read(&mut buf).await.unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let path = req.split_whitespace().nth(1).unwrap_or("/");
+            let (code, body) = match path {
+                "/metrics" => ("200 OK", m.lock().unwrap().render()),
+                "/healthz" => ("200 OK", "ok\n".to_string()),
+                _ => ("404 Not Found", "not found\n".to_string()),
+            };
+            let resp = format!(
+                "HTTP/1.1 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+        });
+    }
+}

@@ -1,0 +1,409 @@
+//! The iptables dataplane's rules, as kube-proxy's iptables mode lays them out, under TARTAN-* chain names (so
+//! `--cleanup` can remove exactly what is ours):
+//!
+//! nat:    PREROUTING, OUTPUT -> TARTAN-SERVICES -> TARTAN-SVC-<h> (all endpoints) | TARTAN-SVL-<h> (local ones)
+//!         -> TARTAN-SEP-<h> (DNAT); external IPs and, last, `addrtype LOCAL` -> TARTAN-NODEPORTS -> TARTAN-EXT-<h>
+//!         (externalTrafficPolicy). TARTAN-MARK-MASQ sets 0x4000 (the mark flannel's rules leave alone);
+//!         POSTROUTING -> TARTAN-POSTROUTING masquerades marked packets.
+//! filter: FORWARD/OUTPUT (new) -> TARTAN-SERVICES: REJECT for services without endpoints; INPUT/FORWARD (new, to a
+//!         local address) -> TARTAN-EXTERNAL-SERVICES: REJECT or DROP for node ports and external IPs without
+//!         (local) endpoints; FORWARD -> TARTAN-FORWARD: drop INVALID, accept marked and established.
+//!
+//! Pure: the chains as data; [`payload`] turns them into one iptables-restore transaction that rewrites only the
+//! chains that changed since the last sync (kube-proxy's partial sync).
+
+use std::collections::BTreeMap;
+
+use ipnet::IpNet;
+
+use crate::model::{Endpoint, ServicePort};
+
+pub const MARK: &str = "0x4000";
+pub const CANARY: &str = "TARTAN-PROXY-CANARY";
+
+/// Chains per table, each with its rules (the part after `-A CHAIN `).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rules {
+    pub nat: BTreeMap<String, Vec<String>>,
+    pub filter: BTreeMap<String, Vec<String>>,
+}
+
+impl Rules {
+    pub fn rule_count(&self) -> usize {
+        self.nat.values().chain(self.filter.values()).map(Vec::len).sum()
+    }
+}
+
+/// Top-level chains: rewritten on every sync (they list every service).
+const TOP_NAT: [&str; 5] = ["TARTAN-SERVICES", "TARTAN-NODEPORTS", "TARTAN-MARK-MASQ", "TARTAN-POSTROUTING", CANARY];
+const TOP_FILTER: [&str; 4] = ["TARTAN-SERVICES", "TARTAN-EXTERNAL-SERVICES", "TARTAN-FORWARD", CANARY];
+
+/// Where the built-in chains jump into ours: (table, built-in chain, rule).
+pub fn jumps() -> Vec<(&'static str, &'static str, Vec<String>)> {
+    let v = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
+    let c = "-m comment --comment tartan-proxy";
+    vec![
+        ("nat", "PREROUTING", v(&format!("{c} -j TARTAN-SERVICES"))),
+        ("nat", "OUTPUT", v(&format!("{c} -j TARTAN-SERVICES"))),
+        ("nat", "POSTROUTING", v(&format!("{c} -j TARTAN-POSTROUTING"))),
+        ("filter", "INPUT", v(&format!("-m conntrack --ctstate NEW {c} -j TARTAN-EXTERNAL-SERVICES"))),
+        ("filter", "FORWARD", v(&format!("-m conntrack --ctstate NEW {c} -j TARTAN-SERVICES"))),
+        ("filter", "FORWARD", v(&format!("-m conntrack --ctstate NEW {c} -j TARTAN-EXTERNAL-SERVICES"))),
+        ("filter", "FORWARD", v(&format!("{c} -j TARTAN-FORWARD"))),
+        ("filter", "OUTPUT", v(&format!("-m conntrack --ctstate NEW {c} -j TARTAN-SERVICES"))),
+    ]
+}
+
+/// A stable 16-hex-digit name part (FNV-1a 64): chain names stay under iptables' 28 characters.
+fn hash(s: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016X}")
+}
+
+fn chain(kind: &str, id: &str) -> String {
+    format!("TARTAN-{kind}-{}", hash(id))
+}
+
+fn sep_chain(sp: &ServicePort, e: &Endpoint) -> String {
+    chain("SEP", &format!("{}/{}:{}", sp.id, e.ip, e.port))
+}
+
+fn host(ip: std::net::IpAddr) -> String {
+    IpNet::from(ip).to_string()
+}
+
+fn comment(s: &str) -> String {
+    format!("-m comment --comment \"{s}\"")
+}
+
+/// What the ruleset depends on besides the services.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Traffic to a ClusterIP from outside the pod network is masqueraded.
+    pub cluster_cidr: Option<IpNet>,
+    /// Node ports answer only on local addresses within these (kube-proxy's --nodeport-addresses); empty: all.
+    pub nodeport_addresses: Vec<IpNet>,
+}
+
+/// The ruleset for `ports`.
+pub fn render(ports: &[ServicePort], opts: &Options) -> Rules {
+    let cluster_cidr = opts.cluster_cidr;
+    let mut r = Rules::default();
+    for t in TOP_NAT {
+        r.nat.insert(t.into(), Vec::new());
+    }
+    for t in TOP_FILTER {
+        r.filter.insert(t.into(), Vec::new());
+    }
+    r.nat.get_mut("TARTAN-MARK-MASQ").unwrap().push(format!("-j MARK --or-mark {MARK}"));
+    r.nat.get_mut("TARTAN-POSTROUTING").unwrap().extend([
+        format!("-m mark ! --mark {MARK}/{MARK} -j RETURN"),
+        // Cleared so that a packet re-entering the stack (through a tunnel) is not masqueraded twice.
+        format!("-j MARK --xor-mark {MARK}"),
+        format!("{} -j MASQUERADE --random-fully", comment("tartan-proxy service traffic requiring SNAT")),
+    ]);
+    r.filter.get_mut("TARTAN-FORWARD").unwrap().extend([
+        "-m conntrack --ctstate INVALID -j DROP".to_string(),
+        format!("{} -m mark --mark {MARK}/{MARK} -j ACCEPT", comment("tartan-proxy forwarding rules")),
+        format!(
+            "{} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            comment("tartan-proxy forwarding conntrack rule")
+        ),
+    ]);
+
+    for sp in ports {
+        let p = sp.proto.as_str();
+        let dport = |port: u16| format!("-p {p} -m {p} --dport {port}");
+        let (svc, svl, ext) = (chain("SVC", &sp.id), chain("SVL", &sp.id), chain("EXT", &sp.id));
+        let local: Vec<&Endpoint> = sp.endpoints.iter().filter(|e| e.local).collect();
+        let all: Vec<&Endpoint> = sp.endpoints.iter().collect();
+        let vip = sp.cluster_ip.expect("only services with a cluster IP are programmed");
+        // In-cluster clients: every endpoint, or only this node's with internalTrafficPolicy Local.
+        let internal = if sp.internal_local { &local } else { &all };
+        let internal_chain = if sp.internal_local { &svl } else { &svc };
+        let external = if sp.external_local { &local } else { &all };
+        let cid = comment(&format!("{} cluster IP", sp.id));
+        if internal.is_empty() {
+            let why = if sp.endpoints.is_empty() { "has no endpoints" } else { "has no local endpoints" };
+            let target = if sp.endpoints.is_empty() { "REJECT --reject-with icmp-port-unreachable" } else { "DROP" };
+            r.filter.get_mut("TARTAN-SERVICES").unwrap().push(format!(
+                "{} -d {} {} -j {target}",
+                comment(&format!("{} {why}", sp.id)),
+                host(vip),
+                dport(sp.port)
+            ));
+        } else {
+            r.nat.get_mut("TARTAN-SERVICES").unwrap().push(format!(
+                "{cid} -d {} {} -j {internal_chain}",
+                host(vip),
+                dport(sp.port)
+            ));
+        }
+        let has_external = sp.node_port.is_some() || !sp.external_ips.is_empty();
+        if has_external && external.is_empty() {
+            {
+                let target =
+                    if sp.endpoints.is_empty() { "REJECT --reject-with icmp-port-unreachable" } else { "DROP" };
+                let c = comment(&format!(
+                    "{} has no {}endpoints",
+                    sp.id,
+                    if sp.endpoints.is_empty() { "" } else { "local " }
+                ));
+                let f = r.filter.get_mut("TARTAN-EXTERNAL-SERVICES").unwrap();
+                for ip in &sp.external_ips {
+                    f.push(format!("{c} -d {} {} -j {target}", host(*ip), dport(sp.port)));
+                }
+                if let Some(np) = sp.node_port {
+                    f.push(format!("{c} -m addrtype --dst-type LOCAL {} -j {target}", dport(np)));
+                }
+            }
+        }
+        // External traffic goes through TARTAN-EXT only when it has somewhere to go (else the filter rules above
+        // reject or drop it).
+        if has_external && !external.is_empty() {
+            for ip in &sp.external_ips {
+                r.nat.get_mut("TARTAN-SERVICES").unwrap().push(format!(
+                    "{} -d {} {} -j {ext}",
+                    comment(&format!("{} external IP", sp.id)),
+                    host(*ip),
+                    dport(sp.port)
+                ));
+            }
+            if let Some(np) = sp.node_port {
+                r.nat.get_mut("TARTAN-NODEPORTS").unwrap().push(format!("{} {} -j {ext}", comment(&sp.id), dport(np)));
+            }
+            let mut e = Vec::new();
+            if sp.external_local {
+                // Pods and the node itself are in-cluster clients; everyone else keeps their source address and
+                // reaches only this node's endpoints.
+                if let Some(cidr) = cluster_cidr {
+                    e.push(format!("{} -s {cidr} -j {svc}", comment("pod traffic for external destinations")));
+                }
+                e.push(format!(
+                    "{} -m addrtype --src-type LOCAL -j TARTAN-MARK-MASQ",
+                    comment("masquerade LOCAL traffic")
+                ));
+                e.push(format!(
+                    "{} -m addrtype --src-type LOCAL -j {svc}",
+                    comment("route LOCAL traffic to the service")
+                ));
+                e.push(format!("-j {svl}"));
+            } else {
+                e.push(format!("{} -j TARTAN-MARK-MASQ", comment("masquerade traffic for external destinations")));
+                e.push(format!("-j {svc}"));
+            }
+            r.nat.insert(ext, e);
+        }
+        // The balancing chains: every endpoint (SVC) and, where a policy asks for it, the local ones (SVL).
+        let mut want_svc = !all.is_empty() && (!sp.internal_local || (has_external && !sp.external_local));
+        want_svc |= has_external && sp.external_local && !all.is_empty();
+        if want_svc {
+            let mut v = Vec::new();
+            if let Some(cidr) = cluster_cidr {
+                v.push(format!("{cid} ! -s {cidr} -d {} {} -j TARTAN-MARK-MASQ", host(vip), dport(sp.port)));
+            }
+            v.extend(balance(sp, &all));
+            r.nat.insert(svc.clone(), v);
+        }
+        if (sp.internal_local || sp.external_local) && !local.is_empty() {
+            r.nat.insert(svl.clone(), balance(sp, &local));
+        }
+        for e in &all {
+            let sep = sep_chain(sp, e);
+            let mut v = vec![format!("{} -s {} -j TARTAN-MARK-MASQ", comment(&sp.id), host(e.ip))];
+            let recent = match sp.affinity {
+                Some(_) => format!(" -m recent --set --name {sep} --mask 255.255.255.255 --rsource"),
+                None => String::new(),
+            };
+            v.push(format!("{} -p {p}{recent} -m {p} -j DNAT --to-destination {}:{}", comment(&sp.id), e.ip, e.port));
+            r.nat.insert(sep, v);
+        }
+    }
+    // Node ports last, after every cluster and external IP.
+    let last = comment("tartan-proxy service nodeports; NOTE: this must be the last rule in this chain");
+    let services = r.nat.get_mut("TARTAN-SERVICES").unwrap();
+    if opts.nodeport_addresses.is_empty() {
+        services.push(format!("{last} -m addrtype --dst-type LOCAL -j TARTAN-NODEPORTS"));
+    } else {
+        for net in &opts.nodeport_addresses {
+            services.push(format!("{last} -d {net} -m addrtype --dst-type LOCAL -j TARTAN-NODEPORTS"));
+        }
+    }
+    r
+}
+
+/// Uniform random choice among `eps` (the i-th of n taken with probability 1/(n-i)); with session affinity,
+/// a client seen within the timeout goes back to its endpoint first.
+fn balance(sp: &ServicePort, eps: &[&Endpoint]) -> Vec<String> {
+    let mut v = Vec::new();
+    if let Some(t) = sp.affinity {
+        for e in eps {
+            let sep = sep_chain(sp, e);
+            v.push(format!(
+                "{} -m recent --name {sep} --rcheck --seconds {t} --reap --mask 255.255.255.255 --rsource -j {sep}",
+                comment(&sp.id)
+            ));
+        }
+    }
+    let n = eps.len();
+    for (i, e) in eps.iter().enumerate() {
+        let sep = sep_chain(sp, e);
+        let c = comment(&format!("{} -> {}:{}", sp.id, e.ip, e.port));
+        if i + 1 < n {
+            v.push(format!("{c} -m statistic --mode random --probability {:.10} -j {sep}", 1.0 / (n - i) as f64));
+        } else {
+            v.push(format!("{c} -j {sep}"));
+        }
+    }
+    v
+}
+
+/// One iptables-restore payload bringing the kernel from `previous` (what the last sync wrote; None: unknown,
+/// write everything) to `desired`: top-level chains always, other chains only when new or changed, and chains
+/// no longer wanted deleted (after the rewritten top-level chains stopped referring to them).
+pub fn payload(desired: &Rules, previous: Option<&Rules>) -> String {
+    let mut out = String::new();
+    for (table, want, had, top) in [
+        ("nat", &desired.nat, previous.map(|p| &p.nat), &TOP_NAT[..]),
+        ("filter", &desired.filter, previous.map(|p| &p.filter), &TOP_FILTER[..]),
+    ] {
+        out += &format!("*{table}\n");
+        let changed: Vec<&String> = want
+            .iter()
+            .filter(|(name, rules)| top.contains(&name.as_str()) || had.and_then(|h| h.get(*name)) != Some(*rules))
+            .map(|(name, _)| name)
+            .collect();
+        for name in &changed {
+            out += &format!(":{name} - [0:0]\n");
+        }
+        for name in &changed {
+            for rule in &want[*name] {
+                out += &format!("-A {name} {rule}\n");
+            }
+        }
+        if let Some(had) = had {
+            for name in had.keys().filter(|n| !want.contains_key(*n)) {
+                // Emptied first: a chain that still has rules jumping elsewhere cannot be deleted... and a
+                // SEP chain is referenced only from SVC/SVL chains, which are rewritten or deleted here too.
+                out += &format!(":{name} - [0:0]\n-X {name}\n");
+            }
+        }
+        out += "COMMIT\n";
+    }
+    out
+}
+
+/// Removes every chain of ours (given the current chain names of each table) and the jumps into them.
+pub fn cleanup_payload(nat_chains: &[String], filter_chains: &[String]) -> String {
+    let mut out = String::new();
+    for (table, chains) in [("nat", nat_chains), ("filter", filter_chains)] {
+        out += &format!("*{table}\n");
+        for c in chains {
+            out += &format!(":{c} - [0:0]\n");
+        }
+        for c in chains {
+            out += &format!("-X {c}\n");
+        }
+        out += "COMMIT\n";
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cidr() -> Options {
+        Options { cluster_cidr: "10.244.0.0/16".parse().ok(), ..Default::default() }
+    }
+
+    #[test]
+    fn node_ports_only_on_the_given_addresses() {
+        let opts = Options { nodeport_addresses: vec!["198.18.0.0/24".parse().unwrap()], ..Default::default() };
+        let r = render(&[], &opts);
+        assert!(
+            r.nat["TARTAN-SERVICES"][0].contains("-d 198.18.0.0/24 -m addrtype --dst-type LOCAL -j TARTAN-NODEPORTS")
+        );
+    }
+
+    fn sp(eps: &[(&str, bool)]) -> ServicePort {
+        let eps =
+            eps.iter().map(|(ip, local)| Endpoint { ip: ip.parse().unwrap(), port: 8080, local: *local }).collect();
+        ServicePort::cluster_ip("default/web:http/tcp", "10.96.0.10".parse().unwrap(), 80, eps)
+    }
+
+    #[test]
+    fn cluster_ip_balances_uniformly_and_masquerades_off_cluster_clients() {
+        let r = render(&[sp(&[("10.244.1.2", true), ("10.244.2.2", false), ("10.244.3.2", false)])], &cidr());
+        let svc = &r.nat[&chain("SVC", "default/web:http/tcp")];
+        assert!(svc[0].contains("! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j TARTAN-MARK-MASQ"));
+        assert!(svc[1].contains("--probability 0.3333333333"));
+        assert!(svc[2].contains("--probability 0.5000000000"));
+        assert!(!svc[3].contains("statistic"));
+        let seps: Vec<&String> = r.nat.keys().filter(|k| k.starts_with("TARTAN-SEP-")).collect();
+        assert_eq!(seps.len(), 3);
+        assert!(r.nat[seps[0]].iter().any(|l| l.contains("-j DNAT --to-destination 10.244.")));
+        assert!(r.nat["TARTAN-SERVICES"].last().unwrap().contains("--dst-type LOCAL -j TARTAN-NODEPORTS"));
+        assert!(r.filter["TARTAN-SERVICES"].is_empty());
+    }
+
+    #[test]
+    fn no_endpoints_rejects_and_local_policy_without_local_endpoints_drops() {
+        let mut s = sp(&[]);
+        s.node_port = Some(30080);
+        let r = render(&[s], &Options::default());
+        assert!(r.filter["TARTAN-SERVICES"][0].contains("-d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j REJECT"));
+        assert!(r.filter["TARTAN-EXTERNAL-SERVICES"][0].contains("--dport 30080 -j REJECT"));
+        assert!(!r.nat.keys().any(|k| k.starts_with("TARTAN-SVC-")));
+
+        let mut s = sp(&[("10.244.2.2", false)]);
+        s.node_port = Some(30080);
+        s.external_local = true;
+        let r = render(&[s], &cidr());
+        assert!(r.filter["TARTAN-EXTERNAL-SERVICES"][0].contains("--dport 30080 -j DROP"));
+        assert!(r.nat["TARTAN-NODEPORTS"].is_empty(), "nowhere to go: no jump (the filter drops it)");
+        // With a local endpoint, external traffic goes to the local ones only; pods and the node use them all.
+        let mut s = sp(&[("10.244.1.2", true), ("10.244.2.2", false)]);
+        s.node_port = Some(30080);
+        s.external_local = true;
+        let r = render(&[s], &cidr());
+        assert!(r.nat["TARTAN-NODEPORTS"][0].contains("--dport 30080 -j TARTAN-EXT-"));
+        let ext = &r.nat[&chain("EXT", "default/web:http/tcp")];
+        assert!(ext[0].contains("-s 10.244.0.0/16 -j TARTAN-SVC-"), "{ext:?}");
+        assert!(ext.last().unwrap().starts_with("-j TARTAN-SVL-"), "{ext:?}");
+        assert_eq!(r.nat[&chain("SVL", "default/web:http/tcp")].len(), 1);
+    }
+
+    #[test]
+    fn affinity_checks_recent_clients_first() {
+        let mut s = sp(&[("10.244.1.2", true), ("10.244.2.2", false)]);
+        s.affinity = Some(600);
+        let r = render(&[s], &Options::default());
+        let svc = &r.nat[&chain("SVC", "default/web:http/tcp")];
+        assert!(svc[0].contains("--rcheck --seconds 600 --reap"));
+        assert!(svc[1].contains("--rcheck --seconds 600 --reap"));
+        assert!(r.nat.iter().any(|(k, v)| k.starts_with("TARTAN-SEP-") && v[1].contains("-m recent --set --name")));
+    }
+
+    #[test]
+    fn a_partial_sync_rewrites_only_what_changed() {
+        let a = render(&[sp(&[("10.244.1.2", true)])], &Options::default());
+        let full = payload(&a, None);
+        assert!(full.contains(&format!(":{} - [0:0]", chain("SVC", "default/web:http/tcp"))));
+        let same = payload(&a, Some(&a));
+        assert!(!same.contains("TARTAN-SVC-") || same.contains("-A TARTAN-SERVICES"), "{same}");
+        assert!(
+            !same.contains(&format!(":{}", chain("SVC", "default/web:http/tcp"))),
+            "unchanged: not rewritten: {same}"
+        );
+        let b = render(&[sp(&[("10.244.9.9", true)])], &Options::default());
+        let p = payload(&b, Some(&a));
+        assert!(p.contains(&format!(":{} - [0:0]", chain("SVC", "default/web:http/tcp"))));
+        let old_sep = sep_chain(&sp(&[("10.244.1.2", true)]), &sp(&[("10.244.1.2", true)]).endpoints[0]);
+        assert!(p.contains(&format!("-X {old_sep}")), "{p}");
+    }
+}

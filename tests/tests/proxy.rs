@@ -1,0 +1,265 @@
+//! tartan-proxy (iptables) in lab clusters: real etcd, agents, pods wired by `tartan`, Services applied with
+//! tartanctl, servers (socat) in pods that answer with their name and the client address they saw.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use netns_lab::cluster::Backend;
+use netns_lab::{wait_for, Lab};
+
+struct Cluster {
+    lab: Lab,
+    /// The proxies' PIDs, n1's first.
+    proxies: Vec<u32>,
+}
+
+impl Cluster {
+    fn new(tag: &str) -> Cluster {
+        let mut lab = Lab::new(tag).expect("lab");
+        lab.build_cluster(2, Backend::Vxlan, 1).expect("cluster");
+        let proxies = ["n1", "n2"].iter().map(|n| lab.start_proxy(n, &[]).unwrap()).collect();
+        Cluster { lab, proxies }
+    }
+
+    fn apply(&self, yaml: &str) {
+        let out = self.lab.tartanctl(&["apply", "-f", "-"], Some(yaml)).unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// A pod labelled app=`app` on `node`, serving TCP 8080 (named http) with its name and the peer address.
+    fn server(&mut self, node: &str, name: &str, app: &str) -> String {
+        self.apply(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: {app}}}}}\nspec: {{containers: [{{name: c, ports: [{{name: http, containerPort: 8080}}]}}]}}\n"
+        ));
+        let r = self.lab.add_pod(node, name, "default").unwrap();
+        let ns = self.lab.pod(name).unwrap().ns.clone();
+        let reply = format!("SYSTEM:echo {name} $SOCAT_PEERADDR");
+        self.lab.spawn(&ns, &["socat", "TCP-LISTEN:8080,fork,reuseaddr", &reply]).unwrap();
+        r["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().to_string()
+    }
+
+    fn client(&mut self, node: &str, name: &str) -> String {
+        self.lab.add_pod(node, name, "default").unwrap();
+        self.lab.pod(name).unwrap().ns.clone()
+    }
+
+    /// One TCP connection from `ns` to ip:port: what the server said, or the error.
+    fn connect(&self, ns: &str, ip: &str, port: u16) -> Result<String, String> {
+        let out = self
+            .lab
+            .exec_status(ns, &["socat", "-T", "2", "-u", &format!("TCP:{ip}:{port},connect-timeout=2"), "STDOUT"])
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    }
+}
+
+#[test]
+fn cluster_ip_balances_over_pods_on_both_nodes_and_keeps_the_client_address() {
+    let mut c = Cluster::new("px-cip");
+    c.server("n1", "web-a", "web");
+    c.server("n2", "web-b", "web");
+    c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.50, selector: {app: web}, ports: [{port: 80, targetPort: http}]}\n");
+    let client = c.client("n1", "client");
+    let client_ip = c.lab.pod("client").unwrap().ip.clone();
+    assert!(wait_for(Duration::from_secs(5), || c.connect(&client, "10.96.0.50", 80).is_ok()), "service reachable");
+    let mut seen = BTreeSet::new();
+    for _ in 0..30 {
+        let answer = c.connect(&client, "10.96.0.50", 80).expect("connect");
+        let (server, peer) = answer.split_once(' ').unwrap();
+        assert_eq!(peer, client_ip, "pod to pod through a service keeps the client's address");
+        seen.insert(server.to_string());
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["web-a", "web-b"], "both endpoints, on both nodes");
+    // From the other node's pods too.
+    let far = c.client("n2", "client2");
+    assert!(c.connect(&far, "10.96.0.50", 80).is_ok());
+}
+
+#[test]
+fn a_service_without_endpoints_refuses_at_once() {
+    let mut c = Cluster::new("px-rej");
+    c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: empty}\nspec: {clusterIP: 10.96.0.60, selector: {app: nothing}, ports: [{port: 80}]}\n");
+    let client = c.client("n1", "client");
+    let rules = || c.lab.exec(&c.lab.node("n1").unwrap().ns.clone(), &["iptables-save", "-t", "filter"]).unwrap();
+    assert!(wait_for(Duration::from_secs(5), || String::from_utf8_lossy(&rules().stdout).contains("10.96.0.60/32")));
+    let t = std::time::Instant::now();
+    let err = c.connect(&client, "10.96.0.60", 80).unwrap_err();
+    assert!(err.contains("refused") || err.contains("unreachable"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(1), "rejected, not timed out: {:?}", t.elapsed());
+}
+
+#[test]
+fn node_ports_reach_pods_from_outside_with_both_traffic_policies() {
+    let mut c = Cluster::new("px-np");
+    c.server("n2", "web-b", "web");
+    c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {type: NodePort, selector: {app: web}, ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web-local}\nspec: {type: NodePort, externalTrafficPolicy: Local, selector: {app: web}, ports: [{port: 80, targetPort: 8080, nodePort: 30081}]}\n");
+    let outside = c.lab.ns_name("outside");
+    // Cluster: any node's address works, and the server sees the node (SNAT).
+    assert!(wait_for(Duration::from_secs(5), || c.connect(&outside, "198.18.0.1", 30080).is_ok()));
+    let via_n1 = c.connect(&outside, "198.18.0.1", 30080).unwrap();
+    assert!(via_n1.starts_with("web-b ") && !via_n1.ends_with("198.18.0.254"), "SNAT to the node: {via_n1}");
+    // Local: only the node with the endpoint answers, and the client's address is preserved.
+    assert!(wait_for(Duration::from_secs(5), || c.connect(&outside, "198.18.0.2", 30081).is_ok()));
+    assert_eq!(c.connect(&outside, "198.18.0.2", 30081).unwrap(), "web-b 198.18.0.254");
+    assert!(c.connect(&outside, "198.18.0.1", 30081).is_err(), "no local endpoint on n1: dropped");
+}
+
+#[test]
+fn cleanup_removes_every_rule_of_ours_and_nothing_else() {
+    let mut c = Cluster::new("px-clean");
+    c.server("n1", "web-a", "web");
+    c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.70, selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}\n");
+    let n1 = c.lab.node("n1").unwrap().ns.clone();
+    let save = |lab: &Lab| String::from_utf8_lossy(&lab.exec(&n1, &["iptables-save"]).unwrap().stdout).into_owned();
+    assert!(wait_for(Duration::from_secs(5), || save(&c.lab).contains("10.96.0.70/32")));
+    // Stopping n1's proxy leaves its rules (a restart keeps connections); --cleanup removes them.
+    c.lab.stop(c.proxies[0]);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(save(&c.lab).contains("10.96.0.70/32"), "a stop removes nothing");
+    let out = c
+        .lab
+        .exec(&n1, &[netns_lab::cni::tartan_bin_dir().join("tartan-proxy").to_str().unwrap(), "--cleanup"])
+        .unwrap();
+    assert!(out.status.success());
+    let after = save(&c.lab);
+    let ours: Vec<&str> = after.lines().filter(|l| l.contains("TARTAN-") && !l.contains("TARTAN-MASQ-")).collect();
+    assert!(ours.is_empty(), "{ours:?}");
+    assert!(
+        after.contains("-A FLANNEL-POSTRTG") && after.contains("-A FLANNEL-FWD"),
+        "the agent's rules stay: {after}"
+    );
+}
+
+#[test]
+fn affinity_hairpin_and_metrics() {
+    let mut c = Cluster::new("px-aff");
+    c.server("n1", "web-a", "web");
+    c.server("n2", "web-b", "web");
+    c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: sticky}\nspec: {clusterIP: 10.96.0.80, sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}, selector: {app: web}, ports: [{port: 80, targetPort: http}]}\n");
+    let client = c.client("n1", "client");
+    assert!(wait_for(Duration::from_secs(5), || c.connect(&client, "10.96.0.80", 80).is_ok()));
+    let first = c.connect(&client, "10.96.0.80", 80).unwrap();
+    for _ in 0..10 {
+        assert_eq!(c.connect(&client, "10.96.0.80", 80).unwrap(), first, "ClientIP affinity keeps the endpoint");
+    }
+    // Hairpin: a pod reaching itself through its service (it is one of two endpoints: try until it lands on itself).
+    let web_a = c.lab.pod("web-a").unwrap().ns.clone();
+    let own = (0..30).filter_map(|_| c.connect(&web_a, "10.96.0.80", 80).ok()).any(|a| a.starts_with("web-a "));
+    assert!(own, "web-a reached itself through 10.96.0.80");
+    let n1 = c.lab.node("n1").unwrap().ns.clone();
+    let m = c.lab.exec(&n1, &["curl", "-s", "http://127.0.0.1:10249/metrics"]).unwrap();
+    let m = String::from_utf8_lossy(&m.stdout);
+    assert!(m.contains("tartan_proxy_sync_total") && m.contains("tartan_proxy_sync_duration_seconds_bucket"), "{m}");
+    let rules: u64 = m.lines().find_map(|l| l.strip_prefix("tartan_proxy_rules ")).unwrap().parse().unwrap();
+    assert!(rules > 10, "{m}");
+}
+
+#[test]
+fn a_udp_client_moves_to_a_live_endpoint_when_its_endpoint_goes() {
+    let mut c = Cluster::new("px-udp");
+    for (node, name) in [("n1", "dns-a"), ("n2", "dns-b")] {
+        c.apply(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: dns}}}}\nspec: {{containers: [{{name: c, ports: [{{name: dns, containerPort: 5353, protocol: UDP}}]}}]}}\n"
+        ));
+        c.lab.add_pod(node, name, "default").unwrap();
+        let ns = c.lab.pod(name).unwrap().ns.clone();
+        c.lab.spawn(&ns, &["socat", "UDP-RECVFROM:5353,fork", &format!("SYSTEM:echo {name}")]).unwrap();
+    }
+    c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: dns}\nspec: {clusterIP: 10.96.0.53, selector: {app: dns}, ports: [{port: 53, protocol: UDP, targetPort: dns}]}\n");
+    let client = c.client("n1", "client");
+    // Always the same source port: one conntrack entry, as a long-lived UDP client has.
+    let ask = |c: &Cluster| -> Option<String> {
+        let out = c
+            .lab
+            .exec_status(&client, &["sh", "-c", "echo q | socat -T1 - UDP:10.96.0.53:53,sourceport=40053,reuseaddr"])
+            .unwrap();
+        let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (!s.is_empty()).then_some(s)
+    };
+    assert!(wait_for(Duration::from_secs(5), || ask(&c).is_some()));
+    let first = ask(&c).unwrap();
+    assert_eq!(ask(&c).as_deref(), Some(first.as_str()), "one conntrack entry, one endpoint");
+    c.lab.del_pod(&first).unwrap();
+    let other = if first == "dns-a" { "dns-b" } else { "dns-a" };
+    let t = std::time::Instant::now();
+    assert!(wait_for(Duration::from_secs(3), || ask(&c).as_deref() == Some(other)), "moved to {other}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+}
+
+#[test]
+fn rules_removed_by_hand_are_rewritten() {
+    let mut c = Cluster::new("px-fix");
+    c.server("n2", "web-b", "web");
+    c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.90, selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}\n");
+    let client = c.client("n1", "client");
+    assert!(wait_for(Duration::from_secs(5), || c.connect(&client, "10.96.0.90", 80).is_ok()));
+    let n1 = c.lab.node("n1").unwrap().ns.clone();
+    // What a firewall reload does: every chain of the table gone.
+    c.lab.exec(&n1, &["iptables", "-t", "nat", "-F"]).unwrap();
+    c.lab.exec(&n1, &["iptables", "-t", "nat", "-X"]).unwrap();
+    assert!(c.connect(&client, "10.96.0.90", 80).is_err());
+    assert!(wait_for(Duration::from_secs(5), || c.connect(&client, "10.96.0.90", 80).is_ok()), "repaired");
+}
+
+#[test]
+fn the_node_itself_external_ips_load_balancer_ips_and_internal_local_policy() {
+    let mut c = Cluster::new("px-ext");
+    c.server("n1", "web-a", "web");
+    c.server("n2", "web-b", "web");
+    c.apply(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.1.10, externalIPs: [198.18.5.5], selector: {app: web}, ports: [{port: 80, targetPort: http}]}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: lb}\nspec: {type: LoadBalancer, selector: {app: web}, ports: [{port: 80, targetPort: http}]}\nstatus: {loadBalancer: {ingress: [{ip: 198.18.6.6}]}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: near}\nspec: {clusterIP: 10.96.1.11, internalTrafficPolicy: Local, selector: {app: web}, ports: [{port: 80, targetPort: http}]}\n",
+    );
+    let (n1, outside) = (c.lab.node("n1").unwrap().ns.clone(), c.lab.ns_name("outside"));
+    // A real node has a default route; the lab's get one here so that a cluster IP is routable from the node.
+    c.lab.exec(&n1, &["ip", "route", "add", "default", "via", "198.18.0.254"]).unwrap();
+    assert!(wait_for(Duration::from_secs(5), || c.connect(&n1, "10.96.1.10", 80).is_ok()), "from the node itself");
+    // The network routes the external and load-balancer addresses to a node (as a router or MetalLB would).
+    for ip in ["198.18.5.5", "198.18.6.6"] {
+        c.lab.exec(&outside, &["ip", "route", "add", ip, "via", "198.18.0.1"]).unwrap();
+        assert!(wait_for(Duration::from_secs(5), || c.connect(&outside, ip, 80).is_ok()), "{ip} from outside");
+    }
+    let client = c.client("n1", "client");
+    for _ in 0..10 {
+        let a = c.connect(&client, "10.96.1.11", 80).unwrap();
+        assert!(a.starts_with("web-a "), "internalTrafficPolicy Local: only n1's endpoint: {a}");
+    }
+}
+
+#[test]
+fn a_proxy_restart_does_not_interrupt_service_traffic() {
+    let mut c = Cluster::new("px-restart");
+    c.server("n2", "web-b", "web");
+    c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.95, selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}\n");
+    let client = c.client("n1", "client");
+    assert!(wait_for(Duration::from_secs(5), || c.connect(&client, "10.96.0.95", 80).is_ok()));
+    // A new connection every 50 ms across the restart.
+    let ns = client.clone();
+    let prober = std::thread::spawn(move || {
+        let mut failures = Vec::new();
+        for i in 0..40 {
+            let out = netns_lab::command_in(&ns, "socat")
+                .unwrap()
+                .args(["-T", "2", "-u", "TCP:10.96.0.95:80,connect-timeout=2", "STDOUT"])
+                .output()
+                .unwrap();
+            if !out.status.success() {
+                failures.push(format!("{i}: {}", String::from_utf8_lossy(&out.stderr).trim()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        failures
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    c.lab.stop(c.proxies[0]);
+    c.proxies[0] = c.lab.start_proxy("n1", &[]).unwrap();
+    let failures = prober.join().unwrap();
+    assert!(failures.is_empty(), "{failures:?}");
+    let log = std::fs::read_to_string(c.lab.node("n1").unwrap().root.join("proxy.log")).unwrap();
+    assert!(!log.contains("sync:"), "no failed sync: {log}");
+}
