@@ -263,3 +263,24 @@ fn a_proxy_restart_does_not_interrupt_service_traffic() {
     let log = std::fs::read_to_string(c.lab.node("n1").unwrap().root.join("proxy.log")).unwrap();
     assert!(!log.contains("sync:"), "no failed sync: {log}");
 }
+
+#[test]
+fn several_ports_per_service_and_a_not_ready_pod_gets_no_new_connections() {
+    let mut c = Cluster::new("px-ports");
+    c.server("n1", "web-a", "web");
+    c.server("n2", "web-b", "web");
+    // A second port in each pod, answering differently.
+    for name in ["web-a", "web-b"] {
+        let ns = c.lab.pod(name).unwrap().ns.clone();
+        c.lab.spawn(&ns, &["socat", "TCP-LISTEN:8081,fork,reuseaddr", &format!("SYSTEM:echo admin-{name}")]).unwrap();
+    }
+    c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.2.10, selector: {app: web}, ports: [{name: http, port: 80, targetPort: http}, {name: admin, port: 81, targetPort: 8081}]}\n");
+    let client = c.client("n1", "client");
+    assert!(wait_for(Duration::from_secs(5), || c.connect(&client, "10.96.2.10", 81).is_ok()));
+    assert!(c.connect(&client, "10.96.2.10", 80).unwrap().starts_with("web-"));
+    assert!(c.connect(&client, "10.96.2.10", 81).unwrap().starts_with("admin-web-"));
+    // web-b stops being ready: new connections go to web-a only.
+    c.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: web-b, labels: {app: web}}\nspec: {containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}\nstatus: {phase: Running, conditions: [{type: Ready, status: \"False\"}]}\n");
+    let only_a = || (0..12).all(|_| c.connect(&client, "10.96.2.10", 80).is_ok_and(|a| a.starts_with("web-a ")));
+    assert!(wait_for(Duration::from_secs(5), only_a), "not-ready web-b gets no new connections");
+}
