@@ -72,13 +72,10 @@ pub fn run(sizes: &[usize], endpoints: usize, count: usize) -> Result<()> {
     std::thread::sleep(Duration::from_millis(200));
     let floor = connects(&client_ns, SocketAddr::new(server_ip.into(), 8080), count)?;
     println!("services x {endpoints} endpoints, iptables dataplane; connect latency over {count} new connections\n");
-    println!("| services | rules | full sync | one-service sync | connect p50 | connect p99 |");
-    println!("|---:|---:|---:|---:|---:|---:|");
-    println!(
-        "| no proxy (floor) | 0 | - | - | {:.3} ms | {:.3} ms |",
-        percentile(&floor, 0.5),
-        percentile(&floor, 0.99)
-    );
+    let (f50, f99) = (percentile(&floor, 0.5), percentile(&floor, 0.99));
+    println!("| services | rules | full sync | one-service sync | connect p50 | ratio | connect p99 | ratio |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| no proxy (floor) | 0 | - | - | {f50:.3} ms | 1.00x | {f99:.3} ms | 1.00x |");
     let nns = netns::NetNs::named(&node_ns)?;
     for &n in sizes {
         let mut ports = synthetic(n.saturating_sub(1), endpoints);
@@ -100,12 +97,13 @@ pub fn run(sizes: &[usize], endpoints: usize, count: usize) -> Result<()> {
             Ok((full, partial, r.rules))
         })??;
         let lat = connects(&client_ns, SocketAddr::new(VIP.into(), 80), count)?;
+        let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
         println!(
-            "| {n} | {rules} | {:.0} ms | {:.0} ms | {:.3} ms | {:.3} ms |",
+            "| {n} | {rules} | {:.0} ms | {:.0} ms | {p50:.3} ms | {:.2}x | {p99:.3} ms | {:.2}x |",
             full.as_secs_f64() * 1e3,
             partial.as_secs_f64() * 1e3,
-            percentile(&lat, 0.5),
-            percentile(&lat, 0.99)
+            p50 / f50,
+            p99 / f99
         );
         nns.run(|| IptablesDataplane::new(None, vec![]).cleanup())??;
     }

@@ -65,7 +65,8 @@ pub async fn run(s: Settings, mut dp: Box<dyn Dataplane + Send>, metrics: Shared
             let now = Instant::now();
             let full_due = now.duration_since(last_full) >= s.full_sync;
             if (dirty && now.duration_since(last_sync) >= s.min_sync) || full_due {
-                let full = full_due || dp.tampered();
+                // Tampering is looked for while idle (below), not on every sync.
+                let full = full_due;
                 let all: Vec<Object> = objects.values().cloned().collect();
                 let ports = service_ports(&all, &s.node);
                 let t = Instant::now();

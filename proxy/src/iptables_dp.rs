@@ -67,21 +67,13 @@ impl Dataplane for IptablesDataplane {
         // The first sync of a run rewrites everything too: what a previous run left is not known.
         let full = full || self.last.is_none();
         let previous = if full { None } else { self.last.as_ref() };
-        let mut payload = rules::payload(&desired, previous);
-        if full {
-            // Chains of ours that exist but are no longer wanted (left by a previous run) go too.
-            for table in ["nat", "filter"] {
-                let want = if table == "nat" { &desired.nat } else { &desired.filter };
-                let stale: Vec<String> =
-                    our_chains(&self.ipt, table)?.into_iter().filter(|c| !want.contains_key(c)).collect();
-                if !stale.is_empty() {
-                    let extra: String = stale.iter().map(|c| format!(":{c} - [0:0]\n-X {c}\n")).collect();
-                    let at = payload.find(&format!("*{table}\n")).unwrap();
-                    let end = at + payload[at..].find("COMMIT\n").unwrap();
-                    payload.insert_str(end, &extra);
-                }
-            }
-        }
+        // A full sync also deletes chains of ours that exist but are not wanted (left by a previous run).
+        let stale = if full {
+            vec![("nat", our_chains(&self.ipt, "nat")?), ("filter", our_chains(&self.ipt, "filter")?)]
+        } else {
+            Vec::new()
+        };
+        let payload = rules::payload(&desired, previous, &stale);
         self.ipt.restore(&payload).context("iptables-restore of the service rules")?;
         if full {
             self.ensure_jumps()?;

@@ -264,8 +264,9 @@ fn balance(sp: &ServicePort, eps: &[&Endpoint]) -> Vec<String> {
 
 /// One iptables-restore payload bringing the kernel from `previous` (what the last sync wrote; None: unknown,
 /// write everything) to `desired`: top-level chains always, other chains only when new or changed, and chains
-/// no longer wanted deleted (after the rewritten top-level chains stopped referring to them).
-pub fn payload(desired: &Rules, previous: Option<&Rules>) -> String {
+/// no longer wanted deleted (after the rewritten top-level chains stopped referring to them). `stale`: chains of
+/// ours found in the kernel that `previous` does not know of (a previous run's), per table, deleted too.
+pub fn payload(desired: &Rules, previous: Option<&Rules>, stale: &[(&str, Vec<String>)]) -> String {
     let mut out = String::new();
     for (table, want, had, top) in [
         ("nat", &desired.nat, previous.map(|p| &p.nat), &TOP_NAT[..]),
@@ -285,12 +286,14 @@ pub fn payload(desired: &Rules, previous: Option<&Rules>) -> String {
                 out += &format!("-A {name} {rule}\n");
             }
         }
-        if let Some(had) = had {
-            for name in had.keys().filter(|n| !want.contains_key(*n)) {
-                // Emptied first: a chain that still has rules jumping elsewhere cannot be deleted... and a
-                // SEP chain is referenced only from SVC/SVL chains, which are rewritten or deleted here too.
-                out += &format!(":{name} - [0:0]\n-X {name}\n");
-            }
+        let gone = had.into_iter().flat_map(|h| h.keys()).filter(|n| !want.contains_key(*n));
+        let found = stale.iter().filter(|(t, _)| *t == table).flat_map(|(_, c)| c).filter(|n| !want.contains_key(*n));
+        let mut deleted: Vec<&String> = gone.chain(found).collect();
+        deleted.sort();
+        deleted.dedup();
+        for name in deleted {
+            // Emptied first (a chain with rules cannot be deleted); whatever jumped to it is rewritten above.
+            out += &format!(":{name} - [0:0]\n-X {name}\n");
         }
         out += "COMMIT\n";
     }
@@ -392,16 +395,16 @@ mod tests {
     #[test]
     fn a_partial_sync_rewrites_only_what_changed() {
         let a = render(&[sp(&[("10.244.1.2", true)])], &Options::default());
-        let full = payload(&a, None);
+        let full = payload(&a, None, &[]);
         assert!(full.contains(&format!(":{} - [0:0]", chain("SVC", "default/web:http/tcp"))));
-        let same = payload(&a, Some(&a));
+        let same = payload(&a, Some(&a), &[]);
         assert!(!same.contains("TARTAN-SVC-") || same.contains("-A TARTAN-SERVICES"), "{same}");
         assert!(
             !same.contains(&format!(":{}", chain("SVC", "default/web:http/tcp"))),
             "unchanged: not rewritten: {same}"
         );
         let b = render(&[sp(&[("10.244.9.9", true)])], &Options::default());
-        let p = payload(&b, Some(&a));
+        let p = payload(&b, Some(&a), &[]);
         assert!(p.contains(&format!(":{} - [0:0]", chain("SVC", "default/web:http/tcp"))));
         let old_sep = sep_chain(&sp(&[("10.244.1.2", true)]), &sp(&[("10.244.1.2", true)]).endpoints[0]);
         assert!(p.contains(&format!("-X {old_sep}")), "{p}");

@@ -572,3 +572,41 @@ fn prev_result_is_passed_on_whole_and_checked_first() {
     assert_eq!(t.links(&b), vec!["lo"]);
     assert_eq!(t.ip_files("testnet").len(), 1);
 }
+
+#[test]
+fn named_pods_are_recorded_for_the_agent_and_forgotten_on_del_and_gc() {
+    let mut t = OneNode::new("records");
+    let conf = t.conf("10.103.0.0/24", json!({}));
+    let pods = t.node.root.join("run/tartan/pods");
+    let add = |t: &OneNode, id: &str, ns: &str, name: &str| {
+        let netns = format!("/run/netns/{ns}");
+        let path = netns_lab::cni::plugin_path();
+        let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={name}");
+        let env = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", id),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", netns.as_str()),
+            ("CNI_PATH", path.as_str()),
+            ("CNI_ARGS", args.as_str()),
+        ];
+        let r = netns_lab::cni::exec_raw(&t.node.ns, &tartan_e2e::tartan(), &env, conf.to_string().as_bytes()).unwrap();
+        assert!(r.success, "{}", r.stdout);
+        r.json().unwrap()
+    };
+    let (a, b, c) = (t.pod_ns("a"), t.pod_ns("b"), t.pod_ns("c"));
+    let ip_a = result_ip(&add(&t, "ctr-a", &a, "web-a"), 4);
+    add(&t, "ctr-b", &b, "web-b");
+    t.add("ctr-c", &c, &conf); // no pod name: nothing to record
+    let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(pods.join("ctr-a_eth0.json")).unwrap()).unwrap();
+    assert_eq!(rec["name"], "web-a");
+    assert_eq!(rec["namespace"], "default");
+    assert_eq!(rec["ips"][0], ip_a.as_str());
+    assert_eq!(std::fs::read_dir(&pods).unwrap().count(), 2);
+    t.del("ctr-a", Some(&a), &conf);
+    assert!(!pods.join("ctr-a_eth0.json").exists());
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "ctr-c", "ifname": "eth0"}]);
+    assert!(t.plugin("GC", "", None, "", &gc).success);
+    assert_eq!(std::fs::read_dir(&pods).unwrap().count(), 0, "GC forgets ctr-b");
+}
