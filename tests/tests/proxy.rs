@@ -146,10 +146,13 @@ fn affinity_hairpin_and_metrics() {
     for _ in 0..10 {
         assert_eq!(c.connect(&client, "10.96.0.80", 80).unwrap(), first, "ClientIP affinity keeps the endpoint");
     }
-    // Hairpin: a pod reaching itself through its service (it is one of two endpoints: try until it lands on itself).
+    // Hairpin: a pod reaching itself through a service. Not through `sticky`: its affinity would pin web-a to
+    // whichever endpoint it drew first. Through a service without affinity, try until it lands on itself.
+    c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: plain}\nspec: {clusterIP: 10.96.0.81, selector: {app: web}, ports: [{port: 80, targetPort: http}]}\n");
     let web_a = c.lab.pod("web-a").unwrap().ns.clone();
-    let own = (0..30).filter_map(|_| c.connect(&web_a, "10.96.0.80", 80).ok()).any(|a| a.starts_with("web-a "));
-    assert!(own, "web-a reached itself through 10.96.0.80");
+    assert!(wait_for(Duration::from_secs(5), || c.connect(&web_a, "10.96.0.81", 80).is_ok()));
+    let own = (0..40).filter_map(|_| c.connect(&web_a, "10.96.0.81", 80).ok()).any(|a| a.starts_with("web-a "));
+    assert!(own, "web-a reached itself through 10.96.0.81");
     let n1 = c.lab.node("n1").unwrap().ns.clone();
     let m = c.lab.exec(&n1, &["curl", "-s", "http://127.0.0.1:10249/metrics"]).unwrap();
     let m = String::from_utf8_lossy(&m.stdout);
