@@ -15,10 +15,19 @@ struct Cluster {
 
 impl Cluster {
     fn new(tag: &str) -> Cluster {
+        Cluster::with(tag, Backend::Vxlan, &[])
+    }
+
+    fn with(tag: &str, backend: Backend, proxy_flags: &[&str]) -> Cluster {
         let mut lab = Lab::new(tag).expect("lab");
-        lab.build_cluster(2, Backend::Vxlan, 1).expect("cluster");
-        let proxies = ["n1", "n2"].iter().map(|n| lab.start_proxy(n, &[]).unwrap()).collect();
+        lab.build_cluster(2, backend, 1).expect("cluster");
+        let proxies = ["n1", "n2"].iter().map(|n| lab.start_proxy(n, proxy_flags).unwrap()).collect();
         Cluster { lab, proxies }
+    }
+
+    fn iptables_save(&self, node: &str) -> String {
+        let ns = self.lab.node(node).unwrap().ns.clone();
+        String::from_utf8_lossy(&self.lab.exec(&ns, &["iptables-save"]).unwrap().stdout).into_owned()
     }
 
     fn apply(&self, yaml: &str) {
@@ -286,4 +295,58 @@ fn several_ports_per_service_and_a_not_ready_pod_gets_no_new_connections() {
     c.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: web-b, labels: {app: web}}\nspec: {containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}\nstatus: {phase: Running, conditions: [{type: Ready, status: \"False\"}]}\n");
     let only_a = || (0..12).all(|_| c.connect(&client, "10.96.2.10", 80).is_ok_and(|a| a.starts_with("web-a ")));
     assert!(wait_for(Duration::from_secs(5), only_a), "not-ready web-b gets no new connections");
+}
+
+/// The agent's masquerade rules (FLANNEL-POSTRTG) and the proxy's (mark 0x4000) together, on the backends the other
+/// tests do not use: pod to pod through a service keeps the client's address, a NodePort from outside reaches a pod
+/// on the other node (SNAT to the node), and the agent still masquerades pod traffic leaving the cluster.
+#[test]
+fn services_work_with_the_agents_masquerade_on_every_backend() {
+    for (i, backend) in [Backend::HostGw, Backend::Udp, Backend::VxlanDirect].into_iter().enumerate() {
+        let mut c = Cluster::with(&format!("px-be{i}"), backend, &[]);
+        c.server("n2", "web-b", "web");
+        c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {type: NodePort, clusterIP: 10.96.0.40, selector: {app: web}, ports: [{port: 80, targetPort: http, nodePort: 30040}]}\n");
+        let client = c.client("n1", "client");
+        let client_ip = c.lab.pod("client").unwrap().ip.clone();
+        assert!(
+            wait_for(Duration::from_secs(5), || c.connect(&client, "10.96.0.40", 80).is_ok()),
+            "{backend:?}: cluster IP"
+        );
+        assert_eq!(c.connect(&client, "10.96.0.40", 80).unwrap(), format!("web-b {client_ip}"), "{backend:?}");
+        let outside = c.lab.ns_name("outside");
+        assert!(wait_for(Duration::from_secs(5), || c.connect(&outside, "198.18.0.1", 30040).is_ok()), "{backend:?}");
+        let via_n1 = c.connect(&outside, "198.18.0.1", 30040).unwrap();
+        assert!(via_n1.starts_with("web-b ") && !via_n1.ends_with("198.18.0.254"), "{backend:?}: SNAT: {via_n1}");
+        // Pod traffic leaving the cluster is still the agent's to masquerade: the outside sees node n1's address.
+        c.lab
+            .spawn(&outside, &["socat", "TCP-LISTEN:9000,fork,reuseaddr", "SYSTEM:echo outside $SOCAT_PEERADDR"])
+            .unwrap();
+        assert!(wait_for(Duration::from_secs(3), || c.connect(&client, "198.18.0.254", 9000).is_ok()));
+        assert_eq!(c.connect(&client, "198.18.0.254", 9000).unwrap(), "outside 198.18.0.1", "{backend:?}");
+        let save = c.iptables_save("n1");
+        assert!(save.contains("-A FLANNEL-POSTRTG") && save.contains("-A TARTAN-POSTROUTING"), "{backend:?}");
+    }
+}
+
+#[test]
+fn headless_and_external_name_services_get_no_rules_and_node_ports_honour_nodeport_addresses() {
+    let mut c = Cluster::with("px-misc", Backend::Vxlan, &["--nodeport-addresses", "198.18.0.0/24"]);
+    c.server("n1", "web-a", "web");
+    c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {type: NodePort, clusterIP: 10.96.0.30, selector: {app: web}, ports: [{port: 80, targetPort: http, nodePort: 30030}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: hl}\nspec: {clusterIP: None, selector: {app: web}, ports: [{port: 80, targetPort: http}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: ext}\nspec: {type: ExternalName, externalName: db.example.com}\n");
+    let outside = c.lab.ns_name("outside");
+    assert!(wait_for(Duration::from_secs(5), || c.connect(&outside, "198.18.0.1", 30030).is_ok()));
+    let save = c.iptables_save("n1");
+    assert!(save.contains("default/web:"), "the ordinary service is programmed");
+    for name in ["default/hl", "default/ext", "db.example.com"] {
+        assert!(!save.contains(name), "{name} has rules:\n{save}");
+    }
+    // Node ports answer on the underlay addresses only: not on the node's pod-network gateway (cni0, 10.244.x.1).
+    let client = c.client("n2", "client");
+    let gw = c.lab.pod("web-a").unwrap().ip.rsplit_once('.').unwrap().0.to_string() + ".1";
+    assert!(c.connect(&client, "198.18.0.1", 30030).is_ok(), "a pod reaches the node port on the node's address");
+    assert!(c.connect(&client, &gw, 30030).is_err(), "but not on {gw}, outside --nodeport-addresses");
+    assert!(
+        save.lines().any(|l| l.contains("-d 198.18.0.0/24") && l.contains("--dst-type LOCAL -j TARTAN-NODEPORTS")),
+        "{save}"
+    );
 }
