@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use netns_lab::Lab;
 use tartan_proxy::iptables_dp::IptablesDataplane;
 use tartan_proxy::model::{Endpoint, ServicePort};
+use tartan_proxy::policy::PolicyModel;
 use tartan_proxy::Dataplane;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 255, 254);
@@ -84,16 +85,17 @@ pub fn run(sizes: &[usize], endpoints: usize, count: usize) -> Result<()> {
         let (full, partial, rules) = nns.run(|| -> Result<(Duration, Duration, usize)> {
             let mut dp = IptablesDataplane::new("10.244.0.0/16".parse().ok(), vec![]);
             let t = Instant::now();
-            let r = dp.sync(&ports, true)?;
+            let none = PolicyModel::default();
+            let r = dp.sync(&ports, &none, true)?;
             let full = t.elapsed();
             let mut changed = ports.clone();
             if let Some(first) = changed.first_mut() {
                 first.endpoints.pop();
             }
             let t = Instant::now();
-            dp.sync(&changed, false)?;
+            dp.sync(&changed, &none, false)?;
             let partial = t.elapsed();
-            dp.sync(&ports, false)?;
+            dp.sync(&ports, &none, false)?;
             Ok((full, partial, r.rules))
         })??;
         let lat = connects(&client_ns, SocketAddr::new(VIP.into(), 80), count)?;

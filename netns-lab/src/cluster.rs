@@ -239,6 +239,8 @@ impl Lab {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(n.root.join("proxy.log"))?;
         let mut cmd = self.cmd(&n.ns, crate::cni::tartan_bin_dir().join("tartan-proxy"))?;
         cmd.args(["--etcd-endpoints", ETCD_URL, "--node-name", node, "--cluster-cidr", "10.244.0.0/16"])
+            .arg("--run-dir")
+            .arg(n.root.join("run/tartan"))
             .args(extra)
             .stdout(log.try_clone()?)
             .stderr(log)

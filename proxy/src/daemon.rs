@@ -3,6 +3,7 @@
 //! chain is gone. A compacted watch re-lists. Stopping leaves the rules in place, so a restart keeps connections.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use kube_objects::{Kind, Object};
@@ -10,6 +11,7 @@ use store::{Event, Store, Tls};
 
 use crate::metrics::Shared;
 use crate::model::service_ports;
+use crate::policy::policy_model;
 use crate::Dataplane;
 
 pub struct Settings {
@@ -17,6 +19,8 @@ pub struct Settings {
     pub prefix: String,
     pub tls: Option<Tls>,
     pub node: String,
+    /// Where the CNI plugin records the node's pods (their host-side veths, for policy).
+    pub run_dir: PathBuf,
     pub min_sync: Duration,
     pub full_sync: Duration,
 }
@@ -69,8 +73,9 @@ pub async fn run(s: Settings, mut dp: Box<dyn Dataplane + Send>, metrics: Shared
                 let full = full_due;
                 let all: Vec<Object> = objects.values().cloned().collect();
                 let ports = service_ports(&all, &s.node);
+                let policy = policy_model(&all, &s.node, &local_veths(&s.run_dir));
                 let t = Instant::now();
-                let res = dp.sync(&ports, full);
+                let res = dp.sync(&ports, &policy, full);
                 let took = t.elapsed();
                 let mut m = metrics.lock().unwrap();
                 m.syncs += 1;
@@ -79,6 +84,8 @@ pub async fn run(s: Settings, mut dp: Box<dyn Dataplane + Send>, metrics: Shared
                 match res {
                     Ok(r) => {
                         m.rules = r.rules;
+                        m.sets = r.sets;
+                        m.set_entries = r.set_entries;
                         m.full_syncs += u64::from(r.full);
                         m.last_error = None;
                         dirty = false;
@@ -125,4 +132,13 @@ pub async fn run(s: Settings, mut dp: Box<dyn Dataplane + Send>, metrics: Shared
             }
         }
     }
+}
+
+/// (namespace, name) -> host-side veth of this node's pods, from the CNI plugin's records. The plugin writes a
+/// record before the agent publishes the pod's address, so a pod the store shows here has one.
+fn local_veths(run_dir: &std::path::Path) -> BTreeMap<(String, String), String> {
+    tartan_cni::pods::load_all(run_dir)
+        .into_iter()
+        .map(|r| ((r.namespace, r.name), tartan_cni::host_veth_name(&r.container_id, &r.ifname)))
+        .collect()
 }

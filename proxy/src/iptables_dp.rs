@@ -2,15 +2,18 @@
 //! jumps from the built-in chains checked on full syncs, and UDP conntrack entries of removed endpoints deleted
 //! (otherwise a UDP client keeps talking to a dead pod).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::process::Command;
 
 use anyhow::{Context, Result};
 use ipnet::IpNet;
+use iptables::ipset::{self, Set};
 use iptables::{Family, Iptables};
 
 use crate::model::{Proto, ServicePort};
+use crate::policy::{PolicyModel, SET_PREFIX};
+use crate::policy_rules::{render_policy, POLICY};
 use crate::rules::{self, Rules, CANARY};
 use crate::{Dataplane, SyncReport};
 
@@ -18,13 +21,21 @@ pub struct IptablesDataplane {
     ipt: Iptables,
     opts: rules::Options,
     last: Option<Rules>,
+    /// The sets as the last sync left them (None: read them from the kernel).
+    last_sets: Option<BTreeMap<String, Set>>,
     last_udp: BTreeSet<(IpAddr, IpAddr)>,
 }
 
 impl IptablesDataplane {
     pub fn new(cluster_cidr: Option<IpNet>, nodeport_addresses: Vec<IpNet>) -> IptablesDataplane {
         let opts = rules::Options { cluster_cidr, nodeport_addresses };
-        IptablesDataplane { ipt: Iptables::new(Family::V4), opts, last: None, last_udp: BTreeSet::new() }
+        IptablesDataplane {
+            ipt: Iptables::new(Family::V4),
+            opts,
+            last: None,
+            last_sets: None,
+            last_udp: BTreeSet::new(),
+        }
     }
 
     fn ensure_jumps(&self) -> Result<()> {
@@ -44,6 +55,18 @@ impl IptablesDataplane {
         if !missing.is_empty() {
             self.ipt.restore(&missing).context("adding the jumps into tartan-proxy's chains")?;
         }
+        // Policy is decided before anything in FORWARD accepts a packet (TARTAN-FORWARD, flannel's FLANNEL-FWD):
+        // its jump must stay the first rule, even if the other jumps were re-added in front of it.
+        let forward = self.ipt.save("filter")?;
+        let first = forward.lines().find(|l| l.starts_with("-A FORWARD "));
+        if !first.is_some_and(|l| l.contains(&format!("-j {POLICY}"))) {
+            let (_, _, rule) =
+                rules::jumps().into_iter().find(|(_, _, r)| r.last().is_some_and(|t| t == POLICY)).unwrap();
+            let rule = iptables::render(&rule);
+            self.ipt
+                .restore(&format!("*filter\n-D FORWARD {rule}\n-I FORWARD 1 {rule}\nCOMMIT\n"))
+                .context("moving the policy jump first in FORWARD")?;
+        }
         Ok(())
     }
 
@@ -62,8 +85,9 @@ impl IptablesDataplane {
 }
 
 impl Dataplane for IptablesDataplane {
-    fn sync(&mut self, ports: &[ServicePort], full: bool) -> Result<SyncReport> {
-        let desired = rules::render(ports, &self.opts);
+    fn sync(&mut self, ports: &[ServicePort], policy: &PolicyModel, full: bool) -> Result<SyncReport> {
+        let mut desired = rules::render(ports, &self.opts);
+        render_policy(policy, &mut desired);
         // The first sync of a run rewrites everything too: what a previous run left is not known.
         let full = full || self.last.is_none();
         let previous = if full { None } else { self.last.as_ref() };
@@ -73,8 +97,23 @@ impl Dataplane for IptablesDataplane {
         } else {
             Vec::new()
         };
+        // Sets first (the rules refer to them), rules next, unused sets last (once no rule refers to them).
+        let have = match (&self.last_sets, full) {
+            (Some(s), false) => s.clone(),
+            _ => ipset::save(SET_PREFIX)?,
+        };
+        let update = ipset::update_payload(&policy.sets, &have);
+        if !update.is_empty() {
+            self.last_sets = None;
+            ipset::restore(&update).context("ipset restore of the policy sets")?;
+        }
         let payload = rules::payload(&desired, previous, &stale);
-        self.ipt.restore(&payload).context("iptables-restore of the service rules")?;
+        self.ipt.restore(&payload).context("iptables-restore of the service and policy rules")?;
+        let destroy = ipset::destroy_payload(&policy.sets, &have);
+        if !destroy.is_empty() {
+            ipset::restore(&destroy).context("destroying unused policy sets")?;
+        }
+        self.last_sets = Some(policy.sets.clone());
         if full {
             self.ensure_jumps()?;
         }
@@ -86,7 +125,12 @@ impl Dataplane for IptablesDataplane {
                 .output();
         }
         self.last_udp = udp;
-        let report = SyncReport { rules: desired.rule_count(), full };
+        let report = SyncReport {
+            rules: desired.rule_count(),
+            full,
+            sets: policy.sets.len(),
+            set_entries: policy.set_entries(),
+        };
         self.last = Some(desired);
         Ok(report)
     }
@@ -117,7 +161,13 @@ impl Dataplane for IptablesDataplane {
         self.ipt.restore(&jumps).context("removing the jumps")?;
         let (nat, filter) = (our_chains(&self.ipt, "nat")?, our_chains(&self.ipt, "filter")?);
         self.ipt.restore(&rules::cleanup_payload(&nat, &filter)).context("removing tartan-proxy's chains")?;
+        let sets = ipset::save(SET_PREFIX)?;
+        let destroy = ipset::destroy_payload(&BTreeMap::new(), &sets);
+        if !destroy.is_empty() {
+            ipset::restore(&destroy).context("removing tartan-proxy's sets")?;
+        }
         self.last = None;
+        self.last_sets = None;
         Ok(())
     }
 }

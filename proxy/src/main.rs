@@ -42,6 +42,9 @@ struct Options {
     /// Milliseconds between two syncs at most: changes in between are coalesced.
     #[arg(long, default_value_t = 100)]
     min_sync_period: u64,
+    /// Where the CNI plugin records this node's pods (`runDir` in its config).
+    #[arg(long, default_value = "/run/tartan")]
+    run_dir: std::path::PathBuf,
     /// Remove every rule this proxy owns, and exit.
     #[arg(long)]
     cleanup: bool,
@@ -71,6 +74,7 @@ fn main() -> Result<()> {
         prefix: o.store_prefix,
         tls,
         node,
+        run_dir: o.run_dir.clone(),
         min_sync: Duration::from_millis(o.min_sync_period),
         full_sync: Duration::from_secs(o.sync_period.max(1)),
     };

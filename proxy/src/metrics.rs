@@ -14,6 +14,8 @@ pub struct Metrics {
     pub errors: u64,
     pub rules: usize,
     pub services: usize,
+    pub sets: usize,
+    pub set_entries: usize,
     pub last_error: Option<String>,
     buckets: [u64; BUCKETS.len()],
     sum: f64,
@@ -47,6 +49,8 @@ impl Metrics {
         o += &format!("tartan_proxy_sync_duration_seconds_count {}\n", self.syncs);
         o += &format!("tartan_proxy_rules {}\n", self.rules);
         o += &format!("tartan_proxy_service_ports {}\n", self.services);
+        o += &format!("tartan_proxy_ipsets {}\n", self.sets);
+        o += &format!("tartan_proxy_ipset_entries {}\n", self.set_entries);
         let err = self.last_error.as_deref().unwrap_or("").replace(['"', '\\', '\n'], " ");
         o += &format!("tartan_proxy_last_error{{error=\"{err}\"}} {}\n", u8::from(self.last_error.is_some()));
         o

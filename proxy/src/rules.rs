@@ -36,7 +36,8 @@ impl Rules {
 
 /// Top-level chains: rewritten on every sync (they list every service).
 const TOP_NAT: [&str; 5] = ["TARTAN-SERVICES", "TARTAN-NODEPORTS", "TARTAN-MARK-MASQ", "TARTAN-POSTROUTING", CANARY];
-const TOP_FILTER: [&str; 4] = ["TARTAN-SERVICES", "TARTAN-EXTERNAL-SERVICES", "TARTAN-FORWARD", CANARY];
+const TOP_FILTER: [&str; 5] =
+    ["TARTAN-SERVICES", "TARTAN-EXTERNAL-SERVICES", "TARTAN-FORWARD", crate::policy_rules::POLICY, CANARY];
 
 /// Where the built-in chains jump into ours: (table, built-in chain, rule).
 pub fn jumps() -> Vec<(&'static str, &'static str, Vec<String>)> {
@@ -51,6 +52,8 @@ pub fn jumps() -> Vec<(&'static str, &'static str, Vec<String>)> {
         ("filter", "FORWARD", v(&format!("-m conntrack --ctstate NEW {c} -j TARTAN-EXTERNAL-SERVICES"))),
         ("filter", "FORWARD", v(&format!("{c} -j TARTAN-FORWARD"))),
         ("filter", "OUTPUT", v(&format!("-m conntrack --ctstate NEW {c} -j TARTAN-SERVICES"))),
+        // Last, so that inserting each at the top leaves it first (ensure_jumps keeps it there).
+        ("filter", "FORWARD", v(&format!("{c} -j {}", crate::policy_rules::POLICY))),
     ]
 }
 
@@ -64,7 +67,7 @@ fn hash(s: &str) -> String {
     format!("{h:016X}")
 }
 
-fn chain(kind: &str, id: &str) -> String {
+pub(crate) fn chain(kind: &str, id: &str) -> String {
     format!("TARTAN-{kind}-{}", hash(id))
 }
 
@@ -76,7 +79,7 @@ fn host(ip: std::net::IpAddr) -> String {
     IpNet::from(ip).to_string()
 }
 
-fn comment(s: &str) -> String {
+pub(crate) fn comment(s: &str) -> String {
     format!("-m comment --comment \"{s}\"")
 }
 

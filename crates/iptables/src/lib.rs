@@ -7,6 +7,8 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
+pub mod ipset;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Family {
     V4,
@@ -94,20 +96,24 @@ impl Iptables {
     }
 
     fn output(&self, bin: &str, args: &[String], stdin: Option<&str>) -> Result<std::process::Output> {
-        let spawn_err = |source| IptablesError::Spawn { cmd: bin.to_string(), source };
-        let mut child = Command::new(bin)
-            .args(args)
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(spawn_err)?;
-        if let Some(input) = stdin {
-            let mut pipe = child.stdin.take().expect("stdin was piped");
-            pipe.write_all(input.as_bytes()).map_err(spawn_err)?;
-        }
-        child.wait_with_output().map_err(spawn_err)
+        output(bin, args, stdin)
     }
+}
+
+fn output(bin: &str, args: &[String], stdin: Option<&str>) -> Result<std::process::Output> {
+    let spawn_err = |source| IptablesError::Spawn { cmd: bin.to_string(), source };
+    let mut child = Command::new(bin)
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin was piped");
+        pipe.write_all(input.as_bytes()).map_err(spawn_err)?;
+    }
+    child.wait_with_output().map_err(spawn_err)
 }
 
 fn failed(bin: &str, args: &[String], out: &std::process::Output) -> IptablesError {

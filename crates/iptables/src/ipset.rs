@@ -1,0 +1,154 @@
+//! IPv4 ipsets, driven through the `ipset` binary the way the rules are through iptables-restore: the state is read
+//! with `ipset save` and changed with one `ipset restore` payload.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::{failed, output, Result};
+
+/// The set types Tartan uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SetKind {
+    /// Addresses (pods selected by a label selector).
+    Ip,
+    /// Networks; `nomatch` members carve exceptions out of larger ones (ipBlock.except).
+    Net,
+    /// address,proto:port pairs (named ports of pods).
+    IpPort,
+}
+
+impl SetKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SetKind::Ip => "hash:ip",
+            SetKind::Net => "hash:net",
+            SetKind::IpPort => "hash:ip,port",
+        }
+    }
+
+    fn parse(s: &str) -> Option<SetKind> {
+        [SetKind::Ip, SetKind::Net, SetKind::IpPort].into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// A set's type and members, each member written as `ipset save` prints it (`10.0.0.0/8`, `10.1.2.3 nomatch`,
+/// `10.1.2.3,tcp:80`), so that desired and current sets compare as strings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Set {
+    pub kind: SetKind,
+    pub members: BTreeSet<String>,
+}
+
+/// The sets whose names start with `prefix`, as the kernel holds them. Sets of types we do not use are skipped.
+pub fn save(prefix: &str) -> Result<BTreeMap<String, Set>> {
+    let args = vec!["save".to_string()];
+    let out = output("ipset", &args, None)?;
+    if !out.status.success() {
+        return Err(failed("ipset", &args, &out));
+    }
+    Ok(parse_save(&String::from_utf8_lossy(&out.stdout), prefix))
+}
+
+fn parse_save(text: &str, prefix: &str) -> BTreeMap<String, Set> {
+    let mut sets = BTreeMap::new();
+    for line in text.lines() {
+        let mut words = line.splitn(3, ' ');
+        match (words.next(), words.next(), words.next()) {
+            (Some("create"), Some(name), Some(rest)) if name.starts_with(prefix) => {
+                if let Some(kind) = rest.split(' ').next().and_then(SetKind::parse) {
+                    sets.insert(name.to_string(), Set { kind, members: BTreeSet::new() });
+                }
+            }
+            (Some("add"), Some(name), Some(member)) => {
+                if let Some(s) = sets.get_mut(name) {
+                    s.members.insert(member.to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+    sets
+}
+
+/// Applies an `ipset restore` payload.
+pub fn restore(payload: &str) -> Result<()> {
+    let args = vec!["restore".to_string()];
+    let out = output("ipset", &args, Some(payload))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(failed("ipset", &args, &out))
+    }
+}
+
+/// The payload that creates the sets of `want` missing from `have` and brings every member list to `want`'s.
+/// Sets only in `have` are left (they may still be referenced by rules): [`destroy_payload`] removes them after
+/// the rules that used them are gone.
+pub fn update_payload(want: &BTreeMap<String, Set>, have: &BTreeMap<String, Set>) -> String {
+    let mut out = String::new();
+    for (name, set) in want {
+        let old = match have.get(name) {
+            Some(h) if h.kind == set.kind => Some(&h.members),
+            Some(_) => {
+                // Same name, another type: cannot happen with names derived from the definition, but recreate.
+                out += &format!("destroy {name}\n");
+                None
+            }
+            None => None,
+        };
+        if old.is_none() {
+            out += &format!("create {name} {} family inet maxelem 1048576 -exist\n", set.kind.as_str());
+        }
+        let empty = BTreeSet::new();
+        let old = old.unwrap_or(&empty);
+        for m in set.members.difference(old) {
+            out += &format!("add {name} {m} -exist\n");
+        }
+        for m in old.difference(&set.members) {
+            // `nomatch` is a flag of the entry, not part of its key.
+            let key = m.strip_suffix(" nomatch").unwrap_or(m);
+            out += &format!("del {name} {key} -exist\n");
+        }
+    }
+    out
+}
+
+/// The payload destroying the sets of `have` that `want` does not list.
+pub fn destroy_payload(want: &BTreeMap<String, Set>, have: &BTreeMap<String, Set>) -> String {
+    have.keys().filter(|n| !want.contains_key(*n)).map(|n| format!("destroy {n}\n")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(kind: SetKind, members: &[&str]) -> Set {
+        Set { kind, members: members.iter().map(|m| m.to_string()).collect() }
+    }
+
+    #[test]
+    fn save_output_is_parsed_for_our_prefix_only() {
+        let text = "create TARTAN-NB-1 hash:net family inet hashsize 1024 maxelem 65536\nadd TARTAN-NB-1 10.244.0.0/16\nadd TARTAN-NB-1 10.244.1.2 nomatch\ncreate other hash:ip family inet\nadd other 1.2.3.4\ncreate TARTAN-NP-1 hash:ip,port family inet\nadd TARTAN-NP-1 10.244.1.2,tcp:80\n";
+        let sets = parse_save(text, "TARTAN-");
+        assert_eq!(sets.len(), 2);
+        assert_eq!(sets["TARTAN-NB-1"], set(SetKind::Net, &["10.244.0.0/16", "10.244.1.2 nomatch"]));
+        assert_eq!(sets["TARTAN-NP-1"], set(SetKind::IpPort, &["10.244.1.2,tcp:80"]));
+    }
+
+    #[test]
+    fn updates_are_differences() {
+        let have: BTreeMap<String, Set> =
+            [("A".to_string(), set(SetKind::Net, &["10.0.0.0/8", "10.1.1.1 nomatch"]))].into();
+        let want: BTreeMap<String, Set> = [
+            ("A".to_string(), set(SetKind::Net, &["10.0.0.0/8", "10.2.2.2 nomatch"])),
+            ("B".to_string(), set(SetKind::Ip, &["10.3.3.3"])),
+        ]
+        .into();
+        let p = update_payload(&want, &have);
+        assert_eq!(
+            p,
+            "add A 10.2.2.2 nomatch -exist\ndel A 10.1.1.1 -exist\ncreate B hash:ip family inet maxelem 1048576 -exist\nadd B 10.3.3.3 -exist\n"
+        );
+        assert_eq!(update_payload(&want, &want), "");
+        assert_eq!(destroy_payload(&have, &want), "destroy B\n");
+    }
+}

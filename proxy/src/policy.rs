@@ -1,0 +1,515 @@
+//! NetworkPolicy as a dataplane needs it, computed from the store alone: for each pod on this node, whether it is
+//! isolated for ingress and egress and which (peer set, port) pairs its policies allow; and the address sets those
+//! rules refer to. A set is named after its definition (the selector, the ipBlock, the named port), not its members,
+//! so a label change changes a set's members and leaves the rules that use it alone.
+//!
+//! IPv4 only: rules and sets are for iptables, not ip6tables.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use ipnet::{IpNet, Ipv4Net};
+use iptables::ipset::{Set, SetKind};
+use kube_objects::{
+    matches, IntOrString, LabelSelector, Labels, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, Object, Pod,
+};
+
+use crate::model::Proto;
+
+/// Every set of ours starts so (and `--cleanup` removes exactly those).
+pub const SET_PREFIX: &str = "TARTAN-";
+
+/// What the dataplane enforces on this node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyModel {
+    /// This node's pods with an IPv4 address, sorted by id.
+    pub pods: Vec<PodPolicy>,
+    /// The sets the rules refer to, by name.
+    pub sets: BTreeMap<String, Set>,
+}
+
+impl PolicyModel {
+    pub fn set_entries(&self) -> usize {
+        self.sets.values().map(|s| s.members.len()).sum()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodPolicy {
+    /// `namespace/name`.
+    pub id: String,
+    pub ip: Ipv4Addr,
+    /// The host side of the pod's veth, when the CNI plugin's record of it is on this node: its traffic is
+    /// matched by the port it enters on, and a source address other than the pod's is dropped there.
+    pub veth: Option<String>,
+    /// None: not isolated for ingress. Some: only what one of these rules allows gets in.
+    pub ingress: Option<Vec<Rule>>,
+    pub egress: Option<Vec<Rule>>,
+}
+
+/// One allow rule: any of `peers` (None: anyone) on any of `ports` (None: every port and protocol).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// Names of sets holding the peer addresses.
+    pub peers: Option<Vec<String>>,
+    pub ports: Option<Vec<PortMatch>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PortMatch {
+    /// Every port of a protocol.
+    Proto(Proto),
+    /// A port range (a single port is `n..=n`).
+    Range(Proto, u16, u16),
+    /// A named port of the destination pod, for egress (where destinations are many): a set of address,port pairs.
+    Named(Proto, String),
+}
+
+/// A stable 16-hex-digit name part (FNV-1a 64).
+fn hash(s: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016X}")
+}
+
+struct Cluster<'a> {
+    pods: Vec<(&'a Pod, String, Ipv4Addr)>,
+    namespaces: BTreeMap<String, &'a Labels>,
+}
+
+fn pod_ipv4(p: &Pod) -> Option<Ipv4Addr> {
+    let st = p.status.as_ref()?;
+    let from_list = st.pod_ips.iter().filter_map(|i| i.ip.parse::<Ipv4Addr>().ok()).next();
+    st.pod_ip.as_deref().and_then(|s| s.parse().ok()).or(from_list)
+}
+
+fn ns_of(p: &Pod) -> String {
+    p.metadata.namespace.clone().unwrap_or_else(|| "default".into())
+}
+
+/// The protocol of a policy port (TCP when absent).
+fn proto_of(p: &NetworkPolicyPort) -> Option<Proto> {
+    Proto::parse(p.protocol.as_deref().unwrap_or("TCP"))
+}
+
+/// The container ports of `pod` named `name` with protocol `proto`.
+fn named_ports(pod: &Pod, name: &str, proto: Proto) -> Vec<u16> {
+    let mut v: Vec<u16> = pod
+        .spec
+        .containers
+        .iter()
+        .flat_map(|c| &c.ports)
+        .filter(|cp| cp.name.as_deref() == Some(name))
+        .filter(|cp| Proto::parse(cp.protocol.as_deref().unwrap_or("TCP")) == Some(proto))
+        .filter_map(|cp| u16::try_from(cp.container_port).ok())
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+struct Builder<'a> {
+    cluster: Cluster<'a>,
+    sets: BTreeMap<String, Set>,
+}
+
+impl Builder<'_> {
+    /// The set for a selector peer: pods matching `pod_sel` in the policy's namespace (no namespace selector) or in
+    /// the namespaces matching `ns_sel`.
+    fn selector_set(
+        &mut self,
+        policy_ns: &str,
+        pod_sel: Option<&LabelSelector>,
+        ns_sel: Option<&LabelSelector>,
+    ) -> String {
+        let def = serde_json::json!({
+            "namespace": if ns_sel.is_none() { Some(policy_ns) } else { None },
+            "podSelector": pod_sel,
+            "namespaceSelector": ns_sel,
+        });
+        let name = format!("{SET_PREFIX}PS-{}", hash(&def.to_string()));
+        if !self.sets.contains_key(&name) {
+            let empty = Labels::new();
+            let members = self
+                .cluster
+                .pods
+                .iter()
+                .filter(|(_, ns, _)| match ns_sel {
+                    None => ns == policy_ns,
+                    Some(sel) => matches(sel, self.cluster.namespaces.get(ns).copied().unwrap_or(&empty)),
+                })
+                .filter(|(p, _, _)| pod_sel.is_none_or(|sel| matches(sel, &p.metadata.labels)))
+                .map(|(_, _, ip)| ip.to_string())
+                .collect();
+            self.sets.insert(name.clone(), Set { kind: SetKind::Ip, members });
+        }
+        name
+    }
+
+    /// The set for an ipBlock: the CIDR with the exceptions carved out (`nomatch`). None for an IPv6 block.
+    fn block_set(&mut self, cidr: &str, except: &[String]) -> Option<String> {
+        let net: Ipv4Net = match cidr.parse::<IpNet>().ok()? {
+            IpNet::V4(n) => n.trunc(),
+            IpNet::V6(_) => return None,
+        };
+        let mut members = BTreeSet::new();
+        // hash:net cannot hold a /0: two halves instead.
+        let parts = if net.prefix_len() == 0 { net.subnets(1).ok()?.collect() } else { vec![net] };
+        for n in parts {
+            members.insert(member(n));
+        }
+        for e in except {
+            if let Ok(IpNet::V4(x)) = e.parse::<IpNet>() {
+                let x = x.trunc();
+                if x.prefix_len() > 0 {
+                    members.insert(format!("{} nomatch", member(x)));
+                } else {
+                    // Everything excepted: nothing left.
+                    return Some(self.insert_block(cidr, except, BTreeSet::new()));
+                }
+            }
+        }
+        Some(self.insert_block(cidr, except, members))
+    }
+
+    fn insert_block(&mut self, cidr: &str, except: &[String], members: BTreeSet<String>) -> String {
+        let name = format!("{SET_PREFIX}NB-{}", hash(&format!("{cidr} except {except:?}")));
+        self.sets.insert(name.clone(), Set { kind: SetKind::Net, members });
+        name
+    }
+
+    /// The set of (address, port) pairs of every pod with a container port `name`/`proto`.
+    fn named_port_set(&mut self, name: &str, proto: Proto) -> String {
+        let set = format!("{SET_PREFIX}NP-{}", hash(&format!("{name}/{}", proto.as_str())));
+        if !self.sets.contains_key(&set) {
+            let mut members = BTreeSet::new();
+            for (p, _, ip) in &self.cluster.pods {
+                for port in named_ports(p, name, proto) {
+                    members.insert(format!("{ip},{}:{port}", proto.as_str()));
+                }
+            }
+            self.sets.insert(set.clone(), Set { kind: SetKind::IpPort, members });
+        }
+        set
+    }
+
+    /// A rule's peers: None for "anyone" (no peers listed); IPv6 blocks drop out.
+    fn peers(&mut self, policy_ns: &str, peers: &[NetworkPolicyPeer]) -> Option<Vec<String>> {
+        if peers.is_empty() {
+            return None;
+        }
+        let mut out = Vec::new();
+        for peer in peers {
+            if let Some(b) = &peer.ip_block {
+                out.extend(self.block_set(&b.cidr, &b.except));
+            } else if peer.pod_selector.is_some() || peer.namespace_selector.is_some() {
+                out.push(self.selector_set(policy_ns, peer.pod_selector.as_ref(), peer.namespace_selector.as_ref()));
+            }
+        }
+        out.sort();
+        out.dedup();
+        Some(out)
+    }
+
+    /// A rule's ports. Named ports resolve against `dest` (ingress: the pod itself) or, for egress (`dest` None),
+    /// through a set of every pod's ports of that name.
+    fn ports(&mut self, ports: &[NetworkPolicyPort], dest: Option<&Pod>) -> Option<Vec<PortMatch>> {
+        if ports.is_empty() {
+            return None;
+        }
+        let mut out = Vec::new();
+        for p in ports {
+            let Some(proto) = proto_of(p) else { continue };
+            match &p.port {
+                None => out.push(PortMatch::Proto(proto)),
+                Some(IntOrString::Int(n)) => {
+                    let Ok(start) = u16::try_from(*n) else { continue };
+                    let end = p.end_port.and_then(|e| u16::try_from(e).ok()).unwrap_or(start);
+                    if end >= start {
+                        out.push(PortMatch::Range(proto, start, end));
+                    }
+                }
+                Some(IntOrString::Str(name)) => match dest {
+                    Some(pod) => {
+                        out.extend(named_ports(pod, name, proto).into_iter().map(|n| PortMatch::Range(proto, n, n)))
+                    }
+                    None => out.push(PortMatch::Named(proto, self.named_port_set(name, proto))),
+                },
+            }
+        }
+        out.sort();
+        out.dedup();
+        Some(out)
+    }
+}
+
+/// A set member as `ipset save` prints it: a host network without its /32.
+fn member(n: Ipv4Net) -> String {
+    if n.prefix_len() == 32 {
+        n.addr().to_string()
+    } else {
+        n.to_string()
+    }
+}
+
+/// A rule allowing nothing (every peer or port dropped out) is left out rather than kept as "anything".
+fn keep(r: &Rule) -> bool {
+    r.peers.as_ref().is_none_or(|p| !p.is_empty()) && r.ports.as_ref().is_none_or(|p| !p.is_empty())
+}
+
+/// The policy model for the pods of `node`. `veths` maps `(namespace, name)` to the pod's host-side veth.
+pub fn policy_model(objects: &[Object], node: &str, veths: &BTreeMap<(String, String), String>) -> PolicyModel {
+    let mut pods = Vec::new();
+    let mut namespaces = BTreeMap::new();
+    let mut policies: Vec<&NetworkPolicy> = Vec::new();
+    for o in objects {
+        match o {
+            Object::Pod(p) => {
+                if let Some(ip) = pod_ipv4(p) {
+                    pods.push((p, ns_of(p), ip));
+                }
+            }
+            Object::Namespace(n) => {
+                namespaces.insert(n.metadata.name.clone(), &n.metadata.labels);
+            }
+            Object::NetworkPolicy(np) => policies.push(np),
+            _ => {}
+        }
+    }
+    let mut b = Builder { cluster: Cluster { pods, namespaces }, sets: BTreeMap::new() };
+    let local: Vec<(&Pod, String, Ipv4Addr)> =
+        b.cluster.pods.iter().filter(|(p, _, _)| p.spec.node_name.as_deref() == Some(node)).cloned().collect();
+    let mut out = Vec::new();
+    for (pod, ns, ip) in local {
+        let mut ingress: Option<Vec<Rule>> = None;
+        let mut egress: Option<Vec<Rule>> = None;
+        for np in policies.iter().filter(|np| np.metadata.namespace.as_deref().unwrap_or("default") == ns) {
+            if !matches(&np.spec.pod_selector, &pod.metadata.labels) {
+                continue;
+            }
+            let types = np.spec.effective_policy_types();
+            if types.iter().any(|t| t == "Ingress") {
+                let rules = ingress.get_or_insert_with(Vec::new);
+                for r in &np.spec.ingress {
+                    let rule = Rule { peers: b.peers(&ns, &r.from), ports: b.ports(&r.ports, Some(pod)) };
+                    if keep(&rule) {
+                        rules.push(rule);
+                    }
+                }
+            }
+            if types.iter().any(|t| t == "Egress") {
+                let rules = egress.get_or_insert_with(Vec::new);
+                for r in &np.spec.egress {
+                    let rule = Rule { peers: b.peers(&ns, &r.to), ports: b.ports(&r.ports, None) };
+                    if keep(&rule) {
+                        rules.push(rule);
+                    }
+                }
+            }
+        }
+        let veth = veths.get(&(ns.clone(), pod.metadata.name.clone())).cloned();
+        out.push(PodPolicy { id: format!("{ns}/{}", pod.metadata.name), ip, veth, ingress, egress });
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    // Only sets some rule refers to (a selector evaluated for a policy that then selected no local pod is not).
+    let used: BTreeSet<&String> = out
+        .iter()
+        .flat_map(|p| p.ingress.iter().chain(p.egress.iter()).flatten())
+        .flat_map(|r| {
+            let peers = r.peers.iter().flatten();
+            let named = r.ports.iter().flatten().filter_map(|m| match m {
+                PortMatch::Named(_, s) => Some(s),
+                _ => None,
+            });
+            peers.chain(named)
+        })
+        .collect();
+    let sets = b.sets.iter().filter(|(n, _)| used.contains(n)).map(|(n, s)| (n.clone(), s.clone())).collect();
+    PolicyModel { pods: out, sets }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether an address is in a set as the kernel matches it: the longest matching entry decides (nomatch).
+    fn set_contains(set: &Set, ip: &str) -> bool {
+        let ip: Ipv4Addr = ip.parse().unwrap();
+        let mut best: Option<(u8, bool)> = None;
+        for m in &set.members {
+            let (net, nomatch) = match m.strip_suffix(" nomatch") {
+                Some(n) => (n, true),
+                None => (m.as_str(), false),
+            };
+            let net: Ipv4Net = match net.split(',').next().unwrap_or(net).parse::<Ipv4Net>() {
+                Ok(n) => n,
+                Err(_) => match net.split(',').next().unwrap_or(net).parse::<Ipv4Addr>() {
+                    Ok(a) => Ipv4Net::from(a),
+                    Err(_) => continue,
+                },
+            };
+            if net.contains(&ip) && best.is_none_or(|(len, _)| net.prefix_len() > len) {
+                best = Some((net.prefix_len(), nomatch));
+            }
+        }
+        best.is_some_and(|(_, nomatch)| !nomatch)
+    }
+
+    fn objects(yaml: &str) -> Vec<Object> {
+        kube_objects::parse_manifests(yaml, "test")
+            .unwrap()
+            .into_iter()
+            .map(|d| {
+                let mut o = d.object;
+                o.apply_defaults();
+                o
+            })
+            .collect()
+    }
+
+    /// Namespaces x and y; pods x/a (n1, 10.244.1.2, named port http 8080), x/b (n2, 10.244.2.2), y/a (n2).
+    const CLUSTER: &str = "
+apiVersion: v1
+kind: Namespace
+metadata: {name: x, labels: {ns: x}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: y, labels: {ns: y}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x, labels: {pod: a}}
+spec: {nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 8080}, {name: dns, containerPort: 53, protocol: UDP}]}]}
+status: {podIP: 10.244.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: x, labels: {pod: b}}
+spec: {nodeName: n2, containers: [{name: c, ports: [{name: http, containerPort: 9090}]}]}
+status: {podIP: 10.244.2.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: y, labels: {pod: a}}
+spec: {nodeName: n2}
+status: {podIP: 10.244.2.3}
+";
+
+    fn model(policies: &str, node: &str) -> PolicyModel {
+        let veths = [(("x".to_string(), "a".to_string()), "vethxa".to_string())].into();
+        policy_model(&objects(&format!("{CLUSTER}---\n{policies}")), node, &veths)
+    }
+
+    fn pod<'m>(m: &'m PolicyModel, id: &str) -> &'m PodPolicy {
+        m.pods.iter().find(|p| p.id == id).unwrap()
+    }
+
+    #[test]
+    fn without_policies_nothing_is_isolated() {
+        let m = policy_model(&objects(CLUSTER), "n2", &BTreeMap::new());
+        assert_eq!(m.pods.len(), 2, "the node's pods only");
+        assert!(m.pods.iter().all(|p| p.ingress.is_none() && p.egress.is_none() && p.veth.is_none()));
+        assert!(m.sets.is_empty());
+    }
+
+    #[test]
+    fn deny_all_isolates_with_no_rules_and_policy_types_default() {
+        let m = model("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: d, namespace: x}\nspec: {podSelector: {}}\n", "n1");
+        let a = pod(&m, "x/a");
+        assert_eq!(a.ingress, Some(vec![]));
+        assert_eq!(a.egress, None, "Egress only when listed or when there are egress rules");
+        assert_eq!(a.veth.as_deref(), Some("vethxa"));
+        let m = model("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: d, namespace: x}\nspec: {podSelector: {}, egress: [{}]}\n", "n1");
+        assert_eq!(pod(&m, "x/a").egress, Some(vec![Rule { peers: None, ports: None }]), "egress: [{{}}] allows all");
+    }
+
+    #[test]
+    fn peers_become_sets_and_and_or_follow_the_peer_structure() {
+        let m = model(
+            "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: p, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - from:
+    - podSelector: {matchLabels: {pod: a}}
+      namespaceSelector: {matchLabels: {ns: y}}
+    - podSelector: {matchLabels: {pod: b}}
+    - ipBlock: {cidr: 10.244.0.0/16, except: [10.244.2.2/32]}
+",
+            "n1",
+        );
+        let rules = pod(&m, "x/a").ingress.clone().unwrap();
+        assert_eq!(rules.len(), 1);
+        let peers = rules[0].peers.clone().unwrap();
+        assert_eq!(peers.len(), 3);
+        let members = |n: &str| m.sets[n].members.iter().cloned().collect::<Vec<_>>();
+        let ps: Vec<Vec<String>> = peers.iter().filter(|p| p.contains("-PS-")).map(|p| members(p)).collect();
+        assert!(ps.contains(&vec!["10.244.2.3".to_string()]), "y/a only (AND): {ps:?}");
+        assert!(ps.contains(&vec!["10.244.2.2".to_string()]), "x/b, in the policy's namespace: {ps:?}");
+        let nb = peers.iter().find(|p| p.contains("-NB-")).unwrap();
+        assert_eq!(members(nb), ["10.244.0.0/16", "10.244.2.2 nomatch"]);
+        assert!(set_contains(&m.sets[nb], "10.244.1.2") && !set_contains(&m.sets[nb], "10.244.2.2"));
+    }
+
+    #[test]
+    fn ports_by_number_range_name_and_protocol() {
+        let m = model(
+            "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: p, namespace: x}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - ports: [{port: http}, {port: dns, protocol: UDP}, {port: 80, endPort: 81}, {protocol: SCTP}, {port: nope}]
+  egress:
+  - ports: [{port: http}]
+  - to: [{ipBlock: {cidr: 'fd00::/8'}}]
+",
+            "n1",
+        );
+        let a = pod(&m, "x/a");
+        let ports = a.ingress.as_ref().unwrap()[0].ports.clone().unwrap();
+        assert_eq!(
+            ports,
+            vec![
+                PortMatch::Proto(Proto::Sctp),
+                PortMatch::Range(Proto::Tcp, 80, 81),
+                PortMatch::Range(Proto::Tcp, 8080, 8080),
+                PortMatch::Range(Proto::Udp, 53, 53),
+            ],
+            "named ports resolved on the pod itself; an unknown name adds nothing"
+        );
+        let egress = a.egress.as_ref().unwrap();
+        assert_eq!(egress.len(), 1, "a rule whose only peer is an IPv6 block allows nothing over IPv4: dropped");
+        let Some(PortMatch::Named(Proto::Tcp, set)) = egress[0].ports.as_ref().unwrap().first().cloned() else {
+            panic!("{egress:?}")
+        };
+        let members: Vec<&String> = m.sets[&set].members.iter().collect();
+        assert_eq!(members, ["10.244.1.2,tcp:8080", "10.244.2.2,tcp:9090"], "every pod's port of that name");
+    }
+
+    #[test]
+    fn a_label_change_changes_members_not_names() {
+        let pol = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec: {podSelector: {}, ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}]}]}\n";
+        let before = model(pol, "n1");
+        let mut objs = objects(&format!("{CLUSTER}---\n{pol}"));
+        for o in &mut objs {
+            if let Object::Pod(p) = o {
+                if p.metadata.name == "b" {
+                    p.metadata.labels.insert("pod".into(), "c".into());
+                }
+            }
+        }
+        let after = policy_model(&objs, "n1", &BTreeMap::new());
+        assert_eq!(before.sets.keys().collect::<Vec<_>>(), after.sets.keys().collect::<Vec<_>>());
+        assert_ne!(before.sets, after.sets);
+        assert!(after.sets.values().all(|s| s.members.is_empty()));
+    }
+}
