@@ -9,6 +9,7 @@
 pub mod capture;
 pub mod cluster;
 pub mod cni;
+pub mod reachability;
 mod state;
 
 use std::collections::BTreeMap;
@@ -282,6 +283,17 @@ impl Lab {
     /// Creates a pod the way kubelet does: a namespace, then CNI ADD of the node's config with the K8S_* args.
     /// Returns the CNI result.
     pub fn add_pod(&mut self, node: &str, name: &str, k8s_namespace: &str) -> Result<serde_json::Value> {
+        self.add_pod_as(node, name, k8s_namespace, name)
+    }
+
+    /// A pod known to the lab as `name` and to the cluster as `k8s_namespace/k8s_name`.
+    pub fn add_pod_as(
+        &mut self,
+        node: &str,
+        name: &str,
+        k8s_namespace: &str,
+        k8s_name: &str,
+    ) -> Result<serde_json::Value> {
         let n = self.node(node)?.clone();
         let ns = self.add_ns(&format!("p-{name}"))?;
         let container_id = format!("{}{name}", "c0ffee");
@@ -291,7 +303,7 @@ impl Lab {
             container_id: container_id.clone(),
             netns: format!("/run/netns/{ns}"),
             ifname: "eth0".into(),
-            args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={k8s_namespace};K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID={container_id}"),
+            args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={k8s_namespace};K8S_POD_NAME={k8s_name};K8S_POD_INFRA_CONTAINER_ID={container_id}"),
             path: cni::plugin_path(),
         };
         let result = match conf.add(&inv) {
@@ -310,6 +322,7 @@ impl Lab {
             container_id,
             ip,
             k8s_namespace: k8s_namespace.into(),
+            k8s_name: (k8s_name != name).then(|| k8s_name.to_string()),
         });
         self.save()?;
         Ok(result)
@@ -325,7 +338,7 @@ impl Lab {
             container_id: p.container_id.clone(),
             netns: format!("/run/netns/{}", p.ns),
             ifname: "eth0".into(),
-            args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}", p.k8s_namespace, p.name),
+            args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}", p.k8s_namespace, p.k8s_name()),
             path: cni::plugin_path(),
         };
         let res = conf.del(&inv);

@@ -64,6 +64,25 @@ enum Cmd {
     },
     /// A one-node lab with three pods: addresses, a ping matrix, traffic out of the node and a capture of it.
     Demo,
+    /// The NetworkPolicy conformance topology (namespaces x, y, z; pods a, b, c; TCP and UDP on 80 and 81) in a
+    /// throwaway cluster with tartan-proxy: applies the given policies and prints the reachability matrix.
+    Reachability {
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        #[arg(long, default_value = "vxlan")]
+        backend: String,
+        /// Manifests (NetworkPolicies, label changes) applied after the open matrix is shown.
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<std::path::PathBuf>,
+    },
+    /// Inside a pod: accept TCP connections and echo UDP datagrams on the given ports (the topology's servers).
+    #[command(hide = true)]
+    Serve {
+        #[arg(long, value_delimiter = ',')]
+        tcp: Vec<u16>,
+        #[arg(long, value_delimiter = ',')]
+        udp: Vec<u16>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -140,6 +159,40 @@ fn main() -> Result<()> {
             }
         }
         Cmd::Demo => demo::run()?,
+        Cmd::Reachability { nodes, backend, files } => reachability(nodes, &backend, &files)?,
+        Cmd::Serve { tcp, udp } => netns_lab::reachability::serve(&tcp, &udp)?,
     }
+    Ok(())
+}
+
+fn reachability(nodes: usize, backend: &str, files: &[std::path::PathBuf]) -> Result<()> {
+    use netns_lab::reachability::{Matrix, Topology};
+    let backend = netns_lab::cluster::Backend::parse(backend)?;
+    let mut lab = Lab::new("reach")?;
+    lab.build_cluster(nodes.max(1), backend, 1)?;
+    let names: Vec<String> = (1..=nodes.max(1)).map(|i| format!("n{i}")).collect();
+    for n in &names {
+        lab.start_proxy(n, &[])?;
+    }
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let topo = Topology::build(&mut lab, &names)?;
+    for p in &topo.pods {
+        println!("{:<4} {:<15} on {}", p.id, p.ip, p.node);
+    }
+    println!("\nno policies:\n{}", topo.probe(std::time::Duration::from_secs(1)).table());
+    if files.is_empty() {
+        return Ok(());
+    }
+    for f in files {
+        let path = f.to_str().unwrap_or_default();
+        let out = lab.tartanctl(&["apply", "-f", "-"], Some(&std::fs::read_to_string(f)?))?;
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        if !out.status.success() {
+            bail!("{path}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let m: Matrix = topo.probe(std::time::Duration::from_secs(1));
+    println!("\nwith the policies:\n{}", m.table());
     Ok(())
 }

@@ -33,4 +33,13 @@ pub struct PodState {
     pub container_id: String,
     pub ip: String,
     pub k8s_namespace: String,
+    /// The pod's Kubernetes name when it is not the lab name (x/a and y/a cannot both be "a" in one lab).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k8s_name: Option<String>,
+}
+
+impl PodState {
+    pub fn k8s_name(&self) -> &str {
+        self.k8s_name.as_deref().unwrap_or(&self.name)
+    }
 }

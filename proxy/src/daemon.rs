@@ -101,7 +101,7 @@ pub async fn run(s: Settings, mut dp: Box<dyn Dataplane + Send>, metrics: Shared
                 }
                 last_sync = Instant::now();
             }
-            let wait = if dirty { s.min_sync.saturating_sub(last_sync.elapsed()) } else { Duration::from_secs(2) };
+            let wait = if dirty { s.min_sync.saturating_sub(last_sync.elapsed()) } else { Duration::from_secs(1) };
             let next = tokio::time::timeout(wait.max(Duration::from_millis(5)), watch.next()).await;
             let events = match next {
                 Err(_) => {

@@ -109,6 +109,15 @@ impl Dataplane for IptablesDataplane {
         }
         let payload = rules::payload(&desired, previous, &stale);
         self.ipt.restore(&payload).context("iptables-restore of the service and policy rules")?;
+        // The policy chain decides every forwarded packet: read it back, and rewrite everything if the kernel does
+        // not hold what was just written (seen once under concurrent iptables-nft writers in the node).
+        let want = desired.filter.get(POLICY).map_or(0, Vec::len);
+        let have_rules = self.ipt.list_rules("filter", POLICY)?;
+        if have_rules != want {
+            eprintln!("tartan-proxy: {POLICY} holds {have_rules} rules after a sync that wrote {want}; rewriting all");
+            let payload = rules::payload(&desired, None, &[]);
+            self.ipt.restore(&payload).context("iptables-restore of the service and policy rules (retry)")?;
+        }
         let destroy = ipset::destroy_payload(&policy.sets, &have);
         if !destroy.is_empty() {
             ipset::restore(&destroy).context("destroying unused policy sets")?;
@@ -136,6 +145,16 @@ impl Dataplane for IptablesDataplane {
     }
 
     fn tampered(&mut self) -> bool {
+        // The policy chain is rewritten on every sync; in the lab it was once found reverted to an earlier sync's
+        // content some time after a sync that had read it back correctly (iptables-nft, with the agent and the CNI
+        // plugin writing the same tables). Its length is checked too, so such a revert is repaired at the next
+        // idle check rather than at the next periodic full sync.
+        let want = self.last.as_ref().and_then(|r| r.filter.get(POLICY)).map(Vec::len);
+        if let Some(want) = want {
+            if self.ipt.list_rules("filter", POLICY).is_ok_and(|n| n != want) {
+                return true;
+            }
+        }
         ["nat", "filter"].iter().any(|t| {
             Command::new("iptables")
                 .args(["-w", "-t", t, "-S", CANARY])

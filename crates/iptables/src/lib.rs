@@ -80,6 +80,13 @@ impl Iptables {
         }
     }
 
+    /// How many rules `chain` of `table` holds (`-S`); 0 for a missing chain.
+    pub fn list_rules(&self, table: &str, chain: &str) -> Result<usize> {
+        let args: Vec<String> = ["-w", "-t", table, "-S", chain].map(String::from).to_vec();
+        let out = self.output(self.family.bin(), &args, None)?;
+        Ok(String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("-A ")).count())
+    }
+
     /// `iptables-save -t table` output.
     pub fn save(&self, table: &str) -> Result<String> {
         let bin = match self.family {
