@@ -2,6 +2,7 @@
 
 mod agent;
 mod cni;
+mod policy;
 mod proxy;
 
 use anyhow::Result;
@@ -41,6 +42,14 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         connects: usize,
     },
+    /// tartan-proxy NetworkPolicy (iptables) at scale: sync times, rules, ipsets and connect latency for N policies.
+    Policy {
+        /// Policy counts, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "0,100,1000")]
+        policies: Vec<usize>,
+        #[arg(long, default_value_t = 1000)]
+        connects: usize,
+    },
     /// Agent convergence: start-up with N leases in etcd, and new lease to route latency.
     Convergence {
         #[arg(long, default_value_t = 1000)]
@@ -56,5 +65,6 @@ fn main() -> Result<()> {
         Cmd::Throughput { secs } => agent::throughput(secs),
         Cmd::Convergence { leases, new } => agent::convergence(leases, new),
         Cmd::Proxy { services, endpoints, connects } => proxy::run(&services, endpoints, connects),
+        Cmd::Policy { policies, connects } => policy::run(&policies, connects),
     }
 }

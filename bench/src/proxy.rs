@@ -32,12 +32,26 @@ fn synthetic(n: usize, endpoints: usize) -> Vec<ServicePort> {
         .collect()
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+/// A server that accepts and closes on TCP 8080 inside `pod_ns`, for the rest of the run.
+pub fn accept_forever(pod_ns: &str) {
+    let sns = pod_ns.to_string();
+    std::thread::spawn(move || {
+        let ns = netns::NetNs::named(&sns).unwrap();
+        let _g = ns.enter().unwrap();
+        let l = TcpListener::bind("0.0.0.0:8080").unwrap();
+        for c in l.incoming() {
+            drop(c);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+}
+
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 /// Connect latencies (ms) to `dst` from inside `ns`, `count` new connections.
-fn connects(ns: &str, dst: SocketAddr, count: usize) -> Result<Vec<f64>> {
+pub fn connects(ns: &str, dst: SocketAddr, count: usize) -> Result<Vec<f64>> {
     let ns = netns::NetNs::named(ns)?;
     ns.run(|| -> Result<Vec<f64>> {
         let mut v = Vec::with_capacity(count);
@@ -60,17 +74,7 @@ pub fn run(sizes: &[usize], endpoints: usize, count: usize) -> Result<()> {
     let server_ip: Ipv4Addr = server["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().parse()?;
     let (server_ns, client_ns, node_ns) =
         (lab.pod("server")?.ns.clone(), lab.pod("client")?.ns.clone(), lab.node("n1")?.ns.clone());
-    // A server that accepts and closes, inside the server pod, for the whole run.
-    let sns = server_ns.clone();
-    std::thread::spawn(move || {
-        let ns = netns::NetNs::named(&sns).unwrap();
-        let _g = ns.enter().unwrap();
-        let l = TcpListener::bind("0.0.0.0:8080").unwrap();
-        for c in l.incoming() {
-            drop(c);
-        }
-    });
-    std::thread::sleep(Duration::from_millis(200));
+    accept_forever(&server_ns);
     let floor = connects(&client_ns, SocketAddr::new(server_ip.into(), 8080), count)?;
     println!("services x {endpoints} endpoints, iptables dataplane; connect latency over {count} new connections\n");
     let (f50, f99) = (percentile(&floor, 0.5), percentile(&floor, 0.99));

@@ -7,7 +7,8 @@
 //!         POSTROUTING -> TARTAN-POSTROUTING masquerades marked packets.
 //! filter: FORWARD/OUTPUT (new) -> TARTAN-SERVICES: REJECT for services without endpoints; INPUT/FORWARD (new, to a
 //!         local address) -> TARTAN-EXTERNAL-SERVICES: REJECT or DROP for node ports and external IPs without
-//!         (local) endpoints; FORWARD -> TARTAN-FORWARD: drop INVALID, accept marked and established.
+//!         (local) endpoints; FORWARD -> TARTAN-FORWARD: drop INVALID, accept marked and established. FORWARD's
+//!         first rule jumps to NetworkPolicy's TARTAN-POLICY (see [`crate::policy_rules`]).
 //!
 //! Pure: the chains as data; [`payload`] turns them into one iptables-restore transaction that rewrites only the
 //! chains that changed since the last sync (kube-proxy's partial sync).
