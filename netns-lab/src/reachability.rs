@@ -283,7 +283,8 @@ impl Matrix {
 pub fn serve(tcp: &[u16], udp: &[u16]) -> Result<()> {
     let mut threads = Vec::new();
     for &port in tcp {
-        let l = TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("TCP port {port}"))?;
+        // "::" takes IPv4 too (mapped): one socket serves single- and dual-stack pods.
+        let l = TcpListener::bind(("::", port)).with_context(|| format!("TCP port {port}"))?;
         threads.push(std::thread::spawn(move || {
             for mut c in l.incoming().flatten() {
                 // A word for a client that reads; the probe only needs the handshake.
@@ -292,7 +293,7 @@ pub fn serve(tcp: &[u16], udp: &[u16]) -> Result<()> {
         }));
     }
     for &port in udp {
-        let s = UdpSocket::bind(("0.0.0.0", port)).with_context(|| format!("UDP port {port}"))?;
+        let s = UdpSocket::bind(("::", port)).with_context(|| format!("UDP port {port}"))?;
         threads.push(std::thread::spawn(move || {
             let mut buf = [0u8; 1500];
             while let Ok((n, from)) = s.recv_from(&mut buf) {

@@ -3,12 +3,13 @@
 //! rules refer to. A set is named after its definition (the selector, the ipBlock, the named port), not its members,
 //! so a label change changes a set's members and leaves the rules that use it alone.
 //!
-//! IPv4 only: rules and sets are for iptables, not ip6tables.
+//! Both families: a dual-stack pod gets one [`PodPolicy`] per address, and each family its own sets (IPv6 ones are
+//! named `TARTAN-6…`); the dataplane writes the IPv4 half with iptables and the IPv6 half with ip6tables.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use iptables::ipset::{Set, SetKind};
 use kube_objects::{
     matches, IntOrString, LabelSelector, Labels, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, Object, Pod,
@@ -22,7 +23,7 @@ pub const SET_PREFIX: &str = "TARTAN-";
 /// What the dataplane enforces on this node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PolicyModel {
-    /// This node's pods with an IPv4 address, sorted by id.
+    /// This node's pods, one entry per address family they have an address in, sorted by id then family.
     pub pods: Vec<PodPolicy>,
     /// The sets the rules refer to, by name.
     pub sets: BTreeMap<String, Set>,
@@ -38,7 +39,7 @@ impl PolicyModel {
 pub struct PodPolicy {
     /// `namespace/name`.
     pub id: String,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// The host side of the pod's veth, when the CNI plugin's record of it is on this node: its traffic is
     /// matched by the port it enters on, and a source address other than the pod's is dropped there.
     pub veth: Option<String>,
@@ -76,14 +77,16 @@ fn hash(s: &str) -> String {
 }
 
 struct Cluster<'a> {
-    pods: Vec<(&'a Pod, String, Ipv4Addr)>,
+    /// Pods with an address of the family being built, and that address.
+    pods: Vec<(&'a Pod, String, IpAddr)>,
     namespaces: BTreeMap<String, &'a Labels>,
 }
 
-fn pod_ipv4(p: &Pod) -> Option<Ipv4Addr> {
+/// The pod's address in the family of `v6`.
+fn pod_ip(p: &Pod, v6: bool) -> Option<IpAddr> {
     let st = p.status.as_ref()?;
-    let from_list = st.pod_ips.iter().filter_map(|i| i.ip.parse::<Ipv4Addr>().ok()).next();
-    st.pod_ip.as_deref().and_then(|s| s.parse().ok()).or(from_list)
+    let listed = st.pod_ips.iter().map(|i| i.ip.as_str()).chain(st.pod_ip.as_deref());
+    listed.filter_map(|s| s.parse::<IpAddr>().ok()).find(|ip| ip.is_ipv6() == v6)
 }
 
 fn ns_of(p: &Pod) -> String {
@@ -113,10 +116,21 @@ fn named_ports(pod: &Pod, name: &str, proto: Proto) -> Vec<u16> {
 
 struct Builder<'a> {
     cluster: Cluster<'a>,
+    v6: bool,
     sets: BTreeMap<String, Set>,
 }
 
 impl Builder<'_> {
+    /// A set name: the kind and a hash of the definition; IPv6 sets are told apart (ipset names are per node, not
+    /// per family).
+    fn name(&self, kind: &str, def: &str) -> String {
+        format!("{SET_PREFIX}{}{kind}-{}", if self.v6 { "6" } else { "" }, hash(def))
+    }
+
+    fn set(&self, kind: SetKind, members: BTreeSet<String>) -> Set {
+        Set { kind, inet6: self.v6, members }
+    }
+
     /// The set for a selector peer: pods matching `pod_sel` in the policy's namespace (no namespace selector) or in
     /// the namespaces matching `ns_sel`.
     fn selector_set(
@@ -130,7 +144,7 @@ impl Builder<'_> {
             "podSelector": pod_sel,
             "namespaceSelector": ns_sel,
         });
-        let name = format!("{SET_PREFIX}PS-{}", hash(&def.to_string()));
+        let name = self.name("PS", &def.to_string());
         if !self.sets.contains_key(&name) {
             let empty = Labels::new();
             let members = self
@@ -144,17 +158,19 @@ impl Builder<'_> {
                 .filter(|(p, _, _)| pod_sel.is_none_or(|sel| matches(sel, &p.metadata.labels)))
                 .map(|(_, _, ip)| ip.to_string())
                 .collect();
-            self.sets.insert(name.clone(), Set { kind: SetKind::Ip, members });
+            let set = self.set(SetKind::Ip, members);
+            self.sets.insert(name.clone(), set);
         }
         name
     }
 
-    /// The set for an ipBlock: the CIDR with the exceptions carved out (`nomatch`). None for an IPv6 block.
+    /// The set for an ipBlock: the CIDR with the exceptions carved out (`nomatch`). None for a block of the other
+    /// family.
     fn block_set(&mut self, cidr: &str, except: &[String]) -> Option<String> {
-        let net: Ipv4Net = match cidr.parse::<IpNet>().ok()? {
-            IpNet::V4(n) => n.trunc(),
-            IpNet::V6(_) => return None,
-        };
+        let net = cidr.parse::<IpNet>().ok()?.trunc();
+        if net.addr().is_ipv6() != self.v6 {
+            return None;
+        }
         let mut members = BTreeSet::new();
         // hash:net cannot hold a /0: two halves instead.
         let parts = if net.prefix_len() == 0 { net.subnets(1).ok()?.collect() } else { vec![net] };
@@ -162,28 +178,27 @@ impl Builder<'_> {
             members.insert(member(n));
         }
         for e in except {
-            if let Ok(IpNet::V4(x)) = e.parse::<IpNet>() {
-                let x = x.trunc();
-                if x.prefix_len() > 0 {
-                    members.insert(format!("{} nomatch", member(x)));
-                } else {
-                    // Everything excepted: nothing left.
-                    return Some(self.insert_block(cidr, except, BTreeSet::new()));
-                }
+            let Ok(x) = e.parse::<IpNet>() else { continue };
+            let x = x.trunc();
+            if x.addr().is_ipv6() != self.v6 {
+                continue;
             }
+            if x.prefix_len() == 0 {
+                // Everything excepted: nothing left.
+                members.clear();
+                break;
+            }
+            members.insert(format!("{} nomatch", member(x)));
         }
-        Some(self.insert_block(cidr, except, members))
-    }
-
-    fn insert_block(&mut self, cidr: &str, except: &[String], members: BTreeSet<String>) -> String {
-        let name = format!("{SET_PREFIX}NB-{}", hash(&format!("{cidr} except {except:?}")));
-        self.sets.insert(name.clone(), Set { kind: SetKind::Net, members });
-        name
+        let name = self.name("NB", &format!("{cidr} except {except:?}"));
+        let set = self.set(SetKind::Net, members);
+        self.sets.insert(name.clone(), set);
+        Some(name)
     }
 
     /// The set of (address, port) pairs of every pod with a container port `name`/`proto`.
     fn named_port_set(&mut self, name: &str, proto: Proto) -> String {
-        let set = format!("{SET_PREFIX}NP-{}", hash(&format!("{name}/{}", proto.as_str())));
+        let set = self.name("NP", &format!("{name}/{}", proto.as_str()));
         if !self.sets.contains_key(&set) {
             let mut members = BTreeSet::new();
             for (p, _, ip) in &self.cluster.pods {
@@ -191,12 +206,13 @@ impl Builder<'_> {
                     members.insert(format!("{ip},{}:{port}", proto.as_str()));
                 }
             }
-            self.sets.insert(set.clone(), Set { kind: SetKind::IpPort, members });
+            let s = self.set(SetKind::IpPort, members);
+            self.sets.insert(set.clone(), s);
         }
         set
     }
 
-    /// A rule's peers: None for "anyone" (no peers listed); IPv6 blocks drop out.
+    /// A rule's peers: None for "anyone" (no peers listed); blocks of the other family drop out.
     fn peers(&mut self, policy_ns: &str, peers: &[NetworkPolicyPeer]) -> Option<Vec<String>> {
         if peers.is_empty() {
             return None;
@@ -246,9 +262,9 @@ impl Builder<'_> {
     }
 }
 
-/// A set member as `ipset save` prints it: a host network without its /32.
-fn member(n: Ipv4Net) -> String {
-    if n.prefix_len() == 32 {
+/// A set member as `ipset save` prints it: a host network without its /32 (/128).
+fn member(n: IpNet) -> String {
+    if n.prefix_len() == n.max_prefix_len() {
         n.addr().to_string()
     } else {
         n.to_string()
@@ -262,16 +278,12 @@ fn keep(r: &Rule) -> bool {
 
 /// The policy model for the pods of `node`. `veths` maps `(namespace, name)` to the pod's host-side veth.
 pub fn policy_model(objects: &[Object], node: &str, veths: &BTreeMap<(String, String), String>) -> PolicyModel {
-    let mut pods = Vec::new();
+    let mut all: Vec<&Pod> = Vec::new();
     let mut namespaces = BTreeMap::new();
     let mut policies: Vec<&NetworkPolicy> = Vec::new();
     for o in objects {
         match o {
-            Object::Pod(p) => {
-                if let Some(ip) = pod_ipv4(p) {
-                    pods.push((p, ns_of(p), ip));
-                }
-            }
+            Object::Pod(p) => all.push(p),
             Object::Namespace(n) => {
                 namespaces.insert(n.metadata.name.clone(), &n.metadata.labels);
             }
@@ -279,8 +291,26 @@ pub fn policy_model(objects: &[Object], node: &str, veths: &BTreeMap<(String, St
             _ => {}
         }
     }
-    let mut b = Builder { cluster: Cluster { pods, namespaces }, sets: BTreeMap::new() };
-    let local: Vec<(&Pod, String, Ipv4Addr)> =
+    let mut out = Vec::new();
+    let mut sets = BTreeMap::new();
+    for v6 in [false, true] {
+        let pods = all.iter().filter_map(|p| Some((*p, ns_of(p), pod_ip(p, v6)?))).collect();
+        let mut b = Builder { cluster: Cluster { pods, namespaces: namespaces.clone() }, v6, sets: BTreeMap::new() };
+        let family = family_model(&mut b, &policies, node, veths);
+        sets.extend(used_sets(&family, &b.sets));
+        out.extend(family);
+    }
+    out.sort_by(|a, b| (&a.id, a.ip.is_ipv6()).cmp(&(&b.id, b.ip.is_ipv6())));
+    PolicyModel { pods: out, sets }
+}
+
+fn family_model(
+    b: &mut Builder,
+    policies: &[&NetworkPolicy],
+    node: &str,
+    veths: &BTreeMap<(String, String), String>,
+) -> Vec<PodPolicy> {
+    let local: Vec<(&Pod, String, IpAddr)> =
         b.cluster.pods.iter().filter(|(p, _, _)| p.spec.node_name.as_deref() == Some(node)).cloned().collect();
     let mut out = Vec::new();
     for (pod, ns, ip) in local {
@@ -313,9 +343,12 @@ pub fn policy_model(objects: &[Object], node: &str, veths: &BTreeMap<(String, St
         let veth = veths.get(&(ns.clone(), pod.metadata.name.clone())).cloned();
         out.push(PodPolicy { id: format!("{ns}/{}", pod.metadata.name), ip, veth, ingress, egress });
     }
-    out.sort_by(|a, b| a.id.cmp(&b.id));
-    // Only sets some rule refers to (a selector evaluated for a policy that then selected no local pod is not).
-    let used: BTreeSet<&String> = out
+    out
+}
+
+/// Only the sets some rule refers to (a selector evaluated for a policy that then selected no local pod is not).
+fn used_sets(pods: &[PodPolicy], sets: &BTreeMap<String, Set>) -> BTreeMap<String, Set> {
+    let used: BTreeSet<&String> = pods
         .iter()
         .flat_map(|p| p.ingress.iter().chain(p.egress.iter()).flatten())
         .flat_map(|r| {
@@ -327,8 +360,7 @@ pub fn policy_model(objects: &[Object], node: &str, veths: &BTreeMap<(String, St
             peers.chain(named)
         })
         .collect();
-    let sets = b.sets.iter().filter(|(n, _)| used.contains(n)).map(|(n, s)| (n.clone(), s.clone())).collect();
-    PolicyModel { pods: out, sets }
+    sets.iter().filter(|(n, _)| used.contains(n)).map(|(n, s)| (n.clone(), s.clone())).collect()
 }
 
 #[cfg(test)]
@@ -337,17 +369,17 @@ mod tests {
 
     /// Whether an address is in a set as the kernel matches it: the longest matching entry decides (nomatch).
     fn set_contains(set: &Set, ip: &str) -> bool {
-        let ip: Ipv4Addr = ip.parse().unwrap();
+        let ip: IpAddr = ip.parse().unwrap();
         let mut best: Option<(u8, bool)> = None;
         for m in &set.members {
             let (net, nomatch) = match m.strip_suffix(" nomatch") {
                 Some(n) => (n, true),
                 None => (m.as_str(), false),
             };
-            let net: Ipv4Net = match net.split(',').next().unwrap_or(net).parse::<Ipv4Net>() {
+            let net: IpNet = match net.split(',').next().unwrap_or(net).parse::<IpNet>() {
                 Ok(n) => n,
-                Err(_) => match net.split(',').next().unwrap_or(net).parse::<Ipv4Addr>() {
-                    Ok(a) => Ipv4Net::from(a),
+                Err(_) => match net.split(',').next().unwrap_or(net).parse::<IpAddr>() {
+                    Ok(a) => IpNet::from(a),
                     Err(_) => continue,
                 },
             };
@@ -511,5 +543,42 @@ spec:
         assert_eq!(before.sets.keys().collect::<Vec<_>>(), after.sets.keys().collect::<Vec<_>>());
         assert_ne!(before.sets, after.sets);
         assert!(after.sets.values().all(|s| s.members.is_empty()));
+    }
+
+    #[test]
+    fn a_dual_stack_pod_gets_a_policy_per_family_with_sets_of_its_family() {
+        let yaml = "apiVersion: v1
+kind: Pod
+metadata: {name: d, namespace: x, labels: {pod: d}}
+spec: {nodeName: n1}
+status: {podIP: 10.244.1.9, podIPs: [{ip: 10.244.1.9}, {ip: 'fd00:10:244:1::9'}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: p, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: d}}
+  ingress:
+  - from: [{podSelector: {}}, {ipBlock: {cidr: 'fd00::/8', except: ['fd00:10:244:2::/64']}}, {ipBlock: {cidr: 0.0.0.0/0}}]
+";
+        let m = model(yaml, "n1");
+        let d: Vec<&PodPolicy> = m.pods.iter().filter(|p| p.id == "x/d").collect();
+        assert_eq!(d.len(), 2);
+        assert!(d[0].ip.is_ipv4() && d[1].ip.is_ipv6());
+        let peers = |p: &PodPolicy| p.ingress.as_ref().unwrap()[0].peers.clone().unwrap();
+        for p in &peers(d[0]) {
+            assert!(!m.sets[p].inet6 && !p.starts_with("TARTAN-6"), "{p}");
+        }
+        let v6 = peers(d[1]);
+        assert_eq!(v6.len(), 2, "the pod selector and the IPv6 block: {v6:?}");
+        for p in &v6 {
+            assert!(m.sets[p].inet6 && p.starts_with("TARTAN-6"), "{p}");
+        }
+        let nb = v6.iter().find(|p| p.contains("NB-")).unwrap();
+        assert!(set_contains(&m.sets[nb], "fd00:10:244:1::9") && !set_contains(&m.sets[nb], "fd00:10:244:2::5"));
+        let all = peers(d[0]).into_iter().find(|p| p.contains("NB-")).unwrap();
+        assert_eq!(m.sets[&all].members.iter().collect::<Vec<_>>(), ["0.0.0.0/1", "128.0.0.0/1"], "/0 in halves");
+        let ps = v6.iter().find(|p| p.contains("PS-")).unwrap();
+        assert_eq!(m.sets[ps].members.iter().collect::<Vec<_>>(), ["fd00:10:244:1::9"], "only pods with IPv6");
     }
 }

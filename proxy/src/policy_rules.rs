@@ -9,6 +9,8 @@
 //! Only forwarded traffic passes FORWARD: what the node itself sends to its pods (kubelet probes) is not subject to
 //! policy, as in most implementations.
 
+use ipnet::IpNet;
+
 use crate::policy::{PodPolicy, PolicyModel, PortMatch, Rule};
 use crate::rules::{chain, comment, Rules};
 
@@ -53,34 +55,35 @@ fn direction_chain(pod: &PodPolicy, rules: &[Rule], dir: &str, what: &str) -> Ve
     v
 }
 
-/// Adds the policy chains of `model` to `r` (whose filter table has an empty TARTAN-POLICY).
-pub fn render_policy(model: &PolicyModel, r: &mut Rules) {
+/// Adds the policy chains of `model`'s pods of one family (`v6`) to `r`.
+pub fn render_policy(model: &PolicyModel, v6: bool, r: &mut Rules) {
+    let pods: Vec<&PodPolicy> = model.pods.iter().filter(|p| p.ip.is_ipv6() == v6).collect();
     let mut top = Vec::new();
-    for p in &model.pods {
+    for p in pods.iter().copied() {
         if let Some(veth) = &p.veth {
             top.push(format!(
-                "-m physdev --physdev-in {veth} ! -s {}/32 {} -j DROP",
-                p.ip,
+                "-m physdev --physdev-in {veth} ! -s {} {} -j DROP",
+                IpNet::from(p.ip),
                 comment(&format!("{}: not its address", p.id))
             ));
         }
     }
     top.push("-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN".to_string());
-    for p in &model.pods {
+    for p in pods.iter().copied() {
         if let Some(rules) = &p.egress {
             let name = chain("PE", &p.id);
             let from = match &p.veth {
                 Some(veth) => format!("-m physdev --physdev-in {veth}"),
-                None => format!("-s {}/32", p.ip),
+                None => format!("-s {}", IpNet::from(p.ip)),
             };
             top.push(format!("{from} {} -j {name}", comment(&format!("{} egress", p.id))));
             r.filter.insert(name, direction_chain(p, rules, "dst", "egress"));
         }
     }
-    for p in &model.pods {
+    for p in pods.iter().copied() {
         if let Some(rules) = &p.ingress {
             let name = chain("PI", &p.id);
-            top.push(format!("-d {}/32 {} -j {name}", p.ip, comment(&format!("{} ingress", p.id))));
+            top.push(format!("-d {} {} -j {name}", IpNet::from(p.ip), comment(&format!("{} ingress", p.id))));
             r.filter.insert(name, direction_chain(p, rules, "src", "ingress"));
         }
     }
@@ -110,7 +113,7 @@ mod tests {
         };
         let model = PolicyModel { pods: vec![pod(Some(vec![rule]), Some(vec![]))], sets: Default::default() };
         let mut r = Rules::default();
-        render_policy(&model, &mut r);
+        render_policy(&model, false, &mut r);
         let top = &r.filter[POLICY];
         assert!(top[0].starts_with("-m physdev --physdev-in veth0123456789a ! -s 10.244.1.5/32"), "{top:?}");
         assert!(top[1].contains("RELATED,ESTABLISHED -j RETURN"));
@@ -129,14 +132,14 @@ mod tests {
         let open = Rule { peers: None, ports: None };
         let model = PolicyModel { pods: vec![pod(Some(vec![open]), None)], sets: Default::default() };
         let mut r = Rules::default();
-        render_policy(&model, &mut r);
+        render_policy(&model, false, &mut r);
         let pi = &r.filter[&chain("PI", "x/a")];
         assert!(pi[0].starts_with("-m comment") && pi[0].ends_with("-j RETURN"), "{pi:?}");
         assert!(!r.filter.contains_key(&chain("PE", "x/a")));
         let named = Rule { peers: None, ports: Some(vec![PortMatch::Named(Proto::Sctp, "TARTAN-NP-9".into())]) };
         let model = PolicyModel { pods: vec![pod(None, Some(vec![named]))], sets: Default::default() };
         let mut r = Rules::default();
-        render_policy(&model, &mut r);
+        render_policy(&model, false, &mut r);
         assert!(r.filter[&chain("PE", "x/a")][0].starts_with("-p sctp -m set --match-set TARTAN-NP-9 dst,dst"));
     }
 }

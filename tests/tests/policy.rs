@@ -595,3 +595,59 @@ fn policy_composes_with_services_host_traffic_forged_sources_and_sctp() {
     assert_eq!(lines.len(), 1, "only the INIT to port 80 arrives: {lines:?}");
     assert!(lines[0].contains(".80:") || lines[0].contains(".http:"), "{lines:?}");
 }
+
+/// Dual stack: a pod's IPv6 address is policed like its IPv4 one (ip6tables chains and inet6 sets).
+#[test]
+fn ipv6_traffic_of_dual_stack_pods_is_policed_too() {
+    let mut lab = Lab::new("np-v6").expect("lab");
+    lab.build_cluster_with(2, &Backend::Vxlan.dual_stack_config(), 1).expect("cluster");
+    for n in ["n1", "n2"] {
+        lab.start_proxy(n, &[]).unwrap();
+    }
+    let docs = [namespace_manifest("x", &[("ns", "x")]), namespace_manifest("y", &[("ns", "y")])]
+        .into_iter()
+        .chain([("x", "a"), ("x", "b"), ("y", "b")].map(|(ns, p)| pod_manifest(ns, p, &[("pod", p)])))
+        .collect::<Vec<_>>()
+        .join("---\n");
+    let out = lab.tartanctl(&["apply", "-f", "-"], Some(&docs)).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let serve = netns_lab::cni::tartan_bin_dir().join("netns-lab");
+    let mut v6 = BTreeMap::new();
+    for (node, ns, name) in [("n1", "x", "a"), ("n2", "x", "b"), ("n2", "y", "b")] {
+        let r = lab.add_pod_as(node, &format!("{ns}-{name}"), ns, name).unwrap();
+        let addr = r["ips"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|i| i["address"].as_str()?.split('/').next()?.parse::<std::net::IpAddr>().ok())
+            .find(|ip| ip.is_ipv6())
+            .expect("an IPv6 address");
+        let netns = lab.pod(&format!("{ns}-{name}")).unwrap().ns.clone();
+        lab.spawn(&netns, &[serve.to_str().unwrap(), "serve", "--tcp", "80", "--udp", "80"]).unwrap();
+        v6.insert(format!("{ns}/{name}"), (netns, addr));
+    }
+    let connect = |from: &str, to: &str| {
+        let ns = netns::NetNs::named(&v6[from].0).unwrap();
+        let addr = std::net::SocketAddr::new(v6[to].1, 80);
+        ns.run(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()).unwrap()
+    };
+    assert!(wait_for(Duration::from_secs(5), || connect("x/b", "x/a") && connect("y/b", "x/a")), "open before");
+    let out = lab
+        .tartanctl(
+            &["apply", "-f", "-"],
+            Some(&policy("x", "from-y", "  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}]}]")),
+        )
+        .unwrap();
+    assert!(out.status.success());
+    assert!(wait_for(Duration::from_secs(5), || !connect("x/b", "x/a")), "x/b is refused over IPv6");
+    assert!(connect("y/b", "x/a"), "y/b is let in over IPv6");
+    let n1 = lab.node("n1").unwrap().ns.clone();
+    let save =
+        String::from_utf8_lossy(&lab.exec(&n1, &["ip6tables-save", "-t", "filter"]).unwrap().stdout).into_owned();
+    assert!(
+        save.lines()
+            .any(|l| l.starts_with("-A TARTAN-POLICY -d ") && l.contains("/128") && l.contains("-j TARTAN-PI-")),
+        "{save}"
+    );
+    assert!(save.contains("--match-set TARTAN-6PS-"), "{save}");
+}

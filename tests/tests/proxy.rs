@@ -193,8 +193,10 @@ fn a_udp_client_moves_to_a_live_endpoint_when_its_endpoint_goes() {
         (!s.is_empty()).then_some(s)
     };
     assert!(wait_for(Duration::from_secs(5), || ask(&c).is_some()));
-    let first = ask(&c).unwrap();
-    assert_eq!(ask(&c).as_deref(), Some(first.as_str()), "one conntrack entry, one endpoint");
+    // A reply can take over socat's 1 s under load (the server forks a shell per datagram): ask again then.
+    let ask_again = |c: &Cluster| (0..3).find_map(|_| ask(c));
+    let first = ask_again(&c).unwrap();
+    assert_eq!(ask_again(&c).as_deref(), Some(first.as_str()), "one conntrack entry, one endpoint");
     c.lab.del_pod(&first).unwrap();
     let other = if first == "dns-a" { "dns-b" } else { "dns-a" };
     let t = std::time::Instant::now();

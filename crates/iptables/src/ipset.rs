@@ -1,4 +1,4 @@
-//! IPv4 ipsets, driven through the `ipset` binary the way the rules are through iptables-restore: the state is read
+//! ipsets (IPv4 and IPv6), driven through the `ipset` binary the way the rules are through iptables-restore: the state is read
 //! with `ipset save` and changed with one `ipset restore` payload.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -35,6 +35,8 @@ impl SetKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Set {
     pub kind: SetKind,
+    /// An IPv6 set (`family inet6`), for ip6tables rules.
+    pub inet6: bool,
     pub members: BTreeSet<String>,
 }
 
@@ -55,7 +57,8 @@ fn parse_save(text: &str, prefix: &str) -> BTreeMap<String, Set> {
         match (words.next(), words.next(), words.next()) {
             (Some("create"), Some(name), Some(rest)) if name.starts_with(prefix) => {
                 if let Some(kind) = rest.split(' ').next().and_then(SetKind::parse) {
-                    sets.insert(name.to_string(), Set { kind, members: BTreeSet::new() });
+                    let inet6 = rest.contains(" family inet6");
+                    sets.insert(name.to_string(), Set { kind, inet6, members: BTreeSet::new() });
                 }
             }
             (Some("add"), Some(name), Some(member)) => {
@@ -87,7 +90,7 @@ pub fn update_payload(want: &BTreeMap<String, Set>, have: &BTreeMap<String, Set>
     let mut out = String::new();
     for (name, set) in want {
         let old = match have.get(name) {
-            Some(h) if h.kind == set.kind => Some(&h.members),
+            Some(h) if h.kind == set.kind && h.inet6 == set.inet6 => Some(&h.members),
             Some(_) => {
                 // Same name, another type: cannot happen with names derived from the definition, but recreate.
                 out += &format!("destroy {name}\n");
@@ -96,7 +99,8 @@ pub fn update_payload(want: &BTreeMap<String, Set>, have: &BTreeMap<String, Set>
             None => None,
         };
         if old.is_none() {
-            out += &format!("create {name} {} family inet maxelem 1048576 -exist\n", set.kind.as_str());
+            let family = if set.inet6 { "inet6" } else { "inet" };
+            out += &format!("create {name} {} family {family} maxelem 1048576 -exist\n", set.kind.as_str());
         }
         let empty = BTreeSet::new();
         let old = old.unwrap_or(&empty);
@@ -122,14 +126,15 @@ mod tests {
     use super::*;
 
     fn set(kind: SetKind, members: &[&str]) -> Set {
-        Set { kind, members: members.iter().map(|m| m.to_string()).collect() }
+        Set { kind, inet6: false, members: members.iter().map(|m| m.to_string()).collect() }
     }
 
     #[test]
     fn save_output_is_parsed_for_our_prefix_only() {
-        let text = "create TARTAN-NB-1 hash:net family inet hashsize 1024 maxelem 65536\nadd TARTAN-NB-1 10.244.0.0/16\nadd TARTAN-NB-1 10.244.1.2 nomatch\ncreate other hash:ip family inet\nadd other 1.2.3.4\ncreate TARTAN-NP-1 hash:ip,port family inet\nadd TARTAN-NP-1 10.244.1.2,tcp:80\n";
+        let text = "create TARTAN-6PS-1 hash:ip family inet6 hashsize 1024\nadd TARTAN-6PS-1 fd00::1\ncreate TARTAN-NB-1 hash:net family inet hashsize 1024 maxelem 65536\nadd TARTAN-NB-1 10.244.0.0/16\nadd TARTAN-NB-1 10.244.1.2 nomatch\ncreate other hash:ip family inet\nadd other 1.2.3.4\ncreate TARTAN-NP-1 hash:ip,port family inet\nadd TARTAN-NP-1 10.244.1.2,tcp:80\n";
         let sets = parse_save(text, "TARTAN-");
-        assert_eq!(sets.len(), 2);
+        assert_eq!(sets.len(), 3);
+        assert!(sets["TARTAN-6PS-1"].inet6 && sets["TARTAN-6PS-1"].members.contains("fd00::1"));
         assert_eq!(sets["TARTAN-NB-1"], set(SetKind::Net, &["10.244.0.0/16", "10.244.1.2 nomatch"]));
         assert_eq!(sets["TARTAN-NP-1"], set(SetKind::IpPort, &["10.244.1.2,tcp:80"]));
     }
