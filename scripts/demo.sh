@@ -4,4 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo build --release --workspace --bins --locked
-exec target/x86_64-unknown-linux-gnu/release/netns-lab demo
+target/x86_64-unknown-linux-gnu/release/netns-lab demo
+# NetworkPolicy: the conformance topology (namespaces x, y, z; pods a, b, c on two nodes, with tartan-proxy), its
+# reachability matrix open, then with x closed except TCP 80 into x/a from namespace y.
+exec target/x86_64-unknown-linux-gnu/release/netns-lab reachability -f netns-lab/examples/netpol-xyz.yaml

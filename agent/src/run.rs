@@ -77,18 +77,20 @@ fn spawn_dataplane(mut dp: Dataplane, resync: Duration, health: SharedHealth) ->
                     Err(mpsc::RecvTimeoutError::Timeout) => None,
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 };
+                let cmd = match cmd {
+                    Some(Cmd::Drift) => {
+                        // Coalesce a burst of notifications into one reconcile.
+                        std::thread::sleep(Duration::from_millis(20));
+                        skip_drift(&rx)
+                    }
+                    other => other,
+                };
                 let reply = match cmd {
                     Some(Cmd::Apply { own, leases, reply }) => {
                         last = Some((own, leases));
                         reply
                     }
-                    Some(Cmd::Drift) => {
-                        // Coalesce a burst of notifications into one reconcile.
-                        std::thread::sleep(Duration::from_millis(20));
-                        while let Ok(Cmd::Drift) = rx.try_recv() {}
-                        None
-                    }
-                    None => None,
+                    Some(Cmd::Drift) | None => None,
                 };
                 let Some((own, leases)) = &last else { continue };
                 let res = dp.ensure_device(own).and_then(|c| {
@@ -127,6 +129,18 @@ fn spawn_dataplane(mut dp: Dataplane, resync: Duration, health: SharedHealth) ->
         .expect("spawn dataplane thread");
     spawn_monitor(tx.clone());
     tx
+}
+
+/// Takes the queued drift notifications and returns the first other command, if one is queued behind them. (An
+/// Apply queued behind a burst of notifications must not be dropped with them: its caller waits for the reply.)
+fn skip_drift(rx: &mpsc::Receiver<Cmd>) -> Option<Cmd> {
+    loop {
+        match rx.try_recv() {
+            Ok(Cmd::Drift) => continue,
+            Ok(other) => return Some(other),
+            Err(_) => return None,
+        }
+    }
 }
 
 fn apply(tx: &mpsc::Sender<Cmd>, own: LeaseKey, leases: &Leases) -> Result<Report> {
@@ -498,5 +512,23 @@ pub async fn serve_health(addr: std::net::SocketAddr, health: SharedHealth) -> R
             );
             let _ = sock.write_all(resp.as_bytes()).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_apply_behind_drift_notifications_is_kept() {
+        let (tx, rx) = mpsc::channel();
+        let (rtx, _rrx) = mpsc::channel();
+        let own: LeaseKey = "10.244.1.0-24".parse().unwrap();
+        tx.send(Cmd::Drift).unwrap();
+        tx.send(Cmd::Drift).unwrap();
+        tx.send(Cmd::Apply { own, leases: Leases::default(), reply: Some(rtx) }).unwrap();
+        tx.send(Cmd::Drift).unwrap();
+        assert!(matches!(skip_drift(&rx), Some(Cmd::Apply { reply: Some(_), .. })), "the Apply, not dropped");
+        assert!(skip_drift(&rx).is_none(), "the drift after it is taken too");
     }
 }
