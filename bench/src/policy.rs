@@ -15,7 +15,7 @@ use kube_objects::Object;
 use netns_lab::Lab;
 use serde_json::json;
 use tartan_proxy::iptables_dp::IptablesDataplane;
-use tartan_proxy::policy::policy_model;
+use tartan_proxy::policy::{local_veths, policy_model};
 use tartan_proxy::Dataplane;
 
 use crate::proxy::{accept_forever, connects, percentile};
@@ -89,10 +89,7 @@ pub fn run(sizes: &[usize], count: usize) -> Result<()> {
     let (server_ns, client_ns, node_ns) =
         (lab.pod("server")?.ns.clone(), lab.pod("client")?.ns.clone(), lab.node("n1")?.ns.clone());
     let run_dir = lab.node("n1")?.root.join("run/tartan");
-    let veths = tartan_cni::pods::load_all(&run_dir)
-        .into_iter()
-        .map(|r| ((r.namespace, r.name), tartan_cni::host_veth_name(&r.container_id, &r.ifname)))
-        .collect();
+    let veths = local_veths(&run_dir);
     accept_forever(&server_ns);
     let to = SocketAddr::new(server_ip.into(), 8080);
     let floor = connects(&client_ns, to, count)?;

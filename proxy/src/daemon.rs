@@ -11,7 +11,7 @@ use store::{Event, Store, Tls};
 
 use crate::metrics::Shared;
 use crate::model::service_ports;
-use crate::policy::policy_model;
+use crate::policy::{local_veths, policy_model};
 use crate::Dataplane;
 
 pub struct Settings {
@@ -132,13 +132,4 @@ pub async fn run(s: Settings, mut dp: Box<dyn Dataplane + Send>, metrics: Shared
             }
         }
     }
-}
-
-/// (namespace, name) -> host-side veth of this node's pods, from the CNI plugin's records. The plugin writes a
-/// record before the agent publishes the pod's address, so a pod the store shows here has one.
-fn local_veths(run_dir: &std::path::Path) -> BTreeMap<(String, String), String> {
-    tartan_cni::pods::load_all(run_dir)
-        .into_iter()
-        .map(|r| ((r.namespace, r.name), tartan_cni::host_veth_name(&r.container_id, &r.ifname)))
-        .collect()
 }

@@ -16,6 +16,7 @@ use kube_objects::{
 };
 
 use crate::model::Proto;
+use crate::rules::hash;
 
 /// Every set of ours starts so (and `--cleanup` removes exactly those).
 pub const SET_PREFIX: &str = "TARTAN-";
@@ -64,16 +65,6 @@ pub enum PortMatch {
     Range(Proto, u16, u16),
     /// A named port of the destination pod, for egress (where destinations are many): a set of address,port pairs.
     Named(Proto, String),
-}
-
-/// A stable 16-hex-digit name part (FNV-1a 64).
-fn hash(s: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{h:016X}")
 }
 
 struct Cluster<'a> {
@@ -361,6 +352,15 @@ fn used_sets(pods: &[PodPolicy], sets: &BTreeMap<String, Set>) -> BTreeMap<Strin
         })
         .collect();
     sets.iter().filter(|(n, _)| used.contains(n)).map(|(n, s)| (n.clone(), s.clone())).collect()
+}
+
+/// (namespace, name) -> host-side veth of this node's pods, from the CNI plugin's records under `run_dir`. The
+/// plugin writes a record before the agent publishes the pod's address, so a pod the store shows here has one.
+pub fn local_veths(run_dir: &std::path::Path) -> BTreeMap<(String, String), String> {
+    tartan_cni::pods::load_all(run_dir)
+        .into_iter()
+        .map(|r| ((r.namespace, r.name), tartan_cni::host_veth_name(&r.container_id, &r.ifname)))
+        .collect()
 }
 
 #[cfg(test)]

@@ -58,8 +58,9 @@ pub fn jumps() -> Vec<(&'static str, &'static str, Vec<String>)> {
     ]
 }
 
-/// A stable 16-hex-digit name part (FNV-1a 64): chain names stay under iptables' 28 characters.
-fn hash(s: &str) -> String {
+/// A stable 16-hex-digit name part (FNV-1a 64): chain names stay under iptables' 28 characters, set names under
+/// ipset's 31.
+pub(crate) fn hash(s: &str) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in s.bytes() {
         h ^= u64::from(b);

@@ -230,15 +230,7 @@ impl Env {
 
     /// The matrix `policies` should give, with the labels as they are now.
     fn expected(&self, policies: &str) -> Matrix {
-        let docs =
-            if policies.trim().is_empty() { vec![] } else { kube_objects::parse_manifests(policies, "case").unwrap() };
-        let parsed: Vec<kube_objects::NetworkPolicy> = docs
-            .into_iter()
-            .filter_map(|d| match d.object {
-                kube_objects::Object::NetworkPolicy(np) => Some(np),
-                _ => None,
-            })
-            .collect();
+        let parsed = parse_policies(policies);
         Matrix::from_fn(&self.topo, |s, d, probe| {
             s.id == d.id
                 || reference::allowed(
@@ -271,6 +263,21 @@ impl Env {
     }
 }
 
+/// The NetworkPolicies of a manifest text (none for an empty one).
+fn parse_policies(yaml: &str) -> Vec<kube_objects::NetworkPolicy> {
+    if yaml.trim().is_empty() {
+        return Vec::new();
+    }
+    kube_objects::parse_manifests(yaml, "case")
+        .unwrap()
+        .into_iter()
+        .filter_map(|d| match d.object {
+            kube_objects::Object::NetworkPolicy(np) => Some(np),
+            _ => None,
+        })
+        .collect()
+}
+
 fn policy(ns: &str, name: &str, spec: &str) -> String {
     format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}\n")
 }
@@ -288,16 +295,7 @@ fn reference_evaluator_agrees_with_hand_checked_cases() {
         ip: pods[i].2.parse().unwrap(),
         ports: vec![("serve-81-udp".into(), "UDP".into(), 81)],
     };
-    let parse = |y: &str| -> Vec<kube_objects::NetworkPolicy> {
-        kube_objects::parse_manifests(y, "t")
-            .unwrap()
-            .into_iter()
-            .filter_map(|d| match d.object {
-                kube_objects::Object::NetworkPolicy(n) => Some(n),
-                _ => None,
-            })
-            .collect()
-    };
+    let parse = parse_policies;
     // deny-all-ingress in x: nothing gets into x/a or x/b; y/a is open; egress is not restricted.
     let deny = parse(&policy("x", "deny", "  podSelector: {}\n  policyTypes: [Ingress]"));
     let ok = |p: &[kube_objects::NetworkPolicy], s: usize, d: usize, proto: &str, port: u16| {
