@@ -441,10 +441,16 @@ pub fn sweep(all: bool) -> Result<Vec<String>> {
             let prefix = e.file_name().to_string_lossy().to_string();
             let dir = e.path();
             let keep = dir.join("keep").exists();
-            let owner_alive = fs::read_to_string(dir.join("owner"))
-                .ok()
-                .and_then(|s| s.trim().parse::<u32>().ok())
-                .is_some_and(pid_alive);
+            let owner_alive = match fs::read_to_string(dir.join("owner")) {
+                Ok(s) => s.trim().parse::<u32>().ok().is_some_and(pid_alive),
+                // No owner yet: another thread or process is between creating the directory and writing its
+                // owner file. Sweeping it then pulled the directory from under a starting lab; give it a minute.
+                Err(_) => fs::metadata(&dir)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_none_or(|age| age < std::time::Duration::from_secs(60)),
+            };
             let wanted = if all { false } else { keep || owner_alive };
             owners.insert(prefix.clone(), wanted);
             if !wanted {

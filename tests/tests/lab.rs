@@ -42,7 +42,14 @@ fn sweep_removes_what_a_dead_run_left_and_spares_live_ones() {
     let orphan = format!("tl{dead_pid}-0000-orphan-n1");
     assert!(Command::new("ip").args(["netns", "add", &orphan]).status().unwrap().success());
 
+    // A lab another thread is creating right now: its directory exists, its owner file is not written yet.
+    // CI once swept such a directory from under a starting test.
+    let starting = std::path::Path::new(netns_lab::LAB_ROOT).join(format!("tl{}-ffff-starting", std::process::id()));
+    std::fs::create_dir_all(&starting).unwrap();
+
     let removed = netns_lab::sweep(false).unwrap();
+    assert!(starting.exists(), "a directory with no owner yet is not swept: {removed:?}");
+    std::fs::remove_dir_all(&starting).unwrap();
     assert!(removed.contains(&orphan), "{removed:?}");
     assert!(!namespaces().contains(&orphan));
     assert!(namespaces().contains(&live_ns), "a live run's lab is not touched");
