@@ -18,15 +18,6 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 }
 
 /// iperf3 from `client` to `server_ip` (served in `server`), `streams` parallel streams, `secs` seconds: Gbit/s.
-fn iperf(lab: &mut Lab, server: &str, client: &str, server_ip: &str, streams: u32, secs: u32) -> Result<f64> {
-    // The median of three runs: single runs on 2 shared cores wander.
-    let mut runs = Vec::new();
-    for _ in 0..3 {
-        runs.push(iperf_once(lab, server, client, server_ip, streams, secs)?);
-    }
-    Ok(percentile(&mut runs, 0.5))
-}
-
 fn iperf_once(lab: &mut Lab, server: &str, client: &str, server_ip: &str, streams: u32, secs: u32) -> Result<f64> {
     let mut cmd = lab.cmd(server, "iperf3")?;
     cmd.args(["-s", "-1", "-p", "5201"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
@@ -46,9 +37,59 @@ fn pod_ip(r: &serde_json::Value) -> String {
     r["ips"][0]["address"].as_str().unwrap_or_default().split('/').next().unwrap_or_default().to_string()
 }
 
-pub fn throughput(secs: u32) -> Result<()> {
-    println!("TCP throughput, iperf3 {secs} s per run, Gbit/s (ratio to the raw veth pair of the same run)\n");
-    let mut rows: Vec<(String, f64, f64)> = Vec::new();
+/// Two pods on one bare node wired by `plugin` (bridge cni0, host-local): (server ns, client ns, server address).
+fn bridged_pair(lab: &mut Lab, plugin: &std::path::Path) -> Result<(String, String, String)> {
+    let node = lab.add_node("n1")?;
+    let ty = plugin.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+    let conf = serde_json::json!({
+        // The reference plugins (1.1.1) speak up to 1.0.0.
+        "cniVersion": "1.0.0",
+        "name": "benchnet",
+        "type": ty,
+        "bridge": "cni0",
+        "isGateway": true,
+        "runDir": node.root.join("run/tartan"),
+        "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.200.0.0/24"}]],
+                 "dataDir": node.root.join("var/lib/cni/networks")},
+    })
+    .to_string();
+    let mut pods = Vec::new();
+    for name in ["s", "c"] {
+        let ns = lab.add_ns(&format!("p{name}"))?;
+        let netns = format!("/run/netns/{ns}");
+        let env = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", name),
+            ("CNI_NETNS", netns.as_str()),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/usr/lib/cni"),
+        ];
+        let r = netns_lab::cni::exec_raw(&node.ns, plugin, &env, conf.as_bytes())?;
+        if !r.success {
+            bail!("{} ADD failed: {} {}", plugin.display(), r.stdout, r.stderr);
+        }
+        pods.push((ns, pod_ip(&r.json()?)));
+    }
+    let (c, s) = (pods.pop().unwrap(), pods.pop().unwrap());
+    Ok((s.0, c.0, s.1))
+}
+
+/// One measured path: the lab that holds it (kept up for the whole run) and who serves and who sends.
+struct Path {
+    name: String,
+    lab: usize,
+    server: String,
+    client: String,
+    server_ip: String,
+}
+
+pub fn throughput(secs: u32, rounds: usize) -> Result<()> {
+    // Every path is built first and then measured in interleaved rounds (raw pair, then each path, once per round):
+    // this machine's cores are shared with other guests (steal time reaches 15 % when idle), so its speed drifts
+    // over minutes. A ratio taken within one round compares paths under the same conditions; the median over
+    // rounds is what is reported.
+    let mut labs: Vec<Lab> = Vec::new();
+    let mut paths: Vec<Path> = Vec::new();
 
     // The physical limit: two namespaces joined by one veth pair, nothing else.
     let mut raw = Lab::new("rawveth")?;
@@ -56,10 +97,27 @@ pub fn throughput(secs: u32) -> Result<()> {
     raw.veth(&a, "eth0", &b, "eth0")?;
     raw.exec(&a, &["ip", "addr", "add", "10.255.0.1/30", "dev", "eth0"])?;
     raw.exec(&b, &["ip", "addr", "add", "10.255.0.2/30", "dev", "eth0"])?;
-    let raw1 = iperf(&mut raw, &a, &b, "10.255.0.1", 1, secs)?;
-    let raw4 = iperf(&mut raw, &a, &b, "10.255.0.1", 4, secs)?;
-    drop(raw);
-    rows.push(("raw veth pair (physical limit)".into(), raw1, raw4));
+    labs.push(raw);
+    let path = |name: &str, lab: usize, server: &str, client: &str, ip: &str| Path {
+        name: name.into(),
+        lab,
+        server: server.into(),
+        client: client.into(),
+        server_ip: ip.into(),
+    };
+    paths.push(path("raw veth pair (physical limit)", 0, &a, &b, "10.255.0.1"));
+
+    // Same node, each plugin alone on a bare node (no agent, no proxy): the reference bridge plugin is what a
+    // bridge-based design costs on this machine, the fair bar for Tartan's same-node path.
+    for (name, plugin) in [
+        ("tartan", netns_lab::cni::tartan_bin_dir().join("tartan")),
+        ("reference bridge", "/usr/lib/cni/bridge".into()),
+    ] {
+        let mut lab = Lab::new("tput-plugin")?;
+        let (sns, cns, s) = bridged_pair(&mut lab, &plugin)?;
+        labs.push(lab);
+        paths.push(path(&format!("same node, {name} plugin alone, through cni0"), labs.len() - 1, &sns, &cns, &s));
+    }
 
     for (name, backend) in [("vxlan", Backend::Vxlan), ("host-gw", Backend::HostGw), ("udp", Backend::Udp)] {
         let mut lab = Lab::new("tput")?;
@@ -68,24 +126,55 @@ pub fn throughput(secs: u32) -> Result<()> {
         lab.add_pod("n1", "local", "default")?;
         lab.add_pod("n2", "remote", "default")?;
         let (sns, lns, rns) = (lab.pod("s")?.ns.clone(), lab.pod("local")?.ns.clone(), lab.pod("remote")?.ns.clone());
+        let i = labs.len();
         if backend == Backend::Vxlan {
             // The lab's own cross-node floor: node to node over the underlay (veth, bridge, veth), no pods.
             let (n1, n2) = (lab.node("n1")?.ns.clone(), lab.node("n2")?.ns.clone());
-            let one = iperf(&mut lab, &n1, &n2, "198.18.0.1", 1, secs)?;
-            let four = iperf(&mut lab, &n1, &n2, "198.18.0.1", 4, secs)?;
-            rows.push(("underlay, node to node (no pods, no tunnel)".into(), one, four));
-            let one = iperf(&mut lab, &sns, &lns, &s, 1, secs)?;
-            let four = iperf(&mut lab, &sns, &lns, &s, 4, secs)?;
-            rows.push(("same node, pod to pod through cni0".into(), one, four));
+            paths.push(path("underlay, node to node (no pods, no tunnel)", i, &n1, &n2, "198.18.0.1"));
+            paths.push(path("same node, pod to pod through cni0 (agent running)", i, &sns, &lns, &s));
         }
-        let one = iperf(&mut lab, &sns, &rns, &s, 1, secs)?;
-        let four = iperf(&mut lab, &sns, &rns, &s, 4, secs)?;
-        rows.push((format!("cross node, {name}"), one, four));
+        paths.push(path(&format!("cross node, {name}"), i, &sns, &rns, &s));
+        labs.push(lab);
     }
-    println!("| path | 1 stream | ratio | 4 streams | ratio |");
+
+    // gbps[path][streams index] over rounds; ratio[path][streams index] to the raw pair of the same round.
+    let mut gbps = vec![[Vec::new(), Vec::new()]; paths.len()];
+    let mut ratio = vec![[Vec::new(), Vec::new()]; paths.len()];
+    for round in 0..rounds {
+        eprintln!("round {}/{rounds}", round + 1);
+        for (k, streams) in [1u32, 4].into_iter().enumerate() {
+            let mut this = Vec::new();
+            for p in &paths {
+                this.push(iperf_once(&mut labs[p.lab], &p.server, &p.client, &p.server_ip, streams, secs)?);
+            }
+            for (i, v) in this.iter().enumerate() {
+                gbps[i][k].push(*v);
+                ratio[i][k].push(v / this[0]);
+            }
+        }
+    }
+
+    println!(
+        "TCP throughput, iperf3 {secs} s per run, {rounds} interleaved rounds: median Gbit/s, and the median of \
+         each round's ratio to the raw veth pair of that round\n"
+    );
+    println!("| path | 1 stream | ratio (range over rounds) | 4 streams | ratio (range over rounds) |");
     println!("|---|---:|---:|---:|---:|");
-    for (name, one, four) in &rows {
-        println!("| {name} | {one:.2} | {:.2}x | {four:.2} | {:.2}x |", one / raw1, four / raw4);
+    let cell = |r: &mut Vec<f64>| {
+        let med = percentile(r, 0.5);
+        format!("{med:.2}x ({:.2}-{:.2})", r[0], r[r.len() - 1])
+    };
+    for (i, p) in paths.iter().enumerate() {
+        let [g1, g4] = &mut gbps[i];
+        let [r1, r4] = &mut ratio[i];
+        println!(
+            "| {} | {:.2} | {} | {:.2} | {} |",
+            p.name,
+            percentile(g1, 0.5),
+            cell(r1),
+            percentile(g4, 0.5),
+            cell(r4)
+        );
     }
     println!();
     Ok(())

@@ -30,6 +30,9 @@ enum Cmd {
     Throughput {
         #[arg(long, default_value_t = 5)]
         secs: u32,
+        /// Interleaved rounds; each path is measured once per round.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
     },
     /// tartan-proxy (iptables) at scale: sync times, rule count and connect latency for N services.
     Proxy {
@@ -62,7 +65,7 @@ enum Cmd {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Cni { runs, batches } => cni::run(runs, batches),
-        Cmd::Throughput { secs } => agent::throughput(secs),
+        Cmd::Throughput { secs, rounds } => agent::throughput(secs, rounds),
         Cmd::Convergence { leases, new } => agent::convergence(leases, new),
         Cmd::Proxy { services, endpoints, connects } => proxy::run(&services, endpoints, connects),
         Cmd::Policy { policies, connects } => policy::run(&policies, connects),

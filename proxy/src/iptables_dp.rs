@@ -175,6 +175,15 @@ impl Dataplane for IptablesDataplane {
                 }
             }
         }
+        // A set flushed or destroyed by hand opens or closes policy holes without touching a rule; compare member
+        // counts (ipset prints members in its own canonical form, so counts are what compares reliably).
+        if let Some(last) = self.last_sets.as_ref().filter(|l| !l.is_empty()) {
+            if let Ok(have) = ipset::save(SET_PREFIX) {
+                if last.iter().any(|(name, set)| have.get(name).map(|h| h.members.len()) != Some(set.members.len())) {
+                    return true;
+                }
+            }
+        }
         ["nat", "filter"].iter().any(|t| {
             Command::new("iptables")
                 .args(["-w", "-t", t, "-S", CANARY])

@@ -603,6 +603,34 @@ fn policy_composes_with_services_host_traffic_forged_sources_and_sctp() {
     assert_eq!(policy_rules(), before - 1);
     assert!(wait_for(Duration::from_secs(3), || policy_rules() == before), "repaired");
 
+    // So is a policy set flushed by hand: no rule changes, but the set's members are gone.
+    let set_sizes = || -> BTreeMap<String, usize> {
+        let out = env.lab.exec(&node, &["ipset", "save"]).unwrap();
+        let mut sizes = BTreeMap::new();
+        for l in String::from_utf8_lossy(&out.stdout).lines() {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            match w[..] {
+                ["create", name, ..] if name.starts_with("TARTAN-") => {
+                    sizes.insert(name.to_string(), 0);
+                }
+                ["add", name, ..] if name.starts_with("TARTAN-") => *sizes.get_mut(name).unwrap() += 1,
+                _ => {}
+            }
+        }
+        sizes
+    };
+    env.apply(&policy(
+        "y",
+        "from-b",
+        "  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}]}]",
+    ));
+    assert!(wait_for(Duration::from_secs(5), || set_sizes().values().any(|n| *n > 0)), "{:?}", set_sizes());
+    let sizes = set_sizes();
+    let (flushed, _) = sizes.iter().find(|(_, n)| **n > 0).expect("a policy set with members");
+    env.lab.exec(&node, &["ipset", "flush", flushed]).unwrap();
+    assert_eq!(set_sizes()[flushed], 0);
+    assert!(wait_for(Duration::from_secs(3), || set_sizes() == sizes), "set {flushed} refilled: {:?}", set_sizes());
+
     // --cleanup removes the policy chains and the ipsets too.
     let pid = env.proxies[&ya.node];
     env.lab.stop(pid);
