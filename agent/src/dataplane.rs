@@ -88,10 +88,7 @@ fn vtep_mac(state_dir: &Path, vni: u32, v6: bool) -> Result<[u8; 6]> {
     }
     let mut m: [u8; 6] = rand::random();
     m[0] = (m[0] & 0xfe) | 0x02; // unicast, locally administered
-    std::fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, mac_string(&m))?;
-    std::fs::rename(&tmp, &path)?;
+    atomic_file::write(&path, mac_string(&m).as_bytes()).with_context(|| format!("writing {}", path.display()))?;
     Ok(m)
 }
 

@@ -16,6 +16,7 @@ use crate::acquire::{choose, Choice};
 use crate::dataplane::{Dataplane, Report};
 use crate::options::Options;
 use crate::registry::{Change, Leases, Registry, Tls};
+use status_http::Reply;
 
 /// What /healthz and /readyz report.
 #[derive(Debug, Default, Clone)]
@@ -480,39 +481,20 @@ async fn lease_revoked(reg: &mut Registry, own: &LeaseKey, attrs: &LeaseAttrs, t
 
 /// Serves /healthz (alive, with details) and /readyz (200 once subnet.env is written).
 pub async fn serve_health(addr: std::net::SocketAddr, health: SharedHealth) -> Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
-    loop {
-        let (mut sock, _) = listener.accept().await?;
-        let health = health.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n = sock.read(&mut buf).await.unwrap_or(0);
-            let req = String::from_utf8_lossy(&buf[..n]);
-            let path = req.split_whitespace().nth(1).unwrap_or("/");
-            let h = health.lock().unwrap().clone();
-            let (code, body) = match path {
-                "/healthz" => (
-                    200,
-                    serde_json::json!({"ready": h.ready, "lease": h.lease, "unreachable": h.unreachable, "lastError": h.last_error}),
-                ),
-                "/readyz" if h.ready => (200, serde_json::json!({"ready": true})),
-                "/readyz" => (503, serde_json::json!({"ready": false, "lastError": h.last_error})),
-                _ => (404, serde_json::json!({"error": "not found"})),
-            };
-            let body = body.to_string();
-            let status = match code {
-                200 => "OK",
-                503 => "Service Unavailable",
-                _ => "Not Found",
-            };
-            let resp = format!(
-                "HTTP/1.1 {code} {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
-        });
-    }
+    status_http::serve(addr, move |path| {
+        let h = health.lock().unwrap().clone();
+        match path {
+            "/healthz" => Reply::json(
+                200,
+                serde_json::json!({"ready": h.ready, "lease": h.lease, "unreachable": h.unreachable, "lastError": h.last_error}),
+            ),
+            "/readyz" if h.ready => Reply::json(200, serde_json::json!({"ready": true})),
+            "/readyz" => Reply::json(503, serde_json::json!({"ready": false, "lastError": h.last_error})),
+            _ => Reply::json(404, serde_json::json!({"error": "not found"})),
+        }
+    })
+    .await
+    .with_context(|| format!("serving health on {addr}"))
 }
 
 #[cfg(test)]

@@ -30,11 +30,8 @@ fn path(run_dir: &Path, container_id: &str, ifname: &str) -> PathBuf {
 
 /// Writes the record atomically (a reader never sees half a file).
 pub fn record(run_dir: &Path, rec: &PodRecord) -> io::Result<()> {
-    std::fs::create_dir_all(dir(run_dir))?;
     let p = path(run_dir, &rec.container_id, &rec.ifname);
-    let tmp = p.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec(rec).expect("records serialize"))?;
-    std::fs::rename(&tmp, &p)
+    atomic_file::write(&p, &serde_json::to_vec(rec).expect("records serialize"))
 }
 
 /// Removes the record of an attachment (absent is fine: DEL is idempotent).

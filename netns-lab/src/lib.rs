@@ -116,10 +116,8 @@ impl Lab {
     }
 
     pub fn save(&self) -> Result<()> {
-        let tmp = self.dir.join("state.json.tmp");
-        fs::write(&tmp, serde_json::to_string_pretty(&self.state)?)?;
-        fs::rename(&tmp, self.dir.join("state.json"))?;
-        Ok(())
+        atomic_file::write(&self.dir.join("state.json"), serde_json::to_string_pretty(&self.state)?.as_bytes())
+            .with_context(|| format!("saving {}", self.dir.display()))
     }
 
     pub fn dir(&self) -> &Path {

@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use status_http::Reply;
 
 const BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
 
@@ -58,26 +58,11 @@ impl Metrics {
 }
 
 /// Serves /metrics and /healthz until the process ends.
-pub async fn serve(addr: std::net::SocketAddr, m: Shared) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    loop {
-        let (mut sock, _) = listener.accept().await?;
-        let m = m.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n = sock.read(&mut buf).await.unwrap_or(0);
-            let req = String::from_utf8_lossy(&buf[..n]);
-            let path = req.split_whitespace().nth(1).unwrap_or("/");
-            let (code, body) = match path {
-                "/metrics" => ("200 OK", m.lock().unwrap().render()),
-                "/healthz" => ("200 OK", "ok\n".to_string()),
-                _ => ("404 Not Found", "not found\n".to_string()),
-            };
-            let resp = format!(
-                "HTTP/1.1 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
-        });
-    }
+pub async fn serve(addr: std::net::SocketAddr, m: Shared) -> std::io::Result<()> {
+    status_http::serve(addr, move |path| match path {
+        "/metrics" => Reply::text(200, m.lock().unwrap().render()),
+        "/healthz" => Reply::text(200, "ok\n"),
+        _ => Reply::text(404, "not found\n"),
+    })
+    .await
 }

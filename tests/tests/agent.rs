@@ -161,12 +161,37 @@ fn lease_json_and_subnet_env_are_flannels() {
 fn an_invalid_network_config_is_reported_precisely_and_awaited() {
     let mut lab = Lab::with_etcd("badcfg", &serde_json::json!({"Network": "10.244.0.0/16", "SubnetLen": 31})).unwrap();
     lab.add_node("n1").unwrap();
-    lab.start_agent("n1", &[]).unwrap();
+    lab.start_agent("n1", &["--healthz-port", "8471"]).unwrap();
     let log = || std::fs::read_to_string(lab.node("n1").unwrap().root.join("agent.log")).unwrap_or_default();
     assert!(wait_for(Duration::from_secs(10), || log().contains("SubnetLen: 31 is longer than /30")), "{}", log());
     assert!(!lab.node("n1").unwrap().root.join("run/flannel/subnet.env").exists());
+    // Alive but not ready while it waits: a kubelet probe sees 503 on /readyz and the reason on /healthz.
+    let node_ns = lab.node("n1").unwrap().ns.clone();
+    let get = |path: &str| http_get(&node_ns, 8471, path);
+    let ready = get("/readyz");
+    assert!(ready.starts_with("HTTP/1.1 503 "), "{ready}");
+    let health = get("/healthz");
+    assert!(health.starts_with("HTTP/1.1 200 ") && health.contains("SubnetLen: 31"), "{health}");
     lab.put_network_config(&Backend::Vxlan.network_config()).unwrap();
     lab.wait_subnet_env("n1", Duration::from_secs(10)).unwrap();
+    assert!(wait_for(Duration::from_secs(5), || get("/readyz").starts_with("HTTP/1.1 200 ")), "{}", get("/readyz"));
+    assert!(get("/nope").starts_with("HTTP/1.1 404 "));
+}
+
+/// A GET to 127.0.0.1:`port` inside `ns`: the whole response, or the connection error.
+fn http_get(ns: &str, port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let ns = netns::NetNs::named(ns).unwrap();
+    ns.run(|| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok::<_, std::io::Error>(out)
+    })
+    .unwrap()
+    .unwrap_or_else(|e| format!("error: {e}"))
 }
 
 #[test]

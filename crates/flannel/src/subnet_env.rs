@@ -2,7 +2,6 @@
 //! are in place; the CNI plugin reads it.
 
 use std::fmt;
-use std::io::Write;
 use std::path::Path;
 
 use ipnet::IpNet;
@@ -108,13 +107,7 @@ impl SubnetEnv {
     /// Writes the file atomically (a temporary file in the same directory, then rename), so a reader never sees
     /// half of it.
     pub fn write_atomic(&self, path: &Path) -> std::io::Result<()> {
-        let dir = path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir)?;
-        let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("subnet.env")));
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(self.to_string().as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        atomic_file::write(path, self.to_string().as_bytes())
     }
 }
 
