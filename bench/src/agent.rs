@@ -8,14 +8,7 @@ use netns_lab::cluster::Backend;
 use netns_lab::Lab;
 use rtnl::Rtnl;
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
+use crate::stats::{ms, percentile};
 
 /// iperf3 from `client` to `server_ip` (served in `server`), `streams` parallel streams, `secs` seconds: Gbit/s.
 fn iperf_once(lab: &mut Lab, server: &str, client: &str, server_ip: &str, streams: u32, secs: u32) -> Result<f64> {

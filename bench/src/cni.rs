@@ -1,12 +1,14 @@
 //! CNI ADD/DEL latency. Both plugins run the same way (the same process spawn and setns into the same kind of
 //! node namespace, the same config options, a fresh node per case), alternating case by case in one run.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Result};
 use netns_lab::cni::{exec_raw, PluginRun};
 use netns_lab::Lab;
 use serde_json::{json, Value};
+
+use crate::stats::{ms, percentile};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Impl {
@@ -72,16 +74,6 @@ impl Node {
         }
         Ok(r)
     }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let idx = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[idx]
 }
 
 #[derive(Default, Clone)]

@@ -4,6 +4,7 @@ mod agent;
 mod cni;
 mod policy;
 mod proxy;
+mod stats;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

@@ -8,7 +8,7 @@
 //! pods) of one of 10 namespaces and allows ingress from another app in namespaces labelled `team`, on one port.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Result;
 use kube_objects::Object;
@@ -18,7 +18,8 @@ use tartan_proxy::iptables_dp::IptablesDataplane;
 use tartan_proxy::policy::{local_veths, policy_model};
 use tartan_proxy::Dataplane;
 
-use crate::proxy::{accept_forever, connects, percentile};
+use crate::proxy::{accept_forever, connects};
+use crate::stats::{ms, percentile};
 
 const PODS: usize = 2000;
 const LOCAL_EVERY: usize = 10;
@@ -92,8 +93,8 @@ pub fn run(sizes: &[usize], count: usize) -> Result<()> {
     let veths = local_veths(&run_dir);
     accept_forever(&server_ns);
     let to = SocketAddr::new(server_ip.into(), 8080);
-    let floor = connects(&client_ns, to, count)?;
-    let (f50, f99) = (percentile(&floor, 0.5), percentile(&floor, 0.99));
+    let mut floor = connects(&client_ns, to, count)?;
+    let (f50, f99) = (percentile(&mut floor, 0.5), percentile(&mut floor, 0.99));
     println!(
         "NetworkPolicy, iptables dataplane: {PODS} pods ({} on this node), one policy per app label of a namespace",
         PODS / LOCAL_EVERY
@@ -135,9 +136,8 @@ pub fn run(sizes: &[usize], count: usize) -> Result<()> {
             dp.sync(&[], &model, false)?;
             Ok((full, pol, lab_t, report))
         })??;
-        let lat = connects(&client_ns, to, count)?;
-        let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let mut lat = connects(&client_ns, to, count)?;
+        let (p50, p99) = (percentile(&mut lat, 0.5), percentile(&mut lat, 0.99));
         println!(
             "| {n} | {} | {} | {} | {:.0} ms | {:.0} ms | {:.0} ms | {p50:.3} ms | {:.2}x | {p99:.3} ms | {:.2}x |",
             report.rules,

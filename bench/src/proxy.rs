@@ -14,6 +14,8 @@ use tartan_proxy::model::{Endpoint, ServicePort};
 use tartan_proxy::policy::PolicyModel;
 use tartan_proxy::Dataplane;
 
+use crate::stats::{ms, percentile};
+
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 255, 254);
 
 fn synthetic(n: usize, endpoints: usize) -> Vec<ServicePort> {
@@ -46,10 +48,6 @@ pub fn accept_forever(pod_ns: &str) {
     std::thread::sleep(Duration::from_millis(200));
 }
 
-pub fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
 /// Connect latencies (ms) to `dst` from inside `ns`, `count` new connections.
 pub fn connects(ns: &str, dst: SocketAddr, count: usize) -> Result<Vec<f64>> {
     let ns = netns::NetNs::named(ns)?;
@@ -58,10 +56,9 @@ pub fn connects(ns: &str, dst: SocketAddr, count: usize) -> Result<Vec<f64>> {
         for _ in 0..count {
             let t = Instant::now();
             let s = TcpStream::connect_timeout(&dst, Duration::from_secs(2)).context("connect")?;
-            v.push(t.elapsed().as_secs_f64() * 1e3);
+            v.push(ms(t.elapsed()));
             drop(s);
         }
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         Ok(v)
     })?
 }
@@ -75,9 +72,9 @@ pub fn run(sizes: &[usize], endpoints: usize, count: usize) -> Result<()> {
     let (server_ns, client_ns, node_ns) =
         (lab.pod("server")?.ns.clone(), lab.pod("client")?.ns.clone(), lab.node("n1")?.ns.clone());
     accept_forever(&server_ns);
-    let floor = connects(&client_ns, SocketAddr::new(server_ip.into(), 8080), count)?;
+    let mut floor = connects(&client_ns, SocketAddr::new(server_ip.into(), 8080), count)?;
     println!("services x {endpoints} endpoints, iptables dataplane; connect latency over {count} new connections\n");
-    let (f50, f99) = (percentile(&floor, 0.5), percentile(&floor, 0.99));
+    let (f50, f99) = (percentile(&mut floor, 0.5), percentile(&mut floor, 0.99));
     println!("| services | rules | full sync | one-service sync | connect p50 | ratio | connect p99 | ratio |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     println!("| no proxy (floor) | 0 | - | - | {f50:.3} ms | 1.00x | {f99:.3} ms | 1.00x |");
@@ -102,12 +99,12 @@ pub fn run(sizes: &[usize], endpoints: usize, count: usize) -> Result<()> {
             dp.sync(&ports, &none, false)?;
             Ok((full, partial, r.rules))
         })??;
-        let lat = connects(&client_ns, SocketAddr::new(VIP.into(), 80), count)?;
-        let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
+        let mut lat = connects(&client_ns, SocketAddr::new(VIP.into(), 80), count)?;
+        let (p50, p99) = (percentile(&mut lat, 0.5), percentile(&mut lat, 0.99));
         println!(
             "| {n} | {rules} | {:.0} ms | {:.0} ms | {p50:.3} ms | {:.2}x | {p99:.3} ms | {:.2}x |",
-            full.as_secs_f64() * 1e3,
-            partial.as_secs_f64() * 1e3,
+            ms(full),
+            ms(partial),
             p50 / f50,
             p99 / f99
         );

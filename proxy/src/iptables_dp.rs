@@ -175,11 +175,11 @@ impl Dataplane for IptablesDataplane {
                 }
             }
         }
-        // A set flushed or destroyed by hand opens or closes policy holes without touching a rule; compare member
-        // counts (ipset prints members in its own canonical form, so counts are what compares reliably).
+        // A set flushed or destroyed by hand opens or closes policy holes without touching a rule; compare entry
+        // counts, read from the set headers (cheap every second, whatever the sets hold).
         if let Some(last) = self.last_sets.as_ref().filter(|l| !l.is_empty()) {
-            if let Ok(have) = ipset::save(SET_PREFIX) {
-                if last.iter().any(|(name, set)| have.get(name).map(|h| h.members.len()) != Some(set.members.len())) {
+            if let Ok(have) = ipset::entry_counts(SET_PREFIX) {
+                if last.iter().any(|(name, set)| have.get(name) != Some(&set.members.len())) {
                     return true;
                 }
             }

@@ -72,6 +72,32 @@ fn parse_save(text: &str, prefix: &str) -> BTreeMap<String, Set> {
     sets
 }
 
+/// How many entries each set whose name starts with `prefix` holds, from the terse listing (`ipset list -t`):
+/// headers only, so checking the sets for drift costs the same however many members they have.
+pub fn entry_counts(prefix: &str) -> Result<BTreeMap<String, usize>> {
+    let args = vec!["list".to_string(), "-t".to_string()];
+    let out = output("ipset", &args, None)?;
+    if !out.status.success() {
+        return Err(failed("ipset", &args, &out));
+    }
+    Ok(parse_counts(&String::from_utf8_lossy(&out.stdout), prefix))
+}
+
+fn parse_counts(text: &str, prefix: &str) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    let mut name: Option<&str> = None;
+    for line in text.lines() {
+        if let Some(n) = line.strip_prefix("Name: ") {
+            name = Some(n.trim()).filter(|n| n.starts_with(prefix));
+        } else if let (Some(n), Some(c)) = (name, line.strip_prefix("Number of entries: ")) {
+            if let Ok(c) = c.trim().parse() {
+                counts.insert(n.to_string(), c);
+            }
+        }
+    }
+    counts
+}
+
 /// Applies an `ipset restore` payload.
 pub fn restore(payload: &str) -> Result<()> {
     let args = vec!["restore".to_string()];
@@ -127,6 +153,13 @@ mod tests {
 
     fn set(kind: SetKind, members: &[&str]) -> Set {
         Set { kind, inet6: false, members: members.iter().map(|m| m.to_string()).collect() }
+    }
+
+    #[test]
+    fn terse_listing_gives_entry_counts_for_our_prefix_only() {
+        let text = "Name: TARTAN-NB-1\nType: hash:net\nRevision: 7\nHeader: family inet hashsize 1024\nSize in memory: 552\nReferences: 1\nNumber of entries: 2\n\nName: other\nType: hash:ip\nNumber of entries: 9\n\nName: TARTAN-PS-2\nType: hash:ip\nNumber of entries: 0\n";
+        let counts = parse_counts(text, "TARTAN-");
+        assert_eq!(counts, BTreeMap::from([("TARTAN-NB-1".to_string(), 2), ("TARTAN-PS-2".to_string(), 0)]));
     }
 
     #[test]
