@@ -42,12 +42,17 @@ pub struct Set {
 
 /// The sets whose names start with `prefix`, as the kernel holds them. Sets of types we do not use are skipped.
 pub fn save(prefix: &str) -> Result<BTreeMap<String, Set>> {
-    let args = vec!["save".to_string()];
-    let out = output("ipset", &args, None)?;
+    Ok(parse_save(&ipset(&["save"], None)?, prefix))
+}
+
+/// Runs `ipset` with `args` (and `stdin`): its output, or the failure with its stderr.
+fn ipset(args: &[&str], stdin: Option<&str>) -> Result<String> {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let out = output("ipset", &args, stdin)?;
     if !out.status.success() {
         return Err(failed("ipset", &args, &out));
     }
-    Ok(parse_save(&String::from_utf8_lossy(&out.stdout), prefix))
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn parse_save(text: &str, prefix: &str) -> BTreeMap<String, Set> {
@@ -75,12 +80,7 @@ fn parse_save(text: &str, prefix: &str) -> BTreeMap<String, Set> {
 /// How many entries each set whose name starts with `prefix` holds, from the terse listing (`ipset list -t`):
 /// headers only, so checking the sets for drift costs the same however many members they have.
 pub fn entry_counts(prefix: &str) -> Result<BTreeMap<String, usize>> {
-    let args = vec!["list".to_string(), "-t".to_string()];
-    let out = output("ipset", &args, None)?;
-    if !out.status.success() {
-        return Err(failed("ipset", &args, &out));
-    }
-    Ok(parse_counts(&String::from_utf8_lossy(&out.stdout), prefix))
+    Ok(parse_counts(&ipset(&["list", "-t"], None)?, prefix))
 }
 
 fn parse_counts(text: &str, prefix: &str) -> BTreeMap<String, usize> {
@@ -100,13 +100,7 @@ fn parse_counts(text: &str, prefix: &str) -> BTreeMap<String, usize> {
 
 /// Applies an `ipset restore` payload.
 pub fn restore(payload: &str) -> Result<()> {
-    let args = vec!["restore".to_string()];
-    let out = output("ipset", &args, Some(payload))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(failed("ipset", &args, &out))
-    }
+    ipset(&["restore"], Some(payload)).map(drop)
 }
 
 /// The payload that creates the sets of `want` missing from `have` and brings every member list to `want`'s.
