@@ -12,8 +12,8 @@ use std::time::Duration;
 use kube_objects::{
     Condition, Kind, Node, NodeAddress, NodeSpec, NodeStatus, Object, ObjectMeta, Pod, PodIp, PodStatus,
 };
+use node_contract::pods::{load_all, PodRecord};
 use store::{Store, StoreError};
-use tartan_cni::pods::{load_all, PodRecord};
 
 /// Marks Pods the agent made up (nobody applied them): removed again when the pod goes.
 pub const CREATED_BY: &str = "tartan.dev/created-by";

@@ -14,7 +14,6 @@ use iptables::{Family, Iptables, IptablesError};
 
 pub const POSTRTG: &str = "FLANNEL-POSTRTG";
 pub const FWD: &str = "FLANNEL-FWD";
-const KUBE_MASQ_MARK: &str = "0x4000/0x4000";
 
 fn c(comment: &str) -> String {
     format!("-m comment --comment \"{comment}\"")
@@ -25,8 +24,10 @@ pub fn masq_rules(network: &IpNet, subnet: &IpNet) -> Vec<String> {
     let (n, sn) = (network.trunc(), subnet.trunc());
     let multicast = if network.addr().is_ipv4() { "224.0.0.0/4" } else { "ff00::/8" };
     let m = c("flanneld masq");
+    // What the proxy marked for SNAT is masqueraded by the proxy's own rule, not twice.
+    let proxy_mark = node_contract::masq_mark_match();
     vec![
-        format!("-A {POSTRTG} -m mark --mark {KUBE_MASQ_MARK} {m} -j RETURN"),
+        format!("-A {POSTRTG} -m mark --mark {proxy_mark} {m} -j RETURN"),
         format!("-A {POSTRTG} -s {n} -d {n} {m} -j RETURN"),
         format!("-A {POSTRTG} -s {n} ! -d {multicast} {m} -j MASQUERADE --random-fully"),
         format!("-A {POSTRTG} ! -s {n} -d {sn} {m} -j RETURN"),

@@ -35,8 +35,11 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
-    /// tartan-proxy (iptables) at scale: sync times, rule count and connect latency for N services.
+    /// tartan-proxy at scale: sync times, rule count and connect latency for N services.
     Proxy {
+        /// The dataplane (tartan-proxy's --mode).
+        #[arg(long, default_value = "iptables")]
+        mode: String,
         /// Service counts, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "10,1000,10000")]
         services: Vec<usize>,
@@ -46,8 +49,11 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         connects: usize,
     },
-    /// tartan-proxy NetworkPolicy (iptables) at scale: sync times, rules, ipsets and connect latency for N policies.
+    /// tartan-proxy NetworkPolicy at scale: sync times, rules, ipsets and connect latency for N policies.
     Policy {
+        /// The dataplane (tartan-proxy's --mode).
+        #[arg(long, default_value = "iptables")]
+        mode: String,
         /// Policy counts, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "0,100,1000")]
         policies: Vec<usize>,
@@ -68,7 +74,7 @@ fn main() -> Result<()> {
         Cmd::Cni { runs, batches } => cni::run(runs, batches),
         Cmd::Throughput { secs, rounds } => agent::throughput(secs, rounds),
         Cmd::Convergence { leases, new } => agent::convergence(leases, new),
-        Cmd::Proxy { services, endpoints, connects } => proxy::run(&services, endpoints, connects),
-        Cmd::Policy { policies, connects } => policy::run(&policies, connects),
+        Cmd::Proxy { mode, services, endpoints, connects } => proxy::run(&mode, &services, endpoints, connects),
+        Cmd::Policy { mode, policies, connects } => policy::run(&mode, &policies, connects),
     }
 }

@@ -8,15 +8,16 @@
 //! pods) of one of 10 namespaces and allows ingress from another app in namespaces labelled `team`, on one port.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
 use kube_objects::Object;
 use netns_lab::Lab;
+use proxy_state::policy::{local_veths, policy_model};
+use proxy_state::{PolicyModel, State};
 use serde_json::json;
-use tartan_proxy::iptables_dp::IptablesDataplane;
-use tartan_proxy::policy::{local_veths, policy_model};
-use tartan_proxy::Dataplane;
+use tartan_proxy::NodeOptions;
 
 use crate::proxy::{accept_forever, connects};
 use crate::stats::{ms, percentile};
@@ -77,7 +78,12 @@ fn cluster(policies: usize, server: Ipv4Addr, client: Ipv4Addr, client_app: &str
     v
 }
 
-pub fn run(sizes: &[usize], count: usize) -> Result<()> {
+/// The state holding `policy` (and no services), as generation `generation`.
+fn policy_state(generation: u64, policy: &PolicyModel) -> State {
+    State { generation, services: Default::default(), policy: Arc::new(policy.clone()) }
+}
+
+pub fn run(mode: &str, sizes: &[usize], count: usize) -> Result<()> {
     let mut lab = Lab::new("bench-policy")?;
     lab.build_static(1)?;
     let server = lab.add_pod("n1", "server", "default")?;
@@ -96,7 +102,7 @@ pub fn run(sizes: &[usize], count: usize) -> Result<()> {
     let mut floor = connects(&client_ns, to, count)?;
     let (f50, f99) = (percentile(&mut floor, 0.5), percentile(&mut floor, 0.99));
     println!(
-        "NetworkPolicy, iptables dataplane: {PODS} pods ({} on this node), one policy per app label of a namespace",
+        "NetworkPolicy, {mode} dataplane: {PODS} pods ({} on this node), one policy per app label of a namespace",
         PODS / LOCAL_EVERY
     );
     println!("connect latency client -> server (allowed by a policy) over {count} new connections\n");
@@ -121,26 +127,27 @@ pub fn run(sizes: &[usize], count: usize) -> Result<()> {
             p.metadata.labels.insert("app".into(), "app2".into());
         }
         let (m1, m2) = (policy_model(&changed_policy, "n1", &veths), policy_model(&relabelled, "n1", &veths));
+        let opts = NodeOptions::default();
         let (full, pol, lab_t, report) = nns.run(|| -> Result<_> {
-            let mut dp = IptablesDataplane::new(None, vec![]);
+            let mut dp = tartan_proxy::dataplane(mode, &opts).map_err(anyhow::Error::msg)?;
             let t = Instant::now();
-            let report = dp.sync(&[], &model, true)?;
+            let report = dp.sync(&policy_state(1, &model), true)?;
             let full = t.elapsed();
             let t = Instant::now();
-            dp.sync(&[], &m1, false)?;
+            dp.sync(&policy_state(2, &m1), false)?;
             let pol = t.elapsed();
-            dp.sync(&[], &model, false)?;
+            dp.sync(&policy_state(3, &model), false)?;
             let t = Instant::now();
-            dp.sync(&[], &m2, false)?;
+            dp.sync(&policy_state(4, &m2), false)?;
             let lab_t = t.elapsed();
-            dp.sync(&[], &model, false)?;
-            Ok((full, pol, lab_t, report))
+            dp.sync(&policy_state(5, &model), false)?;
+            Ok((full, pol, lab_t, report.held))
         })??;
         let mut lat = connects(&client_ns, to, count)?;
         let (p50, p99) = (percentile(&mut lat, 0.5), percentile(&mut lat, 0.99));
         println!(
             "| {n} | {} | {} | {} | {:.0} ms | {:.0} ms | {:.0} ms | {p50:.3} ms | {:.2}x | {p99:.3} ms | {:.2}x |",
-            report.rules,
+            report.entries,
             report.sets,
             report.set_entries,
             ms(full),
@@ -149,7 +156,9 @@ pub fn run(sizes: &[usize], count: usize) -> Result<()> {
             p50 / f50,
             p99 / f99
         );
-        nns.run(|| IptablesDataplane::new(None, vec![]).cleanup())??;
+        nns.run(|| -> Result<()> {
+            Ok(tartan_proxy::dataplane(mode, &opts).map_err(anyhow::Error::msg)?.cleanup()?)
+        })??;
     }
     lab.teardown();
     Ok(())

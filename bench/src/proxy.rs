@@ -7,12 +7,12 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
 use netns_lab::Lab;
-use tartan_proxy::iptables_dp::IptablesDataplane;
-use tartan_proxy::model::{Endpoint, ServicePort};
-use tartan_proxy::policy::PolicyModel;
-use tartan_proxy::Dataplane;
+use proxy_state::{Endpoint, ServicePort, State};
+use tartan_proxy::NodeOptions;
 
 use crate::stats::{ms, percentile};
 
@@ -23,10 +23,9 @@ fn synthetic(n: usize, endpoints: usize) -> Vec<ServicePort> {
         .map(|i| {
             let vip = IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 97, 0, 0)) + i as u32));
             let eps = (0..endpoints)
-                .map(|e| Endpoint {
-                    ip: IpAddr::V4(Ipv4Addr::new(10, 200, (i / 250) as u8, (i % 250) as u8 + e as u8 % 5)),
-                    port: 8080,
-                    local: false,
+                .map(|e| {
+                    let ip = IpAddr::V4(Ipv4Addr::new(10, 200, (i / 250) as u8, (i % 250) as u8 + e as u8 % 5));
+                    Endpoint::ready(ip, 8080, false)
                 })
                 .collect();
             ServicePort::cluster_ip(&format!("bench/svc-{i:05}:/tcp"), vip, 80, eps)
@@ -63,7 +62,12 @@ pub fn connects(ns: &str, dst: SocketAddr, count: usize) -> Result<Vec<f64>> {
     })?
 }
 
-pub fn run(sizes: &[usize], endpoints: usize, count: usize) -> Result<()> {
+/// The state holding `services` (and no policy), as generation `generation`.
+pub fn services_state(generation: u64, services: Vec<ServicePort>) -> State {
+    State { generation, services: Arc::new(services), policy: Default::default() }
+}
+
+pub fn run(mode: &str, sizes: &[usize], endpoints: usize, count: usize) -> Result<()> {
     let mut lab = Lab::new("bench-proxy")?;
     lab.build_static(1)?;
     let server = lab.add_pod("n1", "server", "default")?;
@@ -73,7 +77,7 @@ pub fn run(sizes: &[usize], endpoints: usize, count: usize) -> Result<()> {
         (lab.pod("server")?.ns.clone(), lab.pod("client")?.ns.clone(), lab.node("n1")?.ns.clone());
     accept_forever(&server_ns);
     let mut floor = connects(&client_ns, SocketAddr::new(server_ip.into(), 8080), count)?;
-    println!("services x {endpoints} endpoints, iptables dataplane; connect latency over {count} new connections\n");
+    println!("services x {endpoints} endpoints, {mode} dataplane; connect latency over {count} new connections\n");
     let (f50, f99) = (percentile(&mut floor, 0.5), percentile(&mut floor, 0.99));
     println!("| services | rules | full sync | one-service sync | connect p50 | ratio | connect p99 | ratio |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
@@ -81,23 +85,25 @@ pub fn run(sizes: &[usize], endpoints: usize, count: usize) -> Result<()> {
     let nns = netns::NetNs::named(&node_ns)?;
     for &n in sizes {
         let mut ports = synthetic(n.saturating_sub(1), endpoints);
-        let to_server = vec![Endpoint { ip: server_ip.into(), port: 8080, local: true }];
+        let to_server = vec![Endpoint::ready(server_ip.into(), 8080, true)];
         ports.push(ServicePort::cluster_ip("zzz/measured:/tcp", VIP.into(), 80, to_server));
+        let opts = NodeOptions { cluster_cidr: "10.244.0.0/16".parse().ok(), ..Default::default() };
         let (full, partial, rules) = nns.run(|| -> Result<(Duration, Duration, usize)> {
-            let mut dp = IptablesDataplane::new("10.244.0.0/16".parse().ok(), vec![]);
+            let mut dp = tartan_proxy::dataplane(mode, &opts).map_err(anyhow::Error::msg)?;
             let t = Instant::now();
-            let none = PolicyModel::default();
-            let r = dp.sync(&ports, &none, true)?;
+            let r = dp.sync(&services_state(1, ports.clone()), true)?;
             let full = t.elapsed();
             let mut changed = ports.clone();
             if let Some(first) = changed.first_mut() {
-                first.endpoints.pop();
+                let mut eps = first.endpoints.clone();
+                eps.pop();
+                *first = ServicePort::cluster_ip(&first.id, first.cluster_ip, first.port, eps);
             }
             let t = Instant::now();
-            dp.sync(&changed, &none, false)?;
+            dp.sync(&services_state(2, changed), false)?;
             let partial = t.elapsed();
-            dp.sync(&ports, &none, false)?;
-            Ok((full, partial, r.rules))
+            dp.sync(&services_state(3, ports.clone()), false)?;
+            Ok((full, partial, r.held.entries))
         })??;
         let mut lat = connects(&client_ns, SocketAddr::new(VIP.into(), 80), count)?;
         let (p50, p99) = (percentile(&mut lat, 0.5), percentile(&mut lat, 0.99));
@@ -108,7 +114,9 @@ pub fn run(sizes: &[usize], endpoints: usize, count: usize) -> Result<()> {
             p50 / f50,
             p99 / f99
         );
-        nns.run(|| IptablesDataplane::new(None, vec![]).cleanup())??;
+        nns.run(|| -> Result<()> {
+            Ok(tartan_proxy::dataplane(mode, &opts).map_err(anyhow::Error::msg)?.cleanup()?)
+        })??;
     }
     lab.teardown();
     Ok(())

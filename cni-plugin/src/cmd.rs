@@ -14,7 +14,9 @@ use rtnl::{RouteSpec, Rtnl};
 
 use crate::config::{parse_raw, Ipam, Need, Plan};
 use crate::error::{PluginError, Result};
-use crate::{delegate, masq, net, pods, Outcome};
+use node_contract::pods;
+
+use crate::{delegate, masq, net, Outcome};
 
 /// The whole plugin: environment lookup and stdin in, what to print and the exit code out.
 pub fn run(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
@@ -182,7 +184,7 @@ fn add(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<CniResult> {
         });
     }
     let (addrs, ipam_routes, ipam_dns) = ipam_add(req, plan, stdin)?;
-    let host_name = net::host_veth_name(&req.container_id, &req.ifname);
+    let host_name = node_contract::host_veth_name(&req.container_id, &req.ifname);
     let mut created_veth = false;
     let wired = wire(req, plan, &ns, &mut host, &mut ctr, &addrs, ipam_routes, &host_name, &mut created_veth);
     match wired {
@@ -370,7 +372,7 @@ fn del(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<()> {
     if let Err(e) = pods::forget(&plan.run_dir, &req.container_id, &req.ifname) {
         first_err.get_or_insert(PluginError::io("removing the pod record".to_string())(e));
     }
-    let host_name = net::host_veth_name(&req.container_id, &req.ifname);
+    let host_name = node_contract::host_veth_name(&req.container_id, &req.ifname);
     let ns = req.netns.as_ref().and_then(|p| NetNs::open(p).ok());
     let links = (|| -> Result<()> {
         match &ns {
@@ -451,7 +453,7 @@ fn check(req: &Request, plan: &Plan, stdin: &[u8]) -> Result<()> {
             return mismatch(format!("route to {} is missing in the container", r.dst));
         }
     }
-    let host_name = net::host_veth_name(&req.container_id, &req.ifname);
+    let host_name = node_contract::host_veth_name(&req.container_id, &req.ifname);
     let bridge = host.link_get(&plan.bridge)?;
     match (host.link_get(&host_name)?, bridge) {
         (Some(p), Some(b)) if p.master == Some(b.index) => {}

@@ -11,10 +11,8 @@ pub mod error;
 
 pub mod masq;
 mod net;
-pub mod pods;
 
 pub use cmd::run;
-pub use net::host_veth_name;
 
 /// What the binary prints and how it exits.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -26,7 +26,7 @@ pub fn chain(network: &str) -> String {
         h ^= b as u32;
         h = h.wrapping_mul(0x0100_0193);
     }
-    format!("TARTAN-MASQ-{h:08X}")
+    format!("{}{h:08X}", node_contract::PLUGIN_MASQ_CHAIN_PREFIX)
 }
 
 fn comment(network: &str) -> String {

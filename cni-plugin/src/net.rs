@@ -11,17 +11,6 @@ use rtnl::{Link, RouteSpec, Rtnl, RtnlError};
 use crate::config::Plan;
 use crate::error::{PluginError, Result};
 
-/// The host end's name, derived from the attachment so DEL can find it without the container namespace.
-/// `veth` + 11 hex digits of a 64-bit FNV-1a hash: 15 bytes, the kernel's limit.
-pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in container_id.bytes().chain([0u8]).chain(ifname.bytes()) {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("veth{:011x}", h & 0xfff_ffff_ffff)
-}
-
 /// The modified EUI-64 link-local address of `mac` (what the kernel would derive), as fe80::/64.
 fn link_local(mac: &[u8; 6]) -> IpNet {
     let b = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, mac[0] ^ 2, mac[1], mac[2], 0xff, 0xfe, mac[3], mac[4], mac[5]];

@@ -1,40 +1,32 @@
-//! `tartan-proxy`: the kube-proxy replacement. It follows the cluster store, computes one [`model::ServicePort`]
-//! list with the store's shared endpoint derivation and one [`policy::PolicyModel`] for the node's pods, and hands
-//! them to a [`Dataplane`]: iptables now, eBPF later,
-//! behind the same trait and the same tests.
+//! `tartan-proxy`: the kube-proxy replacement. It follows the cluster store through the [`store::Informer`], keeps
+//! the dataplane-neutral [`proxy_state::State`] up to date with the change tracker, and hands it to a
+//! [`proxy_state::Dataplane`]: iptables now, eBPF next, behind the same trait and the same tests.
 
 pub mod daemon;
-pub mod iptables_dp;
+pub mod iptables;
 pub mod metrics;
-pub mod model;
-pub mod policy;
-pub mod policy_rules;
-pub mod rules;
 
-/// What a sync did.
+use ipnet::IpNet;
+use proxy_state::Dataplane;
+
+/// What any dataplane needs to know about the node beyond the store.
 #[derive(Debug, Clone, Default)]
-pub struct SyncReport {
-    /// Rules in the dataplane after the sync.
-    pub rules: usize,
-    /// Whether everything was rewritten (a full sync) or only what changed.
-    pub full: bool,
-    /// Address sets (ipsets) and their entries after the sync.
-    pub sets: usize,
-    pub set_entries: usize,
+pub struct NodeOptions {
+    /// The pod network: traffic to a cluster IP from outside it is masqueraded.
+    pub cluster_cidr: Option<IpNet>,
+    /// Node ports answer only on this node's addresses within these (empty: all).
+    pub nodeport_addresses: Vec<IpNet>,
 }
 
-/// A dataplane programs Service ports and NetworkPolicy into the kernel.
-pub trait Dataplane {
-    /// Brings the kernel to `ports` and `policy`. `full`: do not trust what the last sync wrote (start, periodic
-    /// repair).
-    fn sync(
-        &mut self,
-        ports: &[model::ServicePort],
-        policy: &policy::PolicyModel,
-        full: bool,
-    ) -> anyhow::Result<SyncReport>;
-    /// Whether someone removed our state behind our back (the canary is gone): the next sync must be full.
-    fn tampered(&mut self) -> bool;
-    /// Removes everything this dataplane owns, and nothing else.
-    fn cleanup(&mut self) -> anyhow::Result<()>;
+/// The dataplanes `--mode` can name.
+pub const MODES: [&str; 1] = ["iptables"];
+
+/// The dataplane named `mode`.
+pub fn dataplane(mode: &str, opts: &NodeOptions) -> Result<Box<dyn Dataplane>, String> {
+    match mode {
+        "iptables" => {
+            Ok(Box::new(iptables::IptablesDataplane::new(opts.cluster_cidr, opts.nodeport_addresses.clone())))
+        }
+        m => Err(format!("--mode {m:?}: unknown dataplane (one of: {})", MODES.join(", "))),
+    }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use tartan_proxy::{daemon, iptables_dp::IptablesDataplane, metrics, Dataplane};
+use tartan_proxy::{daemon, metrics, NodeOptions};
 
 #[derive(Parser, Debug)]
 #[command(name = "tartan-proxy", version, about = "Services from Tartan's cluster store, programmed into the kernel")]
@@ -24,7 +24,7 @@ struct Options {
     /// This node's name in the store (endpoints on it are "local").
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
-    /// The dataplane: iptables (eBPF comes later).
+    /// The dataplane: iptables (eBPF comes next).
     #[arg(long, default_value = "iptables")]
     mode: String,
     /// The pod network: traffic to a cluster IP from outside it is masqueraded.
@@ -52,9 +52,10 @@ struct Options {
 
 fn main() -> Result<()> {
     let o = Options::parse();
-    let mut dp: Box<dyn Dataplane + Send> = match o.mode.as_str() {
-        "iptables" => Box::new(IptablesDataplane::new(o.cluster_cidr, o.nodeport_addresses.clone())),
-        m => bail!("--mode {m:?}: only iptables is available"),
+    let opts = NodeOptions { cluster_cidr: o.cluster_cidr, nodeport_addresses: o.nodeport_addresses.clone() };
+    let mut dp = match tartan_proxy::dataplane(&o.mode, &opts) {
+        Ok(dp) => dp,
+        Err(e) => bail!(e),
     };
     if o.cleanup {
         dp.cleanup()?;
@@ -78,7 +79,9 @@ fn main() -> Result<()> {
         min_sync: Duration::from_millis(o.min_sync_period),
         full_sync: Duration::from_secs(o.sync_period.max(1)),
     };
-    let m: metrics::Shared = Arc::new(Mutex::new(metrics::Metrics::default()));
+    // /healthz fails when changes wait longer than this for a successful sync (kube-proxy: twice the sync period).
+    let health_bound = Duration::from_secs(2 * o.sync_period.max(1)).max(Duration::from_secs(10));
+    let m: metrics::Shared = Arc::new(Mutex::new(metrics::Metrics::new(dp.mode(), health_bound)));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
         if o.metrics_bind_address.port() != 0 {

@@ -4,8 +4,8 @@
 //! Changes go through `iptables-restore --noflush -w`: one payload is one transaction, so a change lands whole or
 //! not at all. Checks use `iptables -C`, which is cheap enough for a per-pod fast path.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
+use std::time::Duration;
 
 pub mod ipset;
 
@@ -33,14 +33,32 @@ impl Family {
 
 #[derive(Debug, thiserror::Error)]
 pub enum IptablesError {
-    #[error("cannot run {cmd}: {source}")]
-    Spawn {
-        cmd: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The tool could not be started, or overran its deadline and was killed.
+    #[error(transparent)]
+    Child(#[from] child_process::ChildError),
     #[error("{cmd} failed ({status}): {stderr}")]
     Failed { cmd: String, status: String, stderr: String },
+}
+
+impl IptablesError {
+    /// Whether the tool overran its deadline (it was killed; what it did is unknown).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, IptablesError::Child(child_process::ChildError::Timeout { .. }))
+    }
+
+    /// Whether the tool could not be started at all.
+    pub fn is_spawn(&self) -> bool {
+        matches!(self, IptablesError::Child(child_process::ChildError::Spawn { .. }))
+    }
+}
+
+/// How long a query (`-C`, `-S`, `-save`, `ipset list`) may take: it holds the xtables lock at most briefly.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a restore may take: a base, plus time per payload line (iptables-nft needs about 1.5 ms a rule for
+/// the largest rule sets measured here; this leaves room for a loaded node).
+fn restore_timeout(payload: &str) -> Duration {
+    QUERY_TIMEOUT + Duration::from_millis(10) * payload.lines().count() as u32
 }
 
 pub type Result<T> = std::result::Result<T, IptablesError>;
@@ -80,11 +98,12 @@ impl Iptables {
         }
     }
 
-    /// How many rules `chain` of `table` holds (`-S`); 0 for a missing chain.
-    pub fn list_rules(&self, table: &str, chain: &str) -> Result<usize> {
+    /// `chain` of `table` as the kernel renders it (`-S`: the `-N` line, then one `-A` line per rule); empty for a
+    /// missing chain.
+    pub fn list_chain(&self, table: &str, chain: &str) -> Result<String> {
         let args: Vec<String> = ["-w", "-t", table, "-S", chain].map(String::from).to_vec();
         let out = self.output(self.family.bin(), &args, None)?;
-        Ok(String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("-A ")).count())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// `iptables-save -t table` output.
@@ -102,28 +121,18 @@ impl Iptables {
         }
     }
 
-    fn output(&self, bin: &str, args: &[String], stdin: Option<&str>) -> Result<std::process::Output> {
+    fn output(&self, bin: &str, args: &[String], stdin: Option<&str>) -> Result<child_process::Output> {
         output(bin, args, stdin)
     }
 }
 
-fn output(bin: &str, args: &[String], stdin: Option<&str>) -> Result<std::process::Output> {
-    let spawn_err = |source| IptablesError::Spawn { cmd: bin.to_string(), source };
-    let mut child = Command::new(bin)
-        .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(spawn_err)?;
-    if let Some(input) = stdin {
-        let mut pipe = child.stdin.take().expect("stdin was piped");
-        pipe.write_all(input.as_bytes()).map_err(spawn_err)?;
-    }
-    child.wait_with_output().map_err(spawn_err)
+/// Runs `bin` with a deadline (see [`restore_timeout`]); the exit status is the caller's to judge.
+fn output(bin: &str, args: &[String], stdin: Option<&str>) -> Result<child_process::Output> {
+    let timeout = stdin.map_or(QUERY_TIMEOUT, restore_timeout);
+    Ok(child_process::run(Command::new(bin).args(args), stdin.map(str::as_bytes), timeout)?)
 }
 
-fn failed(bin: &str, args: &[String], out: &std::process::Output) -> IptablesError {
+fn failed(bin: &str, args: &[String], out: &child_process::Output) -> IptablesError {
     IptablesError::Failed {
         cmd: format!("{bin} {}", args.join(" ")),
         status: out.status.to_string(),

@@ -58,6 +58,14 @@ fn resolve(pod: &Pod, target: &IntOrString, protocol: &str) -> Option<u16> {
 /// named target port is left out of that port, as Kubernetes does); without one, the Endpoints object of the same
 /// name. ExternalName services have none.
 pub fn derive_endpoints(svc: &Service, pods: &[Pod], endpoints: Option<&Endpoints>) -> Vec<PortEndpoints> {
+    derive_endpoints_from(svc, pods.iter(), endpoints)
+}
+
+/// [`derive_endpoints`] over any pods (a caller that indexes pods by namespace passes only that namespace's).
+pub fn derive_endpoints_from<'a, I>(svc: &Service, pods: I, endpoints: Option<&Endpoints>) -> Vec<PortEndpoints>
+where
+    I: Iterator<Item = &'a Pod> + Clone,
+{
     if svc.spec.kind.as_deref() == Some("ExternalName") {
         return Vec::new();
     }
@@ -69,7 +77,7 @@ pub fn derive_endpoints(svc: &Service, pods: &[Pod], endpoints: Option<&Endpoint
         let mut backends = Vec::new();
         match &svc.spec.selector {
             Some(sel) => {
-                for pod in pods.iter().filter(|p| p.metadata.namespace.as_deref().unwrap_or("default") == ns) {
+                for pod in pods.clone().filter(|p| p.metadata.namespace.as_deref().unwrap_or("default") == ns) {
                     if sel.is_empty() || !sel.iter().all(|(k, v)| pod.metadata.labels.get(k) == Some(v)) {
                         continue;
                     }

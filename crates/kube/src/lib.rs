@@ -10,7 +10,7 @@ mod objects;
 mod selector;
 mod validate;
 
-pub use endpoints::{derive_endpoints, pod_ready, Backend, PortEndpoints};
+pub use endpoints::{derive_endpoints, derive_endpoints_from, pod_ready, Backend, PortEndpoints};
 pub use manifest::{parse_manifests, to_object, Document, ManifestError};
 pub use objects::*;
 pub use selector::{matches, Requirement};

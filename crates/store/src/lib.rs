@@ -15,10 +15,12 @@
 
 mod connect;
 mod error;
+mod informer;
 mod store;
 mod watch;
 
 pub use connect::{connect, Tls};
 pub use error::StoreError;
+pub use informer::{backoff, Informer, Update};
 pub use store::{Outcome, Store, StoreConfig, DEFAULT_PREFIX};
 pub use watch::{Event, Watcher};

@@ -144,6 +144,49 @@ impl Store {
         Ok(o)
     }
 
+    /// Decodes a value read by a follower (a watch, a snapshot) and checks it as the API server would have: its
+    /// shape, that it is the object its key names, and validation. Err: why it cannot be used.
+    pub(crate) fn decode_checked(key: &str, value: &[u8], mod_revision: i64) -> Result<Object, String> {
+        let mut o: Object = serde_json::from_slice(value).map_err(|e| format!("not a valid object: {e}"))?;
+        o.meta_mut().resource_version = Some(mod_revision.to_string());
+        let m = o.meta();
+        let ns_ok = !o.kind().namespaced() || m.namespace.is_some();
+        let expected_key_end = match (&m.namespace, o.kind().namespaced()) {
+            (Some(ns), true) => format!("/{}/{ns}/{}", o.kind().plural(), m.name),
+            _ => format!("/{}/{}", o.kind().plural(), m.name),
+        };
+        if !ns_ok || !key.ends_with(&expected_key_end) {
+            return Err(format!(
+                "holds {} {:?}, which belongs at a key ending {expected_key_end}",
+                o.kind().name(),
+                m.name
+            ));
+        }
+        o.apply_defaults();
+        kube_objects::validate(&o, None, (1, u16::MAX)).map_err(|errs| {
+            format!("invalid: {}", errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+        })?;
+        Ok(o)
+    }
+
+    /// Like [`Store::snapshot`], but a value that is not a valid object is returned apart, with the reason,
+    /// instead of failing the whole listing.
+    pub async fn snapshot_checked(&mut self) -> Result<(Vec<Object>, Vec<(String, String)>, i64), StoreError> {
+        let r = self.client.get(format!("{}/", self.prefix), Some(GetOptions::new().with_prefix())).await?;
+        let rev = r.header().map(|h| h.revision()).unwrap_or_default();
+        let (mut out, mut bad) = (Vec::new(), Vec::new());
+        for kv in r.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            if crate::watch::parse_key(&self.prefix, &key).is_some() {
+                match Store::decode_checked(&key, kv.value(), kv.mod_revision()) {
+                    Ok(o) => out.push(o),
+                    Err(reason) => bad.push((key, reason)),
+                }
+            }
+        }
+        Ok((out, bad, rev))
+    }
+
     pub async fn get(&mut self, kind: Kind, ns: Option<&str>, name: &str) -> Result<Option<Object>, StoreError> {
         let key = self.key(kind, ns, name);
         let r = self.client.get(key.as_str(), None).await?;

@@ -15,6 +15,12 @@ pub enum Event {
     },
     /// The revision the watch resumed from was compacted away: re-list (a snapshot) and carry on from there.
     Resync,
+    /// A value under the prefix that is not a valid object (written by a buggy or newer client straight into
+    /// etcd): reported and skipped, so that one bad value never hides the changes around it.
+    Invalid {
+        key: String,
+        reason: String,
+    },
 }
 
 pub struct Watcher {
@@ -66,7 +72,10 @@ impl Watcher {
                 let key = String::from_utf8_lossy(kv.key()).into_owned();
                 let Some((kind, namespace, name)) = parse_key(&self.prefix, &key) else { continue };
                 match ev.event_type() {
-                    EventType::Put => out.push(Event::Put(Store::decode(&key, kv.value(), kv.mod_revision())?)),
+                    EventType::Put => out.push(match Store::decode_checked(&key, kv.value(), kv.mod_revision()) {
+                        Ok(o) => Event::Put(o),
+                        Err(reason) => Event::Invalid { key, reason },
+                    }),
                     EventType::Delete => out.push(Event::Delete { kind, namespace, name }),
                 }
             }

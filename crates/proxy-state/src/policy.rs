@@ -1,39 +1,102 @@
 //! NetworkPolicy as a dataplane needs it, computed from the store alone: for each pod on this node, whether it is
-//! isolated for ingress and egress and which (peer set, port) pairs its policies allow; and the address sets those
-//! rules refer to. A set is named after its definition (the selector, the ipBlock, the named port), not its members,
-//! so a label change changes a set's members and leaves the rules that use it alone.
+//! isolated for ingress and egress and which (peer set, port) pairs its policies allow; and the peer sets those
+//! rules refer to, typed (addresses, CIDRs with their exceptions, address+protocol+port members). A set is
+//! identified by its definition (the selector, the ipBlock, the named port), not its members, so a label change
+//! changes a set's members and leaves the rules that use it alone. How a set is held in the kernel (an ipset, a
+//! BPF map) is the dataplane's business.
 //!
-//! Both families: a dual-stack pod gets one [`PodPolicy`] per address, and each family its own sets (IPv6 ones are
-//! named `TARTAN-6…`); the dataplane writes the IPv4 half with iptables and the IPv6 half with ip6tables.
+//! Both families: a dual-stack pod gets one [`PodPolicy`] per address, and each family its own sets.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use iptables::ipset::{Set, SetKind};
 use kube_objects::{
     matches, IntOrString, LabelSelector, Labels, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, Object, Pod,
 };
 
-use crate::model::Proto;
-use crate::rules::hash;
+use crate::service::Proto;
 
-/// Every set of ours starts so (and `--cleanup` removes exactly those).
-pub const SET_PREFIX: &str = "TARTAN-";
+/// A peer set's identity: its kind, family and the hash of its definition. Stable across syncs and restarts, so a
+/// dataplane can name what it writes after it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SetRef {
+    pub kind: SetKind,
+    pub v6: bool,
+    /// 16 hex digits ([`node_contract::name_hash`] of the definition).
+    pub hash: String,
+}
+
+/// What a set is defined by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SetKind {
+    /// A podSelector / namespaceSelector peer: pod addresses.
+    Selector,
+    /// An ipBlock: a CIDR less its exceptions.
+    Block,
+    /// A named port, for egress: every pod's (address, protocol, port) of that name.
+    NamedPort,
+}
+
+impl SetKind {
+    /// Two letters for names (`PS`, `NB`, `NP`).
+    pub fn tag(self) -> &'static str {
+        match self {
+            SetKind::Selector => "PS",
+            SetKind::Block => "NB",
+            SetKind::NamedPort => "NP",
+        }
+    }
+}
+
+impl std::fmt::Display for SetRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}{}-{}", if self.v6 { "6" } else { "" }, self.kind.tag(), self.hash)
+    }
+}
+
+/// The members of a peer set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerSet {
+    /// Pod addresses.
+    Addresses(BTreeSet<IpAddr>),
+    /// A CIDR with the ranges carved out of it (`except`; an exception may be allowed again by another peer).
+    Block { cidr: IpNet, except: BTreeSet<IpNet> },
+    /// (address, protocol, port) triples.
+    AddrPorts(BTreeSet<(IpAddr, Proto, u16)>),
+}
+
+impl PeerSet {
+    /// Whether `ip` is a member (for `AddrPorts`: with any port).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match self {
+            PeerSet::Addresses(a) => a.contains(&ip),
+            PeerSet::Block { cidr, except } => cidr.contains(&ip) && !except.iter().any(|x| x.contains(&ip)),
+            PeerSet::AddrPorts(m) => m.iter().any(|(a, _, _)| *a == ip),
+        }
+    }
+
+    /// How many members the set lists (a block: itself and its exceptions).
+    pub fn len(&self) -> usize {
+        match self {
+            PeerSet::Addresses(a) => a.len(),
+            PeerSet::Block { except, .. } => 1 + except.len(),
+            PeerSet::AddrPorts(m) => m.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// What the dataplane enforces on this node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PolicyModel {
     /// This node's pods, one entry per address family they have an address in, sorted by id then family.
     pub pods: Vec<PodPolicy>,
-    /// The sets the rules refer to, by name.
-    pub sets: BTreeMap<String, Set>,
-}
-
-impl PolicyModel {
-    pub fn set_entries(&self) -> usize {
-        self.sets.values().map(|s| s.members.len()).sum()
-    }
+    /// The sets the rules refer to.
+    pub sets: BTreeMap<SetRef, PeerSet>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,8 +115,8 @@ pub struct PodPolicy {
 /// One allow rule: any of `peers` (None: anyone) on any of `ports` (None: every port and protocol).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
-    /// Names of sets holding the peer addresses.
-    pub peers: Option<Vec<String>>,
+    /// The sets holding the peer addresses.
+    pub peers: Option<Vec<SetRef>>,
     pub ports: Option<Vec<PortMatch>>,
 }
 
@@ -64,7 +127,7 @@ pub enum PortMatch {
     /// A port range (a single port is `n..=n`).
     Range(Proto, u16, u16),
     /// A named port of the destination pod, for egress (where destinations are many): a set of address,port pairs.
-    Named(Proto, String),
+    Named(Proto, SetRef),
 }
 
 struct Cluster<'a> {
@@ -108,18 +171,13 @@ fn named_ports(pod: &Pod, name: &str, proto: Proto) -> Vec<u16> {
 struct Builder<'a> {
     cluster: Cluster<'a>,
     v6: bool,
-    sets: BTreeMap<String, Set>,
+    sets: BTreeMap<SetRef, PeerSet>,
 }
 
 impl Builder<'_> {
-    /// A set name: the kind and a hash of the definition; IPv6 sets are told apart (ipset names are per node, not
-    /// per family).
-    fn name(&self, kind: &str, def: &str) -> String {
-        format!("{SET_PREFIX}{}{kind}-{}", if self.v6 { "6" } else { "" }, hash(def))
-    }
-
-    fn set(&self, kind: SetKind, members: BTreeSet<String>) -> Set {
-        Set { kind, inet6: self.v6, members }
+    /// A set's identity: the kind, this family, and a hash of the definition.
+    fn name(&self, kind: SetKind, def: &str) -> SetRef {
+        SetRef { kind, v6: self.v6, hash: node_contract::name_hash(def) }
     }
 
     /// The set for a selector peer: pods matching `pod_sel` in the policy's namespace (no namespace selector) or in
@@ -129,13 +187,13 @@ impl Builder<'_> {
         policy_ns: &str,
         pod_sel: Option<&LabelSelector>,
         ns_sel: Option<&LabelSelector>,
-    ) -> String {
+    ) -> SetRef {
         let def = serde_json::json!({
             "namespace": if ns_sel.is_none() { Some(policy_ns) } else { None },
             "podSelector": pod_sel,
             "namespaceSelector": ns_sel,
         });
-        let name = self.name("PS", &def.to_string());
+        let name = self.name(SetKind::Selector, &def.to_string());
         if !self.sets.contains_key(&name) {
             let empty = Labels::new();
             let members = self
@@ -147,64 +205,47 @@ impl Builder<'_> {
                     Some(sel) => matches(sel, self.cluster.namespaces.get(ns).copied().unwrap_or(&empty)),
                 })
                 .filter(|(p, _, _)| pod_sel.is_none_or(|sel| matches(sel, &p.metadata.labels)))
-                .map(|(_, _, ip)| ip.to_string())
+                .map(|(_, _, ip)| *ip)
                 .collect();
-            let set = self.set(SetKind::Ip, members);
-            self.sets.insert(name.clone(), set);
+            self.sets.insert(name.clone(), PeerSet::Addresses(members));
         }
         name
     }
 
-    /// The set for an ipBlock: the CIDR with the exceptions carved out (`nomatch`). None for a block of the other
-    /// family.
-    fn block_set(&mut self, cidr: &str, except: &[String]) -> Option<String> {
+    /// The set for an ipBlock. None for a block of the other family.
+    fn block_set(&mut self, cidr: &str, except: &[String]) -> Option<SetRef> {
         let net = cidr.parse::<IpNet>().ok()?.trunc();
         if net.addr().is_ipv6() != self.v6 {
             return None;
         }
-        let mut members = BTreeSet::new();
-        // hash:net cannot hold a /0: two halves instead.
-        let parts = if net.prefix_len() == 0 { net.subnets(1).ok()?.collect() } else { vec![net] };
-        for n in parts {
-            members.insert(member(n));
-        }
-        for e in except {
-            let Ok(x) = e.parse::<IpNet>() else { continue };
-            let x = x.trunc();
-            if x.addr().is_ipv6() != self.v6 {
-                continue;
-            }
-            if x.prefix_len() == 0 {
-                // Everything excepted: nothing left.
-                members.clear();
-                break;
-            }
-            members.insert(format!("{} nomatch", member(x)));
-        }
-        let name = self.name("NB", &format!("{cidr} except {except:?}"));
-        let set = self.set(SetKind::Net, members);
-        self.sets.insert(name.clone(), set);
+        let except = except
+            .iter()
+            .filter_map(|e| e.parse::<IpNet>().ok())
+            .map(|x| x.trunc())
+            .filter(|x| x.addr().is_ipv6() == self.v6)
+            .collect();
+        let name = self.name(SetKind::Block, &format!("{cidr} except {except:?}"));
+        self.sets.insert(name.clone(), PeerSet::Block { cidr: net, except });
         Some(name)
     }
 
     /// The set of (address, port) pairs of every pod with a container port `name`/`proto`.
-    fn named_port_set(&mut self, name: &str, proto: Proto) -> String {
-        let set = self.name("NP", &format!("{name}/{}", proto.as_str()));
+    fn named_port_set(&mut self, name: &str, proto: Proto) -> SetRef {
+        let set = self.name(SetKind::NamedPort, &format!("{name}/{}", proto.as_str()));
         if !self.sets.contains_key(&set) {
             let mut members = BTreeSet::new();
             for (p, _, ip) in &self.cluster.pods {
                 for port in named_ports(p, name, proto) {
-                    members.insert(format!("{ip},{}:{port}", proto.as_str()));
+                    members.insert((*ip, proto, port));
                 }
             }
-            let s = self.set(SetKind::IpPort, members);
-            self.sets.insert(set.clone(), s);
+            self.sets.insert(set.clone(), PeerSet::AddrPorts(members));
         }
         set
     }
 
     /// A rule's peers: None for "anyone" (no peers listed); blocks of the other family drop out.
-    fn peers(&mut self, policy_ns: &str, peers: &[NetworkPolicyPeer]) -> Option<Vec<String>> {
+    fn peers(&mut self, policy_ns: &str, peers: &[NetworkPolicyPeer]) -> Option<Vec<SetRef>> {
         if peers.is_empty() {
             return None;
         }
@@ -253,15 +294,6 @@ impl Builder<'_> {
     }
 }
 
-/// A set member as `ipset save` prints it: a host network without its /32 (/128).
-fn member(n: IpNet) -> String {
-    if n.prefix_len() == n.max_prefix_len() {
-        n.addr().to_string()
-    } else {
-        n.to_string()
-    }
-}
-
 /// A rule allowing nothing (every peer or port dropped out) is left out rather than kept as "anything".
 fn keep(r: &Rule) -> bool {
     r.peers.as_ref().is_none_or(|p| !p.is_empty()) && r.ports.as_ref().is_none_or(|p| !p.is_empty())
@@ -282,12 +314,23 @@ pub fn policy_model(objects: &[Object], node: &str, veths: &BTreeMap<(String, St
             _ => {}
         }
     }
+    policy_model_of(&all, &namespaces, &policies, node, veths)
+}
+
+/// [`policy_model`] over objects the caller keeps indexed (the change tracker).
+pub fn policy_model_of(
+    all: &[&Pod],
+    namespaces: &BTreeMap<String, &Labels>,
+    policies: &[&NetworkPolicy],
+    node: &str,
+    veths: &BTreeMap<(String, String), String>,
+) -> PolicyModel {
     let mut out = Vec::new();
     let mut sets = BTreeMap::new();
     for v6 in [false, true] {
         let pods = all.iter().filter_map(|p| Some((*p, ns_of(p), pod_ip(p, v6)?))).collect();
         let mut b = Builder { cluster: Cluster { pods, namespaces: namespaces.clone() }, v6, sets: BTreeMap::new() };
-        let family = family_model(&mut b, &policies, node, veths);
+        let family = family_model(&mut b, policies, node, veths);
         sets.extend(used_sets(&family, &b.sets));
         out.extend(family);
     }
@@ -338,8 +381,8 @@ fn family_model(
 }
 
 /// Only the sets some rule refers to (a selector evaluated for a policy that then selected no local pod is not).
-fn used_sets(pods: &[PodPolicy], sets: &BTreeMap<String, Set>) -> BTreeMap<String, Set> {
-    let used: BTreeSet<&String> = pods
+fn used_sets(pods: &[PodPolicy], sets: &BTreeMap<SetRef, PeerSet>) -> BTreeMap<SetRef, PeerSet> {
+    let used: BTreeSet<&SetRef> = pods
         .iter()
         .flat_map(|p| p.ingress.iter().chain(p.egress.iter()).flatten())
         .flat_map(|r| {
@@ -357,9 +400,9 @@ fn used_sets(pods: &[PodPolicy], sets: &BTreeMap<String, Set>) -> BTreeMap<Strin
 /// (namespace, name) -> host-side veth of this node's pods, from the CNI plugin's records under `run_dir`. The
 /// plugin writes a record before the agent publishes the pod's address, so a pod the store shows here has one.
 pub fn local_veths(run_dir: &std::path::Path) -> BTreeMap<(String, String), String> {
-    tartan_cni::pods::load_all(run_dir)
+    node_contract::pods::load_all(run_dir)
         .into_iter()
-        .map(|r| ((r.namespace, r.name), tartan_cni::host_veth_name(&r.container_id, &r.ifname)))
+        .map(|r| ((r.namespace, r.name), node_contract::host_veth_name(&r.container_id, &r.ifname)))
         .collect()
 }
 
@@ -367,27 +410,8 @@ pub fn local_veths(run_dir: &std::path::Path) -> BTreeMap<(String, String), Stri
 mod tests {
     use super::*;
 
-    /// Whether an address is in a set as the kernel matches it: the longest matching entry decides (nomatch).
-    fn set_contains(set: &Set, ip: &str) -> bool {
-        let ip: IpAddr = ip.parse().unwrap();
-        let mut best: Option<(u8, bool)> = None;
-        for m in &set.members {
-            let (net, nomatch) = match m.strip_suffix(" nomatch") {
-                Some(n) => (n, true),
-                None => (m.as_str(), false),
-            };
-            let net: IpNet = match net.split(',').next().unwrap_or(net).parse::<IpNet>() {
-                Ok(n) => n,
-                Err(_) => match net.split(',').next().unwrap_or(net).parse::<IpAddr>() {
-                    Ok(a) => IpNet::from(a),
-                    Err(_) => continue,
-                },
-            };
-            if net.contains(&ip) && best.is_none_or(|(len, _)| net.prefix_len() > len) {
-                best = Some((net.prefix_len(), nomatch));
-            }
-        }
-        best.is_some_and(|(_, nomatch)| !nomatch)
+    fn set_contains(set: &PeerSet, ip: &str) -> bool {
+        set.contains(ip.parse().unwrap())
     }
 
     fn objects(yaml: &str) -> Vec<Object> {
@@ -480,12 +504,18 @@ spec:
         assert_eq!(rules.len(), 1);
         let peers = rules[0].peers.clone().unwrap();
         assert_eq!(peers.len(), 3);
-        let members = |n: &str| m.sets[n].members.iter().cloned().collect::<Vec<_>>();
-        let ps: Vec<Vec<String>> = peers.iter().filter(|p| p.contains("-PS-")).map(|p| members(p)).collect();
-        assert!(ps.contains(&vec!["10.244.2.3".to_string()]), "y/a only (AND): {ps:?}");
-        assert!(ps.contains(&vec!["10.244.2.2".to_string()]), "x/b, in the policy's namespace: {ps:?}");
-        let nb = peers.iter().find(|p| p.contains("-NB-")).unwrap();
-        assert_eq!(members(nb), ["10.244.0.0/16", "10.244.2.2 nomatch"]);
+        let addrs = |a: &[&str]| PeerSet::Addresses(a.iter().map(|s| s.parse().unwrap()).collect());
+        let ps: Vec<&PeerSet> = peers.iter().filter(|p| p.kind == SetKind::Selector).map(|p| &m.sets[p]).collect();
+        assert!(ps.contains(&&addrs(&["10.244.2.3"])), "y/a only (AND): {ps:?}");
+        assert!(ps.contains(&&addrs(&["10.244.2.2"])), "x/b, in the policy's namespace: {ps:?}");
+        let nb = peers.iter().find(|p| p.kind == SetKind::Block).unwrap();
+        assert_eq!(
+            m.sets[nb],
+            PeerSet::Block {
+                cidr: "10.244.0.0/16".parse().unwrap(),
+                except: ["10.244.2.2/32".parse().unwrap()].into()
+            }
+        );
         assert!(set_contains(&m.sets[nb], "10.244.1.2") && !set_contains(&m.sets[nb], "10.244.2.2"));
     }
 
@@ -523,8 +553,8 @@ spec:
         let Some(PortMatch::Named(Proto::Tcp, set)) = egress[0].ports.as_ref().unwrap().first().cloned() else {
             panic!("{egress:?}")
         };
-        let members: Vec<&String> = m.sets[&set].members.iter().collect();
-        assert_eq!(members, ["10.244.1.2,tcp:8080", "10.244.2.2,tcp:9090"], "every pod's port of that name");
+        let want = [("10.244.1.2", 8080), ("10.244.2.2", 9090)].map(|(ip, p)| (ip.parse().unwrap(), Proto::Tcp, p));
+        assert_eq!(m.sets[&set], PeerSet::AddrPorts(want.into()), "every pod's port of that name");
     }
 
     #[test]
@@ -542,7 +572,7 @@ spec:
         let after = policy_model(&objs, "n1", &BTreeMap::new());
         assert_eq!(before.sets.keys().collect::<Vec<_>>(), after.sets.keys().collect::<Vec<_>>());
         assert_ne!(before.sets, after.sets);
-        assert!(after.sets.values().all(|s| s.members.is_empty()));
+        assert!(after.sets.values().all(|s| s.is_empty()));
     }
 
     #[test]
@@ -567,18 +597,18 @@ spec:
         assert!(d[0].ip.is_ipv4() && d[1].ip.is_ipv6());
         let peers = |p: &PodPolicy| p.ingress.as_ref().unwrap()[0].peers.clone().unwrap();
         for p in &peers(d[0]) {
-            assert!(!m.sets[p].inet6 && !p.starts_with("TARTAN-6"), "{p}");
+            assert!(!p.v6, "{p}");
         }
         let v6 = peers(d[1]);
         assert_eq!(v6.len(), 2, "the pod selector and the IPv6 block: {v6:?}");
         for p in &v6 {
-            assert!(m.sets[p].inet6 && p.starts_with("TARTAN-6"), "{p}");
+            assert!(p.v6 && p.to_string().starts_with('6'), "{p}");
         }
-        let nb = v6.iter().find(|p| p.contains("NB-")).unwrap();
+        let nb = v6.iter().find(|p| p.kind == SetKind::Block).unwrap();
         assert!(set_contains(&m.sets[nb], "fd00:10:244:1::9") && !set_contains(&m.sets[nb], "fd00:10:244:2::5"));
-        let all = peers(d[0]).into_iter().find(|p| p.contains("NB-")).unwrap();
-        assert_eq!(m.sets[&all].members.iter().collect::<Vec<_>>(), ["0.0.0.0/1", "128.0.0.0/1"], "/0 in halves");
-        let ps = v6.iter().find(|p| p.contains("PS-")).unwrap();
-        assert_eq!(m.sets[ps].members.iter().collect::<Vec<_>>(), ["fd00:10:244:1::9"], "only pods with IPv6");
+        let all = peers(d[0]).into_iter().find(|p| p.kind == SetKind::Block).unwrap();
+        assert!(set_contains(&m.sets[&all], "1.2.3.4") && set_contains(&m.sets[&all], "200.2.3.4"), "/0: all");
+        let ps = v6.iter().find(|p| p.kind == SetKind::Selector).unwrap();
+        assert_eq!(m.sets[ps], PeerSet::Addresses(["fd00:10:244:1::9".parse().unwrap()].into()), "only pods with IPv6");
     }
 }

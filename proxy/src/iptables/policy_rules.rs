@@ -1,4 +1,4 @@
-//! NetworkPolicy as filter-table chains (see [`crate::policy`] for the model):
+//! NetworkPolicy as filter-table chains (see [`proxy_state::policy`] for the model):
 //!
 //! FORWARD (first rule) -> TARTAN-POLICY: for each local pod, a packet entering from its veth with another source
 //! address is dropped; replies of allowed connections return; then the pod's egress chain (matched by the veth the
@@ -11,14 +11,17 @@
 
 use ipnet::IpNet;
 
-use crate::policy::{PodPolicy, PolicyModel, PortMatch, Rule};
-use crate::rules::{chain, comment, Rules};
+use proxy_state::policy::{PodPolicy, PortMatch, Rule};
+use proxy_state::{PolicyModel, SetRef};
+
+use super::rules::{chain, comment, Rules};
+use super::sets::set_name;
 
 /// The chain FORWARD jumps to first.
 pub const POLICY: &str = "TARTAN-POLICY";
 
-fn peer_match(set: &str, dir: &str) -> String {
-    format!("-m set --match-set {set} {dir}")
+fn peer_match(set: &SetRef, dir: &str) -> String {
+    format!("-m set --match-set {} {dir}", set_name(set))
 }
 
 fn port_match(m: &PortMatch) -> String {
@@ -26,7 +29,7 @@ fn port_match(m: &PortMatch) -> String {
         PortMatch::Proto(p) => format!("-p {}", p.as_str()),
         PortMatch::Range(p, a, b) if a == b => format!("-p {0} -m {0} --dport {a}", p.as_str()),
         PortMatch::Range(p, a, b) => format!("-p {0} -m {0} --dport {a}:{b}", p.as_str()),
-        PortMatch::Named(p, set) => format!("-p {} -m set --match-set {set} dst,dst", p.as_str()),
+        PortMatch::Named(p, set) => format!("-p {} -m set --match-set {} dst,dst", p.as_str(), set_name(set)),
     }
 }
 
@@ -93,7 +96,11 @@ pub fn render_policy(model: &PolicyModel, v6: bool, r: &mut Rules) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Proto;
+    use proxy_state::{Proto, SetKind};
+
+    fn set(kind: SetKind, hash: &str) -> SetRef {
+        SetRef { kind, v6: false, hash: hash.into() }
+    }
 
     fn pod(ingress: Option<Vec<Rule>>, egress: Option<Vec<Rule>>) -> PodPolicy {
         PodPolicy {
@@ -108,7 +115,7 @@ mod tests {
     #[test]
     fn chains_per_isolated_direction_with_peers_times_ports() {
         let rule = Rule {
-            peers: Some(vec!["TARTAN-PS-1".into(), "TARTAN-NB-2".into()]),
+            peers: Some(vec![set(SetKind::Selector, "1"), set(SetKind::Block, "2")]),
             ports: Some(vec![PortMatch::Range(Proto::Tcp, 80, 80), PortMatch::Range(Proto::Udp, 80, 81)]),
         };
         let model = PolicyModel { pods: vec![pod(Some(vec![rule]), Some(vec![]))], sets: Default::default() };
@@ -136,7 +143,8 @@ mod tests {
         let pi = &r.filter[&chain("PI", "x/a")];
         assert!(pi[0].starts_with("-m comment") && pi[0].ends_with("-j RETURN"), "{pi:?}");
         assert!(!r.filter.contains_key(&chain("PE", "x/a")));
-        let named = Rule { peers: None, ports: Some(vec![PortMatch::Named(Proto::Sctp, "TARTAN-NP-9".into())]) };
+        let named =
+            Rule { peers: None, ports: Some(vec![PortMatch::Named(Proto::Sctp, set(SetKind::NamedPort, "9"))]) };
         let model = PolicyModel { pods: vec![pod(None, Some(vec![named]))], sets: Default::default() };
         let mut r = Rules::default();
         render_policy(&model, false, &mut r);

@@ -8,7 +8,7 @@
 //! filter: FORWARD/OUTPUT (new) -> TARTAN-SERVICES: REJECT for services without endpoints; INPUT/FORWARD (new, to a
 //!         local address) -> TARTAN-EXTERNAL-SERVICES: REJECT or DROP for node ports and external IPs without
 //!         (local) endpoints; FORWARD -> TARTAN-FORWARD: drop INVALID, accept marked and established. FORWARD's
-//!         first rule jumps to NetworkPolicy's TARTAN-POLICY (see [`crate::policy_rules`]).
+//!         first rule jumps to NetworkPolicy's TARTAN-POLICY (see [`super::policy_rules`]).
 //!
 //! Pure: the chains as data; [`payload`] turns them into one iptables-restore transaction that rewrites only the
 //! chains that changed since the last sync (kube-proxy's partial sync).
@@ -17,9 +17,14 @@ use std::collections::BTreeMap;
 
 use ipnet::IpNet;
 
-use crate::model::{Endpoint, ServicePort};
+use proxy_state::{Endpoint, ServicePort};
 
-pub const MARK: &str = "0x4000";
+use super::policy_rules::POLICY;
+
+/// The masquerade mark, as iptables writes it.
+fn mark() -> String {
+    format!("{:#x}", node_contract::MASQ_MARK)
+}
 pub const CANARY: &str = "TARTAN-PROXY-CANARY";
 
 /// Chains per table, each with its rules (the part after `-A CHAIN `).
@@ -37,8 +42,7 @@ impl Rules {
 
 /// Top-level chains: rewritten on every sync (they list every service).
 const TOP_NAT: [&str; 5] = ["TARTAN-SERVICES", "TARTAN-NODEPORTS", "TARTAN-MARK-MASQ", "TARTAN-POSTROUTING", CANARY];
-const TOP_FILTER: [&str; 5] =
-    ["TARTAN-SERVICES", "TARTAN-EXTERNAL-SERVICES", "TARTAN-FORWARD", crate::policy_rules::POLICY, CANARY];
+const TOP_FILTER: [&str; 5] = ["TARTAN-SERVICES", "TARTAN-EXTERNAL-SERVICES", "TARTAN-FORWARD", POLICY, CANARY];
 
 /// Where the built-in chains jump into ours: (table, built-in chain, rule).
 pub fn jumps() -> Vec<(&'static str, &'static str, Vec<String>)> {
@@ -54,27 +58,25 @@ pub fn jumps() -> Vec<(&'static str, &'static str, Vec<String>)> {
         ("filter", "FORWARD", v(&format!("{c} -j TARTAN-FORWARD"))),
         ("filter", "OUTPUT", v(&format!("-m conntrack --ctstate NEW {c} -j TARTAN-SERVICES"))),
         // Last, so that inserting each at the top leaves it first (ensure_jumps keeps it there).
-        ("filter", "FORWARD", v(&format!("{c} -j {}", crate::policy_rules::POLICY))),
+        ("filter", "FORWARD", v(&format!("{c} -j {}", POLICY))),
     ]
 }
 
-/// A stable 16-hex-digit name part (FNV-1a 64): chain names stay under iptables' 28 characters, set names under
-/// ipset's 31.
-pub(crate) fn hash(s: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{h:016X}")
-}
-
 pub(crate) fn chain(kind: &str, id: &str) -> String {
-    format!("TARTAN-{kind}-{}", hash(id))
+    format!("TARTAN-{kind}-{}", node_contract::name_hash(id))
 }
 
 fn sep_chain(sp: &ServicePort, e: &Endpoint) -> String {
     chain("SEP", &format!("{}/{}:{}", sp.id, e.ip, e.port))
+}
+
+/// REJECT with the family's port-unreachable.
+fn reject(ip: std::net::IpAddr) -> &'static str {
+    if ip.is_ipv4() {
+        "REJECT --reject-with icmp-port-unreachable"
+    } else {
+        "REJECT --reject-with icmp6-port-unreachable"
+    }
 }
 
 fn host(ip: std::net::IpAddr) -> String {
@@ -98,22 +100,23 @@ pub struct Options {
 pub fn render(ports: &[ServicePort], opts: &Options) -> Rules {
     let cluster_cidr = opts.cluster_cidr;
     let mut r = Rules::default();
+    let mark = mark();
     for t in TOP_NAT {
         r.nat.insert(t.into(), Vec::new());
     }
     for t in TOP_FILTER {
         r.filter.insert(t.into(), Vec::new());
     }
-    r.nat.get_mut("TARTAN-MARK-MASQ").unwrap().push(format!("-j MARK --or-mark {MARK}"));
+    r.nat.get_mut("TARTAN-MARK-MASQ").unwrap().push(format!("-j MARK --or-mark {mark}"));
     r.nat.get_mut("TARTAN-POSTROUTING").unwrap().extend([
-        format!("-m mark ! --mark {MARK}/{MARK} -j RETURN"),
+        format!("-m mark ! --mark {mark}/{mark} -j RETURN"),
         // Cleared so that a packet re-entering the stack (through a tunnel) is not masqueraded twice.
-        format!("-j MARK --xor-mark {MARK}"),
+        format!("-j MARK --xor-mark {mark}"),
         format!("{} -j MASQUERADE --random-fully", comment("tartan-proxy service traffic requiring SNAT")),
     ]);
     r.filter.get_mut("TARTAN-FORWARD").unwrap().extend([
         "-m conntrack --ctstate INVALID -j DROP".to_string(),
-        format!("{} -m mark --mark {MARK}/{MARK} -j ACCEPT", comment("tartan-proxy forwarding rules")),
+        format!("{} -m mark --mark {mark}/{mark} -j ACCEPT", comment("tartan-proxy forwarding rules")),
         format!(
             "{} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
             comment("tartan-proxy forwarding conntrack rule")
@@ -124,17 +127,15 @@ pub fn render(ports: &[ServicePort], opts: &Options) -> Rules {
         let p = sp.proto.as_str();
         let dport = |port: u16| format!("-p {p} -m {p} --dport {port}");
         let (svc, svl, ext) = (chain("SVC", &sp.id), chain("SVL", &sp.id), chain("EXT", &sp.id));
-        let local: Vec<&Endpoint> = sp.endpoints.iter().filter(|e| e.local).collect();
-        let all: Vec<&Endpoint> = sp.endpoints.iter().collect();
-        let vip = sp.cluster_ip.expect("only services with a cluster IP are programmed");
-        // In-cluster clients: every endpoint, or only this node's with internalTrafficPolicy Local.
-        let internal = if sp.internal_local { &local } else { &all };
+        // Categorised by the state: `cluster` for the Cluster policy, `local` for the Local one.
+        let internal = sp.internal();
         let internal_chain = if sp.internal_local { &svl } else { &svc };
-        let external = if sp.external_local { &local } else { &all };
+        let external = sp.external();
+        let vip = sp.cluster_ip;
         let cid = comment(&format!("{} cluster IP", sp.id));
         if internal.is_empty() {
-            let why = if sp.endpoints.is_empty() { "has no endpoints" } else { "has no local endpoints" };
-            let target = if sp.endpoints.is_empty() { "REJECT --reject-with icmp-port-unreachable" } else { "DROP" };
+            let why = if sp.has_any_endpoint() { "has no local endpoints" } else { "has no endpoints" };
+            let target = if sp.has_any_endpoint() { "DROP" } else { reject(vip) };
             r.filter.get_mut("TARTAN-SERVICES").unwrap().push(format!(
                 "{} -d {} {} -j {target}",
                 comment(&format!("{} {why}", sp.id)),
@@ -148,15 +149,14 @@ pub fn render(ports: &[ServicePort], opts: &Options) -> Rules {
                 dport(sp.port)
             ));
         }
-        let has_external = sp.node_port.is_some() || !sp.external_ips.is_empty();
+        let has_external = sp.has_external();
         if has_external && external.is_empty() {
             {
-                let target =
-                    if sp.endpoints.is_empty() { "REJECT --reject-with icmp-port-unreachable" } else { "DROP" };
+                let target = if sp.has_any_endpoint() { "DROP" } else { reject(vip) };
                 let c = comment(&format!(
                     "{} has no {}endpoints",
                     sp.id,
-                    if sp.endpoints.is_empty() { "" } else { "local " }
+                    if sp.has_any_endpoint() { "local " } else { "" }
                 ));
                 let f = r.filter.get_mut("TARTAN-EXTERNAL-SERVICES").unwrap();
                 for ip in &sp.external_ips {
@@ -203,21 +203,24 @@ pub fn render(ports: &[ServicePort], opts: &Options) -> Rules {
             }
             r.nat.insert(ext, e);
         }
-        // The balancing chains: every endpoint (SVC) and, where a policy asks for it, the local ones (SVL).
-        let mut want_svc = !all.is_empty() && (!sp.internal_local || (has_external && !sp.external_local));
-        want_svc |= has_external && sp.external_local && !all.is_empty();
+        // The balancing chains: the Cluster policy's endpoints (SVC) and, where a policy asks for it, the Local
+        // one's (SVL). EXT sends pods and the node to SVC even under externalTrafficPolicy Local.
+        let want_svc = !sp.cluster.is_empty() && (!sp.internal_local || has_external);
         if want_svc {
             let mut v = Vec::new();
             if let Some(cidr) = cluster_cidr {
                 v.push(format!("{cid} ! -s {cidr} -d {} {} -j TARTAN-MARK-MASQ", host(vip), dport(sp.port)));
             }
-            v.extend(balance(sp, &all));
+            v.extend(balance(sp, &sp.cluster));
             r.nat.insert(svc.clone(), v);
         }
-        if (sp.internal_local || sp.external_local) && !local.is_empty() {
-            r.nat.insert(svl.clone(), balance(sp, &local));
+        if (sp.internal_local || sp.external_local) && !sp.local.is_empty() {
+            r.nat.insert(svl.clone(), balance(sp, &sp.local));
         }
-        for e in &all {
+        let mut all: Vec<&Endpoint> = sp.cluster.iter().chain(&sp.local).collect();
+        all.sort();
+        all.dedup();
+        for e in all {
             let sep = sep_chain(sp, e);
             let mut v = vec![format!("{} -s {} -j TARTAN-MARK-MASQ", comment(&sp.id), host(e.ip))];
             let recent = match sp.affinity {
@@ -243,7 +246,7 @@ pub fn render(ports: &[ServicePort], opts: &Options) -> Rules {
 
 /// Uniform random choice among `eps` (the i-th of n taken with probability 1/(n-i)); with session affinity,
 /// a client seen within the timeout goes back to its endpoint first.
-fn balance(sp: &ServicePort, eps: &[&Endpoint]) -> Vec<String> {
+fn balance(sp: &ServicePort, eps: &[Endpoint]) -> Vec<String> {
     let mut v = Vec::new();
     if let Some(t) = sp.affinity {
         for e in eps {
@@ -339,8 +342,7 @@ mod tests {
     }
 
     fn sp(eps: &[(&str, bool)]) -> ServicePort {
-        let eps =
-            eps.iter().map(|(ip, local)| Endpoint { ip: ip.parse().unwrap(), port: 8080, local: *local }).collect();
+        let eps = eps.iter().map(|(ip, local)| Endpoint::ready(ip.parse().unwrap(), 8080, *local)).collect();
         ServicePort::cluster_ip("default/web:http/tcp", "10.96.0.10".parse().unwrap(), 80, eps)
     }
 

@@ -1,0 +1,376 @@
+//! The iptables dataplane: [`rules`] and [`policy_rules`] rendered into one `iptables-restore --noflush -w`
+//! payload per sync (and, for the IPv6 half of NetworkPolicy, one `ip6tables-restore`), the policy sets brought up
+//! to date with one `ipset restore` before them ([`sets`]), the jumps from the built-in chains checked on full
+//! syncs, and UDP conntrack entries of removed endpoints deleted (otherwise a UDP client keeps talking to a dead
+//! pod).
+//!
+//! Transactional: what it believes the kernel holds (`last*`) is updated only after every step of a sync
+//! succeeded; any failure forgets it, so the next sync is full (kube-proxy's needFullSync) and never computes a
+//! partial payload against a base the kernel never got.
+
+pub mod policy_rules;
+pub mod rules;
+pub mod sets;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use iptables::ipset::{self, Set};
+use iptables::{Family, Iptables, IptablesError};
+use proxy_state::{Dataplane, DataplaneError, ErrorKind, Held, Proto, ServicePort, State, SyncReport};
+
+use policy_rules::{render_policy, POLICY};
+use rules::{Rules, CANARY};
+use sets::SET_PREFIX;
+
+/// The bridge netfilter switches NetworkPolicy and anti-spoofing depend on: without them, traffic between two pods
+/// on one bridge never meets FORWARD and policy silently fails open.
+const BRIDGE_NF: [&str; 2] =
+    ["/proc/sys/net/bridge/bridge-nf-call-iptables", "/proc/sys/net/bridge/bridge-nf-call-ip6tables"];
+
+pub struct IptablesDataplane {
+    ipt: Iptables,
+    ipt6: Iptables,
+    opts: rules::Options,
+    /// What the kernel holds, as of the last successful sync (None: unknown, the next sync is full).
+    last: Option<Rules>,
+    /// What the last sync wrote with ip6tables (policy only); None until a node has IPv6 pods.
+    last6: Option<Rules>,
+    /// The sets as the last sync left them (None: read them from the kernel).
+    last_sets: Option<BTreeMap<String, Set>>,
+    /// The kernel's own rendering (`iptables -S`) of TARTAN-POLICY after the last sync, per family: what the idle
+    /// check compares the chain's content with.
+    policy_text: [Option<String>; 2],
+    last_udp: BTreeSet<(IpAddr, IpAddr)>,
+    /// The state generation the kernel holds.
+    applied: Option<u64>,
+    held: Held,
+}
+
+fn err(kind: ErrorKind, what: &str) -> impl FnOnce(IptablesError) -> DataplaneError + '_ {
+    move |e| {
+        let kind = if e.is_timeout() {
+            ErrorKind::Timeout
+        } else if e.is_spawn() {
+            ErrorKind::Spawn
+        } else {
+            kind
+        };
+        DataplaneError::new(kind, what, e)
+    }
+}
+
+type Result<T> = std::result::Result<T, DataplaneError>;
+
+/// The jump into TARTAN-POLICY, which must stay FORWARD's first rule.
+fn policy_jump() -> Vec<String> {
+    rules::jumps().into_iter().find(|(_, _, r)| r.last().is_some_and(|t| t == POLICY)).expect("listed").2
+}
+
+impl IptablesDataplane {
+    pub fn new(cluster_cidr: Option<IpNet>, nodeport_addresses: Vec<IpNet>) -> IptablesDataplane {
+        let opts = rules::Options { cluster_cidr, nodeport_addresses };
+        IptablesDataplane {
+            ipt: Iptables::new(Family::V4),
+            ipt6: Iptables::new(Family::V6),
+            opts,
+            last: None,
+            last6: None,
+            last_sets: None,
+            policy_text: [None, None],
+            last_udp: BTreeSet::new(),
+            applied: None,
+            held: Held::default(),
+        }
+    }
+
+    /// Trust nothing: the next sync rewrites everything.
+    fn forget(&mut self) {
+        self.last = None;
+        self.last6 = None;
+        self.last_sets = None;
+        self.policy_text = [None, None];
+        self.applied = None;
+    }
+
+    /// Turns the bridge netfilter switches on (loading br_netfilter if its switches are missing). Ok(true): one
+    /// was off and is on now.
+    fn ensure_bridge_nf() -> Result<bool> {
+        let prereq = |what: String| DataplaneError::new(ErrorKind::Prerequisite, what.clone(), what);
+        if !std::path::Path::new(BRIDGE_NF[0]).exists() {
+            let _ = child_process::run(Command::new("modprobe").arg("br_netfilter"), None, Duration::from_secs(10));
+            if !std::path::Path::new(BRIDGE_NF[0]).exists() {
+                return Err(prereq(
+                    "br_netfilter is not loaded and could not be loaded (modprobe br_netfilter): NetworkPolicy \
+                     between pods on one bridge would not be enforced"
+                        .into(),
+                ));
+            }
+        }
+        let mut changed = false;
+        for path in BRIDGE_NF {
+            let on = std::fs::read_to_string(path).map(|v| v.trim() == "1").unwrap_or(false);
+            if !on {
+                std::fs::write(path, "1").map_err(|e| prereq(format!("turning on {path}: {e}")))?;
+                changed = true;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Adds the missing `jumps` to `ipt` and keeps the policy jump first in FORWARD.
+    fn ensure_jumps(ipt: &Iptables, jumps: &[(&str, &str, Vec<String>)]) -> Result<()> {
+        let mut missing = String::new();
+        for table in ["nat", "filter"] {
+            let mut add = String::new();
+            for (t, chain, rule) in jumps.iter().filter(|(t, _, _)| *t == table) {
+                if !ipt.exists(t, chain, rule).map_err(err(ErrorKind::Readback, "checking the jumps"))? {
+                    // First in the chain, as kube-proxy puts its jumps.
+                    add += &format!("-I {chain} 1 {}\n", iptables::render(rule));
+                }
+            }
+            if !add.is_empty() {
+                missing += &format!("*{table}\n{add}COMMIT\n");
+            }
+        }
+        if !missing.is_empty() {
+            ipt.restore(&missing).map_err(err(ErrorKind::Rules, "adding the jumps into tartan-proxy's chains"))?;
+        }
+        // Policy is decided before anything in FORWARD accepts a packet (TARTAN-FORWARD, flannel's FLANNEL-FWD):
+        // its jump must stay the first rule, even if the other jumps were re-added in front of it.
+        let forward = ipt.save("filter").map_err(err(ErrorKind::Readback, "reading FORWARD"))?;
+        let first = forward.lines().find(|l| l.starts_with("-A FORWARD "));
+        if !first.is_some_and(|l| l.contains(&format!("-j {POLICY}"))) {
+            let rule = iptables::render(&policy_jump());
+            ipt.restore(&format!("*filter\n-D FORWARD {rule}\n-I FORWARD 1 {rule}\nCOMMIT\n"))
+                .map_err(err(ErrorKind::Rules, "moving the policy jump first in FORWARD"))?;
+        }
+        Ok(())
+    }
+
+    /// (cluster IP or external IP, endpoint IP) pairs of UDP services.
+    fn udp_pairs(ports: &[ServicePort]) -> BTreeSet<(IpAddr, IpAddr)> {
+        let mut out = BTreeSet::new();
+        for p in ports.iter().filter(|p| p.proto == Proto::Udp) {
+            for e in &p.endpoints {
+                for vip in std::iter::once(&p.cluster_ip).chain(&p.external_ips) {
+                    out.insert((*vip, e.ip));
+                }
+            }
+        }
+        out
+    }
+
+    /// The kernel's rendering of TARTAN-POLICY's rules.
+    fn policy_chain(ipt: &Iptables) -> Result<String> {
+        let text =
+            ipt.list_chain("filter", POLICY).map_err(err(ErrorKind::Readback, "reading the policy chain back"))?;
+        Ok(text.lines().filter(|l| l.starts_with("-A ")).collect::<Vec<_>>().join("\n"))
+    }
+
+    /// Writes `desired` with `ipt`: everything when `previous` is None (also deleting `stale` chains of ours),
+    /// otherwise only what changed; then checks that the policy chain holds what was written and returns the
+    /// kernel's rendering of it.
+    fn write(ipt: &Iptables, desired: &Rules, previous: Option<&Rules>) -> Result<String> {
+        let stale = match previous {
+            None => vec![("nat", our_chains(ipt, "nat")?), ("filter", our_chains(ipt, "filter")?)],
+            Some(_) => vec![],
+        };
+        let payload = rules::payload(desired, previous, &stale);
+        ipt.restore(&payload).map_err(err(ErrorKind::Rules, "iptables-restore of the service and policy rules"))?;
+        // The policy chain decides every forwarded packet: read it back, and fail the sync (the next one is full)
+        // if the kernel does not hold what was just written.
+        let want = desired.filter.get(POLICY).map_or(0, Vec::len);
+        let text = Self::policy_chain(ipt)?;
+        let have = text.lines().count();
+        if have != want {
+            let why = format!("{POLICY} holds {have} rules after a sync that wrote {want}");
+            return Err(DataplaneError::new(ErrorKind::Readback, "reading the policy chain back", why));
+        }
+        Ok(text)
+    }
+
+    /// Drift since the last sync, by kind: a setting turned off, our canary gone, the policy chain's content
+    /// changed, or a set's entry count changed.
+    fn drift(&mut self) -> Result<Option<&'static str>> {
+        if Self::ensure_bridge_nf()? {
+            return Ok(Some("bridge-nf"));
+        }
+        for (ipt, text) in [(&self.ipt, &self.policy_text[0]), (&self.ipt6, &self.policy_text[1])] {
+            if let Some(want) = text {
+                if Self::policy_chain(ipt)? != *want {
+                    return Ok(Some("policy-chain"));
+                }
+            }
+        }
+        // A set flushed or destroyed by hand opens or closes policy holes without touching a rule; compare entry
+        // counts, read from the set headers (cheap every second, whatever the sets hold).
+        if let Some(last) = self.last_sets.as_ref().filter(|l| !l.is_empty()) {
+            let have = ipset::entry_counts(SET_PREFIX).map_err(err(ErrorKind::Readback, "reading set headers"))?;
+            if last.iter().any(|(name, set)| have.get(name) != Some(&set.members.len())) {
+                return Ok(Some("sets"));
+            }
+        }
+        for t in ["nat", "filter"] {
+            let out = child_process::run(
+                Command::new("iptables").args(["-w", "-t", t, "-S", CANARY]),
+                None,
+                Duration::from_secs(30),
+            )
+            .map_err(|e| DataplaneError::new(ErrorKind::Readback, "looking for the canary", e))?;
+            if !out.status.success() {
+                return Ok(Some("canary"));
+            }
+        }
+        Ok(None)
+    }
+
+    fn apply(&mut self, state: &State, full: bool) -> Result<SyncReport> {
+        let (ports, policy) = (&state.services[..], &*state.policy);
+        // The first sync of a run rewrites everything too: what a previous run left is not known.
+        let full = full || self.last.is_none();
+        if full {
+            Self::ensure_bridge_nf()?;
+        }
+        let mut desired = rules::render(ports, &self.opts);
+        render_policy(policy, false, &mut desired);
+        let want_sets = sets::ipsets(&policy.sets);
+        // Sets first (the rules refer to them), rules next, unused sets last (once no rule refers to them).
+        let have = match (&self.last_sets, full) {
+            (Some(s), false) => s.clone(),
+            _ => ipset::save(SET_PREFIX).map_err(err(ErrorKind::Readback, "reading the policy sets"))?,
+        };
+        let update = ipset::update_payload(&want_sets, &have);
+        // From the first kernel write on, a failure leaves the kernel somewhere between `last` and `desired`:
+        // forget both until every step succeeded.
+        let (previous, previous6) = (self.last.take(), self.last6.take());
+        self.forget();
+        if !update.is_empty() {
+            ipset::restore(&update).map_err(err(ErrorKind::Sets, "ipset restore of the policy sets"))?;
+        }
+        let text4 = Self::write(&self.ipt, &desired, if full { None } else { previous.as_ref() })?;
+        if full {
+            Self::ensure_jumps(&self.ipt, &rules::jumps())?;
+        }
+        // IPv6: policy only, and only once the node has IPv6 pods (a node without IPv6 need not have ip6tables).
+        let v6_pods = policy.pods.iter().any(|p| p.ip.is_ipv6());
+        let mut last6 = None;
+        let mut text6 = None;
+        if v6_pods || previous6.is_some() {
+            let mut desired6 = Rules::default();
+            render_policy(policy, true, &mut desired6);
+            let full6 = full || previous6.is_none();
+            text6 = Some(Self::write(&self.ipt6, &desired6, if full6 { None } else { previous6.as_ref() })?);
+            if full6 {
+                Self::ensure_jumps(&self.ipt6, &[("filter", "FORWARD", policy_jump())])?;
+            }
+            last6 = Some(desired6);
+        }
+        let destroy = ipset::destroy_payload(&want_sets, &have);
+        if !destroy.is_empty() {
+            ipset::restore(&destroy).map_err(err(ErrorKind::Sets, "destroying unused policy sets"))?;
+        }
+        let udp = Self::udp_pairs(ports);
+        for (vip, ep) in self.last_udp.difference(&udp) {
+            // Best effort: conntrack exits 1 when there is nothing to delete, and a stale entry that survives
+            // only delays one UDP client; it must not fail (and so fully repeat) a sync.
+            let _ = child_process::run(
+                Command::new("conntrack").args([
+                    "-D",
+                    "-p",
+                    "udp",
+                    "--orig-dst",
+                    &vip.to_string(),
+                    "--dst-nat",
+                    &ep.to_string(),
+                ]),
+                None,
+                Duration::from_secs(10),
+            );
+        }
+        // Every step succeeded: the kernel holds `desired`.
+        self.last_udp = udp;
+        let entries = desired.rule_count() + last6.as_ref().map_or(0, Rules::rule_count);
+        self.held =
+            Held { entries, sets: want_sets.len(), set_entries: want_sets.values().map(|s| s.members.len()).sum() };
+        self.last = Some(desired);
+        self.last6 = last6;
+        self.last_sets = Some(want_sets);
+        self.policy_text = [Some(text4), text6];
+        self.applied = Some(state.generation);
+        Ok(SyncReport { wrote: true, full, repaired: None, held: self.held })
+    }
+}
+
+impl Dataplane for IptablesDataplane {
+    fn mode(&self) -> &'static str {
+        "iptables"
+    }
+
+    fn sync(&mut self, state: &State, full: bool) -> Result<SyncReport> {
+        let mut repaired = None;
+        if !full && self.applied == Some(state.generation) {
+            match self.drift() {
+                Ok(None) => return Ok(SyncReport { held: self.held, ..Default::default() }),
+                Ok(Some(kind)) => repaired = Some(kind),
+                Err(e) => {
+                    self.forget();
+                    return Err(e);
+                }
+            }
+        }
+        let full = full || repaired.is_some();
+        let mut report = self.apply(state, full).inspect_err(|_| self.forget())?;
+        report.repaired = repaired;
+        Ok(report)
+    }
+
+    fn held(&self) -> Held {
+        self.held
+    }
+
+    fn cleanup(&mut self) -> Result<()> {
+        for ipt in [&self.ipt, &self.ipt6] {
+            // ip6tables may be missing on an IPv4-only node; there is nothing of ours to remove then.
+            if ipt.family == Family::V6 && ipt.save("filter").is_err() {
+                continue;
+            }
+            let mut jumps = String::new();
+            for table in ["nat", "filter"] {
+                jumps += &format!("*{table}\n");
+                for (t, chain, rule) in rules::jumps().into_iter().filter(|(t, _, _)| *t == table) {
+                    if ipt.exists(t, chain, &rule).map_err(err(ErrorKind::Readback, "checking the jumps"))? {
+                        jumps += &format!("-D {chain} {}\n", iptables::render(&rule));
+                    }
+                }
+                jumps += "COMMIT\n";
+            }
+            ipt.restore(&jumps).map_err(err(ErrorKind::Rules, "removing the jumps"))?;
+            let (nat, filter) = (our_chains(ipt, "nat")?, our_chains(ipt, "filter")?);
+            ipt.restore(&rules::cleanup_payload(&nat, &filter))
+                .map_err(err(ErrorKind::Rules, "removing tartan-proxy's chains"))?;
+        }
+        let sets = ipset::save(SET_PREFIX).map_err(err(ErrorKind::Readback, "reading the policy sets"))?;
+        let destroy = ipset::destroy_payload(&BTreeMap::new(), &sets);
+        if !destroy.is_empty() {
+            ipset::restore(&destroy).map_err(err(ErrorKind::Sets, "removing tartan-proxy's sets"))?;
+        }
+        self.forget();
+        Ok(())
+    }
+}
+
+/// The TARTAN-* chains of a table that are tartan-proxy's (not the CNI plugin's masquerade chains).
+fn our_chains(ipt: &Iptables, table: &str) -> Result<Vec<String>> {
+    let text = ipt.save(table).map_err(err(ErrorKind::Readback, "listing our chains"))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.strip_prefix(':'))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| c.starts_with("TARTAN-") && !c.starts_with(node_contract::PLUGIN_MASQ_CHAIN_PREFIX))
+        .map(String::from)
+        .collect())
+}
