@@ -3,6 +3,7 @@
 mod agent;
 mod cni;
 mod policy;
+mod programming;
 mod proxy;
 mod stats;
 
@@ -60,6 +61,18 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         connects: usize,
     },
+    /// tartan-proxy end to end: a new Service's store write until its cluster IP answers, with N services programmed.
+    Programming {
+        /// The dataplane (tartan-proxy's --mode).
+        #[arg(long, default_value = "iptables")]
+        mode: String,
+        /// Service counts, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "10,1000,10000")]
+        services: Vec<usize>,
+        /// New services measured per size.
+        #[arg(long, default_value_t = 10)]
+        probes: usize,
+    },
     /// Agent convergence: start-up with N leases in etcd, and new lease to route latency.
     Convergence {
         #[arg(long, default_value_t = 1000)]
@@ -76,5 +89,6 @@ fn main() -> Result<()> {
         Cmd::Convergence { leases, new } => agent::convergence(leases, new),
         Cmd::Proxy { mode, services, endpoints, connects } => proxy::run(&mode, &services, endpoints, connects),
         Cmd::Policy { mode, policies, connects } => policy::run(&mode, &policies, connects),
+        Cmd::Programming { mode, services, probes } => programming::run(&mode, &services, probes),
     }
 }

@@ -163,7 +163,20 @@ impl Lab {
             .stdout(log.try_clone()?)
             .stderr(log)
             .stdin(std::process::Stdio::null());
-        self.spawn_cmd(cmd)
+        let pid = self.spawn_cmd(cmd)?;
+        self.state.etcd_pid = Some(pid);
+        self.save()?;
+        Ok(pid)
+    }
+
+    /// Sends `signal` (SIGSTOP to pause, SIGCONT to resume) to the lab's own etcd.
+    pub fn signal_etcd(&self, signal: i32) -> Result<()> {
+        let pid = self.state.etcd_pid.ok_or_else(|| anyhow!("this lab started no etcd"))?;
+        // SAFETY: kill(2) of the etcd this lab started and recorded.
+        if unsafe { libc::kill(pid as i32, signal) } != 0 {
+            bail!("signalling etcd ({pid}): {}", std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// `tartanctl` against the lab's etcd, run inside its namespace (stdin closed unless `input` is given).

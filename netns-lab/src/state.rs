@@ -14,6 +14,9 @@ pub struct LabState {
     /// Processes the lab started (etcd, agents), stopped by PID on teardown.
     #[serde(default)]
     pub processes: Vec<u32>,
+    /// The lab's etcd, once started (tests pause and kill it).
+    #[serde(default)]
+    pub etcd_pid: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -41,7 +41,7 @@ struct Follower {
 /// How long the dataplane waits when nothing happens: the idle drift check's period.
 const IDLE: Duration = Duration::from_secs(1);
 /// The longest backoff after failed syncs.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 pub async fn run(s: Settings, dp: Box<dyn Dataplane>, metrics: Shared) -> anyhow::Result<()> {
     let shared = Arc::new(Mutex::new(Follower { tracker: Tracker::new(&s.node), since: None }));

@@ -150,3 +150,25 @@ fn nix_is_root() -> bool {
         .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
         .unwrap_or(false)
 }
+
+/// An HTTP GET of `path` from a daemon's status port inside `ns`: (status code, body).
+pub fn http_get(lab: &netns_lab::Lab, ns: &str, url: &str) -> (u16, String) {
+    let out = lab.exec_status(ns, &["curl", "-s", "-m", "2", "-w", "\n%{http_code}", url]).expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// The value of one series (`name` or `name{labels}` exactly as exposed) in Prometheus text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (s, v) = l.rsplit_once(' ')?;
+        (s == series).then(|| v.parse().ok())?
+    })
+}
+
+/// tartan-proxy's metrics on `node` (the lab's default port).
+pub fn proxy_metrics(lab: &netns_lab::Lab, node: &str) -> String {
+    let ns = lab.node(node).expect("node").ns.clone();
+    http_get(lab, &ns, "http://127.0.0.1:10249/metrics").1
+}

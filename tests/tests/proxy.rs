@@ -361,3 +361,142 @@ fn headless_and_external_name_services_get_no_rules_and_node_ports_honour_nodepo
         "{save}"
     );
 }
+
+/// n1's proxy metrics and one series of them.
+fn n1_metric(c: &Cluster, series: &str) -> f64 {
+    tartan_e2e::metric(&tartan_e2e::proxy_metrics(&c.lab, "n1"), series).unwrap_or(0.0)
+}
+
+/// The sets of `kind` (`PS`, `NB`, `NP`) in n1.
+fn n1_sets(c: &Cluster, kind: &str) -> Vec<String> {
+    let n1 = c.lab.node("n1").unwrap().ns.clone();
+    let out = c.lab.exec(&n1, &["ipset", "list", "-n"]).unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with(&format!("TARTAN-{kind}-")))
+        .map(String::from)
+        .collect()
+}
+
+const FRIENDS_ONLY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: friends-only}\nspec: {podSelector: {matchLabels: {app: web}}, ingress: [{from: [{podSelector: {matchLabels: {role: friend}}}]}]}\n";
+
+#[test]
+fn a_sync_that_fails_half_way_is_followed_by_a_full_one_that_repairs_everything() {
+    // The failure: an unused set cannot be destroyed because something else still refers to it (here a chain
+    // of someone else's), after the sync's rules were already written. Before the fix the proxy kept believing
+    // the kernel held the previous sync's rules, so re-applying the policy computed a partial payload against a
+    // base the kernel no longer had (its ingress chain had been deleted) and failed until the 30 s full sync.
+    let mut c = Cluster::new("px-half");
+    let web = c.server("n1", "web-a", "web");
+    let client = c.client("n1", "client");
+    assert!(wait_for(Duration::from_secs(5), || c.connect(&client, &web, 8080).is_ok()));
+    c.apply(FRIENDS_ONLY);
+    assert!(wait_for(Duration::from_secs(5), || c.connect(&client, &web, 8080).is_err()), "the policy holds");
+    let set = n1_sets(&c, "PS").pop().expect("the selector's set");
+    let n1 = c.lab.node("n1").unwrap().ns.clone();
+    for argv in [
+        vec!["iptables", "-w", "-N", "SOMEONE-ELSES"],
+        vec!["iptables", "-w", "-A", "SOMEONE-ELSES", "-m", "set", "--match-set", &set, "src", "-j", "RETURN"],
+    ] {
+        assert!(c.lab.exec_status(&n1, &argv).unwrap().status.success(), "{argv:?}");
+    }
+    let errors = r#"tartan_proxy_sync_errors_by_kind_total{mode="iptables",kind="sets"}"#;
+    let full_before = n1_metric(&c, "tartan_proxy_full_sync_total");
+    let out = c.lab.tartanctl(&["delete", "netpol", "friends-only", "-n", "default"], None).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(wait_for(Duration::from_secs(5), || n1_metric(&c, errors) >= 1.0), "the destroy failed the sync");
+    // The policy comes back while the set is still held: the next sync must be full and rebuild the chains.
+    c.apply(FRIENDS_ONLY);
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            let filter = c.iptables_save("n1");
+            filter.contains(":TARTAN-PI-") && c.connect(&client, &web, 8080).is_err()
+        }),
+        "policy back in the kernel within 5 s"
+    );
+    assert!(n1_metric(&c, "tartan_proxy_full_sync_total") > full_before, "repaired by a full sync");
+    // Once nothing else holds the set, deleting the policy removes it.
+    c.lab.exec(&n1, &["iptables", "-w", "-F", "SOMEONE-ELSES"]).unwrap();
+    c.lab.exec(&n1, &["iptables", "-w", "-X", "SOMEONE-ELSES"]).unwrap();
+    let out = c.lab.tartanctl(&["delete", "netpol", "friends-only", "-n", "default"], None).unwrap();
+    assert!(out.status.success());
+    assert!(wait_for(Duration::from_secs(5), || n1_sets(&c, "PS").is_empty()), "the set is gone");
+    assert!(c.connect(&client, &web, 8080).is_ok());
+}
+
+#[test]
+fn values_that_are_not_valid_objects_are_reported_and_skipped() {
+    let mut c = Cluster::new("px-bad");
+    c.server("n2", "web-b", "web");
+    let client = c.client("n1", "client");
+    // Written straight into etcd by a buggy or newer client: not JSON, an object at another object's key, and
+    // a Service the API server would refuse.
+    c.lab.etcdctl(&["put", "/tartan/services/default/garbage", "{\"kind\": \"Service\", "]).unwrap();
+    c.lab.etcdctl(&["put", "/tartan/services/default/misplaced", r#"{"kind":"Service","apiVersion":"v1","metadata":{"name":"other","namespace":"default"},"spec":{"clusterIP":"10.96.0.97","ports":[{"port":80}]}}"#]).unwrap();
+    c.lab.etcdctl(&["put", "/tartan/services/default/invalid", r#"{"kind":"Service","apiVersion":"v1","metadata":{"name":"invalid","namespace":"default"},"spec":{"clusterIP":"10.96.0.98","ports":[{"port":70000}]}}"#]).unwrap();
+    c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.95, selector: {app: web}, ports: [{port: 80, targetPort: http}]}\n");
+    assert!(
+        wait_for(Duration::from_secs(5), || c.connect(&client, "10.96.0.95", 80).is_ok()),
+        "programmed all the same"
+    );
+    assert!(wait_for(Duration::from_secs(5), || n1_metric(&c, "tartan_proxy_invalid_objects_total") >= 3.0));
+    let log = std::fs::read_to_string(c.lab.node("n1").unwrap().root.join("proxy.log")).unwrap();
+    assert!(log.contains("/tartan/services/default/garbage"), "the key is named: {log}");
+    assert!(!c.iptables_save("n1").contains("10.96.0.97") && !c.iptables_save("n1").contains("10.96.0.98"));
+    // A proxy starting with those values in its first listing starts all the same.
+    let old = c.proxies[0];
+    c.lab.stop(old);
+    c.proxies[0] = c.lab.start_proxy("n1", &[]).unwrap();
+    c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web2}\nspec: {clusterIP: 10.96.0.96, selector: {app: web}, ports: [{port: 80, targetPort: http}]}\n");
+    assert!(wait_for(Duration::from_secs(5), || c.connect(&client, "10.96.0.96", 80).is_ok()));
+    let n1 = c.lab.node("n1").unwrap().ns.clone();
+    assert_eq!(tartan_e2e::http_get(&c.lab, &n1, "http://127.0.0.1:10249/readyz").0, 200);
+}
+
+#[test]
+fn service_traffic_survives_an_etcd_pause_and_changes_after_it_land_within_5s() {
+    let mut c = Cluster::new("px-pause");
+    c.server("n2", "web-b", "web");
+    c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.70, selector: {app: web}, ports: [{port: 80, targetPort: http}]}\n");
+    let client = c.client("n1", "client");
+    assert!(wait_for(Duration::from_secs(5), || c.connect(&client, "10.96.0.70", 80).is_ok()));
+    let n1 = c.lab.node("n1").unwrap().ns.clone();
+    c.lab.signal_etcd(libc::SIGSTOP).unwrap();
+    let paused = std::time::Instant::now();
+    let mut tries = 0;
+    while paused.elapsed() < Duration::from_secs(15) {
+        assert!(c.connect(&client, "10.96.0.70", 80).is_ok(), "service traffic while etcd is paused");
+        assert_eq!(tartan_e2e::http_get(&c.lab, &n1, "http://127.0.0.1:10249/healthz").0, 200, "nothing pending");
+        tries += 1;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    c.lab.signal_etcd(libc::SIGCONT).unwrap();
+    assert!(tries > 10);
+    assert!(wait_for(Duration::from_secs(10), || c.lab.etcdctl(&["endpoint", "health"]).is_ok()));
+    c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: after}\nspec: {clusterIP: 10.96.0.71, selector: {app: web}, ports: [{port: 80, targetPort: http}]}\n");
+    let t = std::time::Instant::now();
+    assert!(wait_for(Duration::from_secs(5), || c.connect(&client, "10.96.0.71", 80).is_ok()), "after the pause");
+    eprintln!("a change after the pause reached the kernel in {:?}", t.elapsed());
+    assert!(n1_metric(&c, "tartan_proxy_store_errors_total") >= 1.0, "the outage was seen and counted");
+}
+
+#[test]
+fn policy_does_not_fail_open_when_bridge_netfilter_is_turned_off() {
+    let mut c = Cluster::new("px-brnf");
+    let web = c.server("n1", "web-a", "web");
+    let client = c.client("n1", "client");
+    c.apply(FRIENDS_ONLY);
+    assert!(wait_for(Duration::from_secs(5), || c.connect(&client, &web, 8080).is_err()), "denied on one bridge");
+    let n1 = c.lab.node("n1").unwrap().ns.clone();
+    let read = || {
+        let out = c.lab.exec(&n1, &["cat", "/proc/sys/net/bridge/bridge-nf-call-iptables"]).unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    c.lab.exec(&n1, &["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0"]).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(3), || read() == "1"
+            && n1_metric(&c, r#"tartan_proxy_repairs_total{mode="iptables",kind="bridge-nf"}"#) >= 1.0),
+        "turned back on and counted"
+    );
+    assert!(c.connect(&client, &web, 8080).is_err(), "still denied");
+}

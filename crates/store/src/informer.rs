@@ -24,6 +24,10 @@ pub enum Update {
     Unavailable { error: String, retry_in: Duration },
 }
 
+/// The longest wait between two attempts to reach the store: short, because a follower that waits longer than
+/// etcd's outage delays every change made after it.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
 pub struct Informer {
     endpoints: String,
     prefix: String,
@@ -32,10 +36,12 @@ pub struct Informer {
     watch: Option<Watcher>,
     queued: VecDeque<Update>,
     failures: u32,
+    /// How long to wait before the next attempt, after a failure.
+    wait: Option<Duration>,
 }
 
-/// Bounded exponential backoff with jitter: 200 ms doubling to 5 s, each between half and all of that, so that
-/// every node of a cluster does not retry in step after an etcd outage.
+/// Bounded exponential backoff with jitter: 200 ms doubling up to `max`, each between half and all of that, so
+/// that every node of a cluster does not retry in step after an etcd outage.
 pub fn backoff(failures: u32, max: Duration) -> Duration {
     let base = Duration::from_millis(200).saturating_mul(1 << failures.min(10)).min(max);
     base.mul_f64(rand::rng().random_range(0.5..=1.0))
@@ -51,6 +57,7 @@ impl Informer {
             watch: None,
             queued: VecDeque::new(),
             failures: 0,
+            wait: None,
         }
     }
 
@@ -58,7 +65,9 @@ impl Informer {
         self.watch = None;
         self.store = None;
         self.failures += 1;
-        Update::Unavailable { error, retry_in: backoff(self.failures, Duration::from_secs(5)) }
+        let retry_in = backoff(self.failures, MAX_BACKOFF);
+        self.wait = Some(retry_in);
+        Update::Unavailable { error, retry_in }
     }
 
     /// The next update. Never fails: trouble is reported as [`Update::Unavailable`] (after which it waits out the
@@ -67,8 +76,8 @@ impl Informer {
         if let Some(u) = self.queued.pop_front() {
             return u;
         }
-        if self.failures > 0 && self.watch.is_none() {
-            tokio::time::sleep(backoff(self.failures, Duration::from_secs(5))).await;
+        if let Some(wait) = self.wait.take() {
+            tokio::time::sleep(wait).await;
         }
         if self.store.is_none() {
             match Store::connect(&self.endpoints, &self.prefix, self.tls.as_ref()).await {

@@ -299,9 +299,14 @@ pub fn payload(desired: &Rules, previous: Option<&Rules>, stale: &[(&str, Vec<St
         let mut deleted: Vec<&String> = gone.chain(found).collect();
         deleted.sort();
         deleted.dedup();
-        for name in deleted {
-            // Emptied first (a chain with rules cannot be deleted); whatever jumped to it is rewritten above.
-            out += &format!(":{name} - [0:0]\n-X {name}\n");
+        // Every deleted chain is emptied before any is deleted: one may jump to another (an SVC chain to its SEP
+        // chains), and a chain something still jumps to cannot be deleted. Whatever else jumped to them is
+        // rewritten above.
+        for name in &deleted {
+            out += &format!(":{name} - [0:0]\n");
+        }
+        for name in &deleted {
+            out += &format!("-X {name}\n");
         }
         out += "COMMIT\n";
     }
@@ -415,5 +420,12 @@ mod tests {
         assert!(p.contains(&format!(":{} - [0:0]", chain("SVC", "default/web:http/tcp"))));
         let old_sep = sep_chain(&sp(&[("10.244.1.2", true)]), &sp(&[("10.244.1.2", true)]).endpoints[0]);
         assert!(p.contains(&format!("-X {old_sep}")), "{p}");
+        // A service that goes entirely: its SVC chain (which jumps to the SEP chain) is emptied before the SEP
+        // chain is deleted, whatever their names sort as.
+        let gone = payload(&render(&[], &Options::default()), Some(&a), &[]);
+        let svc = chain("SVC", "default/web:http/tcp");
+        let (flush_svc, delete_sep) =
+            (gone.find(&format!(":{svc} - [0:0]")).unwrap(), gone.find(&format!("-X {old_sep}")).unwrap());
+        assert!(flush_svc < delete_sep, "{gone}");
     }
 }
