@@ -224,6 +224,7 @@ fn hundreds_of_random_syncs_leave_the_kernel_holding_exactly_the_model() {
             let mut services: BTreeMap<u8, ServicePort> = BTreeMap::new();
             let mut policy = PolicyModel::default();
             let (mut syncs, mut failures) = (0, 0);
+            let mut previous = State::default();
             for i in 0..300usize {
                 for _ in 0..rng.random_range(1..4) {
                     let k = rng.random_range(0..40u8);
@@ -261,12 +262,18 @@ fn hundreds_of_random_syncs_leave_the_kernel_holding_exactly_the_model() {
                     failures += 1;
                     run(&node_ns, &["iptables", "-w", "-F", "HOLDER"]);
                     run(&node_ns, &["iptables", "-w", "-X", "HOLDER"]);
+                    // Back to the state before the failed sync, not forced full: a dataplane that still believed
+                    // the kernel held that state would skip rewriting the chains the failed sync deleted.
+                    let back = State { generation: state.generation + 1000, ..previous.clone() };
+                    dp.sync(&back, false).unwrap_or_else(|e| panic!("sync {i} back after the failure: {e}"));
+                    check(&node_ns, &back, i);
                     dp.sync(&state, false).unwrap_or_else(|e| panic!("sync {i} after the failure: {e}"));
                 } else {
                     res.unwrap_or_else(|e| panic!("sync {i}: {e}"));
                 }
                 syncs += 1;
                 check(&node_ns, &state, i);
+                previous = state.clone();
                 // Every 25th: the policy chain flushed by hand is found (by content) on an idle check.
                 if i % 25 == 24 {
                     run(&node_ns, &["iptables", "-w", "-F", "TARTAN-POLICY"]);
