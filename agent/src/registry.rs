@@ -5,15 +5,13 @@
 use std::collections::BTreeMap;
 
 use anyhow::{anyhow, Result};
-use etcd_client::{
-    Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions, WatchStream,
-};
+use etcd_client::{Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions, WatchStream};
 use flannel::{LeaseAttrs, LeaseKey};
 
 pub type Leases = BTreeMap<LeaseKey, LeaseAttrs>;
 
 pub struct Registry {
-    client: Client,
+    client: store::Etcd,
     prefix: String,
 }
 

@@ -25,6 +25,8 @@ pub struct Health {
     pub lease: Option<String>,
     pub unreachable: Vec<String>,
     pub last_error: Option<String>,
+    /// The dataplane thread is gone (the process is about to exit).
+    pub dataplane_dead: bool,
 }
 
 pub type SharedHealth = Arc<Mutex<Health>>;
@@ -68,68 +70,80 @@ fn spawn_monitor(tx: mpsc::Sender<Cmd>) {
 /// The dataplane thread: applies every new lease set, and re-applies the last one every `resync` to repair drift.
 fn spawn_dataplane(mut dp: Dataplane, resync: Duration, health: SharedHealth) -> mpsc::Sender<Cmd> {
     let (tx, rx) = mpsc::channel::<Cmd>();
+    let watched = health.clone();
     std::thread::Builder::new()
         .name("dataplane".into())
         .spawn(move || {
-            let mut last: Option<(LeaseKey, Leases)> = None;
-            loop {
-                let cmd = match rx.recv_timeout(resync) {
-                    Ok(c) => Some(c),
-                    Err(mpsc::RecvTimeoutError::Timeout) => None,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
-                };
-                let cmd = match cmd {
-                    Some(Cmd::Drift) => {
-                        // Coalesce a burst of notifications into one reconcile.
-                        std::thread::sleep(Duration::from_millis(20));
-                        skip_drift(&rx)
-                    }
-                    other => other,
-                };
-                let reply = match cmd {
-                    Some(Cmd::Apply { own, leases, reply }) => {
-                        last = Some((own, leases));
-                        reply
-                    }
-                    Some(Cmd::Drift) | None => None,
-                };
-                let Some((own, leases)) = &last else { continue };
-                let res = dp.ensure_device(own).and_then(|c| {
-                    let mut r = dp.reconcile(own, leases)?;
-                    r.changes += c;
-                    Ok(r)
-                });
-                {
-                    let mut h = health.lock().unwrap();
-                    match &res {
-                        Ok(r) => {
-                            let now: Vec<String> = r
-                                .unreachable
-                                .iter()
-                                .map(|(k, ip)| format!("{k} via {ip} is not on this L2 segment"))
-                                .collect();
-                            // Said once per change, not every resync.
-                            if now != h.unreachable {
-                                for u in now.iter().filter(|u| !h.unreachable.contains(u)) {
-                                    log(format!("host-gw: {u}; not routed"));
-                                }
-                                h.unreachable = now;
-                            }
-                        }
-                        Err(e) => h.last_error = Some(format!("{e:#}")),
-                    }
-                }
-                if let Err(e) = &res {
-                    log(format!("dataplane: {e:#}"));
-                }
-                if let Some(r) = reply {
-                    let _ = r.send(res);
-                }
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                dataplane_loop(&mut dp, &rx, resync, &health)
+            }));
+            // The loop ends only with a panic or when every sender is gone. Either way this process must not carry
+            // on with nobody keeping routes true: /healthz fails, and the process exits non-zero so that its
+            // supervisor (a DaemonSet) restarts it. The kernel keeps what it holds meanwhile.
+            if let Ok(mut h) = watched.lock() {
+                h.dataplane_dead = true;
             }
+            log(format!("the dataplane thread stopped ({}); exiting", if ran.is_err() { "panic" } else { "closed" }));
+            std::process::exit(1);
         })
         .expect("spawn dataplane thread");
     spawn_monitor(tx.clone());
     tx
+}
+
+fn dataplane_loop(dp: &mut Dataplane, rx: &mpsc::Receiver<Cmd>, resync: Duration, health: &SharedHealth) {
+    let mut last: Option<(LeaseKey, Leases)> = None;
+    loop {
+        let cmd = match rx.recv_timeout(resync) {
+            Ok(c) => Some(c),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let cmd = match cmd {
+            Some(Cmd::Drift) => {
+                // Coalesce a burst of notifications into one reconcile.
+                std::thread::sleep(Duration::from_millis(20));
+                skip_drift(rx)
+            }
+            other => other,
+        };
+        let reply = match cmd {
+            Some(Cmd::Apply { own, leases, reply }) => {
+                last = Some((own, leases));
+                reply
+            }
+            Some(Cmd::Drift) | None => None,
+        };
+        let Some((own, leases)) = &last else { continue };
+        let res = dp.ensure_device(own).and_then(|c| {
+            let mut r = dp.reconcile(own, leases)?;
+            r.changes += c;
+            Ok(r)
+        });
+        {
+            let mut h = health.lock().unwrap();
+            match &res {
+                Ok(r) => {
+                    let now: Vec<String> =
+                        r.unreachable.iter().map(|(k, ip)| format!("{k} via {ip} is not on this L2 segment")).collect();
+                    // Said once per change, not every resync.
+                    if now != h.unreachable {
+                        for u in now.iter().filter(|u| !h.unreachable.contains(u)) {
+                            log(format!("host-gw: {u}; not routed"));
+                        }
+                        h.unreachable = now;
+                    }
+                }
+                Err(e) => h.last_error = Some(format!("{e:#}")),
+            }
+        }
+        if let Err(e) = &res {
+            log(format!("dataplane: {e:#}"));
+        }
+        if let Some(r) = reply {
+            let _ = r.send(res);
+        }
+    }
 }
 
 /// Takes the queued drift notifications and returns the first other command, if one is queued behind them. (An
@@ -193,29 +207,63 @@ async fn acquire(
     previous: Option<LeaseKey>,
     ttl: u64,
 ) -> Result<LeaseKey> {
+    let mut failures = 0;
     loop {
-        for _ in 0..10 {
-            let (leases, _) = reg.leases().await?;
-            let choice = choose(cfg, &leases, attrs.public_ip, previous, &mut rand::rng());
-            match choice {
-                Choice::Reuse(k) => {
-                    reg.renew(&k, attrs, ttl).await?;
-                    return Ok(k);
-                }
-                Choice::Take(k) => {
-                    if reg.create(&k, attrs, ttl).await? {
-                        return Ok(k);
+        // etcd errors (after the client's own retries on every member) are waited out, never fatal: a node
+        // that cannot reach etcd at start keeps trying, as flanneld does.
+        let attempt = async {
+            for _ in 0..10 {
+                let (leases, _) = reg.leases().await?;
+                let choice = choose(cfg, &leases, attrs.public_ip, previous, &mut rand::rng());
+                match choice {
+                    Choice::Reuse(k) => {
+                        reg.renew(&k, attrs, ttl).await?;
+                        return Ok(Some(k));
                     }
-                    // Another node took it between our listing and our transaction: list again.
+                    Choice::Take(k) => {
+                        if reg.create(&k, attrs, ttl).await? {
+                            return Ok(Some(k));
+                        }
+                        // Another node took it between our listing and our transaction: list again.
+                    }
+                    Choice::Exhausted => return Ok(None),
                 }
-                Choice::Exhausted => break,
+            }
+            Ok::<_, anyhow::Error>(None)
+        };
+        let wait = match attempt.await {
+            Ok(Some(k)) => return Ok(k),
+            Ok(None) => {
+                log(format!(
+                    "no free subnet between {} and {} (/{}): every one is leased; retrying",
+                    cfg.subnet_min, cfg.subnet_max, cfg.subnet_len
+                ));
+                Duration::from_secs(5)
+            }
+            Err(e) => {
+                failures += 1;
+                let wait = store::backoff(failures, Duration::from_secs(5));
+                log(format!("acquiring a lease: {e:#}; retrying in {wait:?}"));
+                wait
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Every lease and the revision of the listing, retried until etcd answers.
+async fn list_leases(reg: &mut Registry) -> (Leases, i64) {
+    let mut failures = 0;
+    loop {
+        match reg.leases().await {
+            Ok(l) => return l,
+            Err(e) => {
+                failures += 1;
+                let wait = store::backoff(failures, Duration::from_secs(5));
+                log(format!("listing leases: {e:#}; retrying in {wait:?}"));
+                tokio::time::sleep(wait).await;
             }
         }
-        log(format!(
-            "no free subnet between {} and {} (/{}): every one is leased; retrying",
-            cfg.subnet_min, cfg.subnet_max, cfg.subnet_len
-        ));
-        tokio::time::sleep(Duration::from_secs(5)).await;
     }
 }
 
@@ -256,7 +304,7 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
     health.lock().unwrap().lease = Some(own.to_string());
 
     let dp_tx = spawn_dataplane(dp, Duration::from_secs(opts.route_resync.max(1)), health.clone());
-    let (mut leases, mut revision) = reg.leases().await?;
+    let (mut leases, mut revision) = list_leases(&mut reg).await;
     // udp: the TUN device and the userspace loop, fed the remote subnets as leases change.
     let udp_routes: Option<crate::udp::Routes> = if cfg.backend.kind == flannel::BackendType::Udp {
         let fd = crate::udp::setup(own.subnet, network, mtu).context("setting up flannel0")?;
@@ -485,8 +533,8 @@ pub async fn serve_health(addr: std::net::SocketAddr, health: SharedHealth) -> R
         let h = health.lock().unwrap().clone();
         match path {
             "/healthz" => Reply::json(
-                200,
-                serde_json::json!({"ready": h.ready, "lease": h.lease, "unreachable": h.unreachable, "lastError": h.last_error}),
+                if h.dataplane_dead { 503 } else { 200 },
+                serde_json::json!({"ready": h.ready, "lease": h.lease, "unreachable": h.unreachable, "lastError": h.last_error, "dataplaneAlive": !h.dataplane_dead}),
             ),
             "/readyz" if h.ready => Reply::json(200, serde_json::json!({"ready": true})),
             "/readyz" => Reply::json(503, serde_json::json!({"ready": false, "lastError": h.last_error})),

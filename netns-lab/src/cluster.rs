@@ -13,6 +13,8 @@ use crate::{add_underlay_addrs, ip, wait_for, Lab, NodeState};
 /// Where the lab's etcd listens (inside its control namespace, on the underlay).
 pub const ETCD_IP: &str = "198.18.0.100";
 pub const ETCD_URL: &str = "http://198.18.0.100:2379";
+/// Members of a multi-member lab etcd ([`Lab::start_etcd_cluster`]).
+pub const ETCD_MEMBERS: usize = 3;
 /// The router between underlay segments, on each of them.
 pub const ROUTER_SUFFIX: u8 = 253;
 
@@ -169,6 +171,95 @@ impl Lab {
         Ok(pid)
     }
 
+    /// Starts a 3-member etcd cluster in the control namespace instead of one etcd: member i serves clients on
+    /// 198.18.0.100 and 127.0.0.1 at port 2379 + 10000 i and its peers at 2380 + 10000 i. Every Tartan program the
+    /// lab starts afterwards is given all three endpoints.
+    pub fn start_etcd_cluster(&mut self) -> Result<String> {
+        let ns = self.add_ns("etcd")?;
+        self.plug_underlay(&ns, "p-etcd", ETCD_IP)?;
+        self.state.etcd_members = vec![None; ETCD_MEMBERS];
+        for i in 0..ETCD_MEMBERS {
+            self.start_etcd_member(i)?;
+        }
+        let ok = wait_for(Duration::from_secs(20), || self.etcdctl(&["endpoint", "health", "--cluster"]).is_ok());
+        if !ok {
+            bail!("the etcd cluster did not become healthy; see {}", self.dir().join("etcd-m0.log").display());
+        }
+        Ok(ns)
+    }
+
+    /// Starts (or restarts, on its data) etcd member `i` of [`Lab::start_etcd_cluster`]; returns its PID.
+    pub fn start_etcd_member(&mut self, i: usize) -> Result<u32> {
+        let ns = self.ns_name("etcd");
+        let port = |base: u32| base + 10_000 * i as u32;
+        let data = self.dir().join(format!("etcd-m{i}")).display().to_string();
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir().join(format!("etcd-m{i}.log")))?;
+        let peers: Vec<String> =
+            (0..ETCD_MEMBERS).map(|m| format!("m{m}=http://127.0.0.1:{}", 2380 + 10_000 * m)).collect();
+        let mut cmd = self.cmd(&ns, "etcd")?;
+        let client = format!("http://{ETCD_IP}:{}", port(2379));
+        cmd.args(["--name", &format!("m{i}"), "--data-dir", &data])
+            .args(["--listen-client-urls", &format!("{client},http://127.0.0.1:{}", port(2379))])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{}", port(2380))])
+            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{}", port(2380))])
+            .args(["--initial-cluster", &peers.join(","), "--initial-cluster-state", "new"])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(std::process::Stdio::null());
+        let pid = self.spawn_cmd(cmd)?;
+        self.state.etcd_members[i] = Some(pid);
+        if i == 0 {
+            self.state.etcd_pid = Some(pid);
+        }
+        self.save()?;
+        Ok(pid)
+    }
+
+    /// Kills etcd member `i` (a crash: no clean shutdown).
+    pub fn kill_etcd_member(&mut self, i: usize) -> Result<()> {
+        let pid =
+            self.state.etcd_members.get(i).copied().flatten().ok_or_else(|| anyhow!("member {i} is not running"))?;
+        self.kill(pid);
+        self.state.etcd_members[i] = None;
+        self.save()
+    }
+
+    /// The index of the member that leads the etcd cluster now (asked of each running member).
+    pub fn etcd_leader(&self) -> Result<usize> {
+        for (i, pid) in self.state.etcd_members.iter().enumerate() {
+            if pid.is_none() {
+                continue;
+            }
+            let ep = format!("http://127.0.0.1:{}", 2379 + 10_000 * i);
+            let Ok(out) = self.etcdctl_at(&ep, &["endpoint", "status", "-w", "json"]) else { continue };
+            let v: Value = serde_json::from_str(&out)?;
+            let st = &v[0]["Status"];
+            if !st["leader"].is_null() && st["leader"] == st["header"]["member_id"] {
+                return Ok(i);
+            }
+        }
+        bail!("no running etcd member says it leads")
+    }
+
+    /// Every Tartan client's `--etcd-endpoints`: all members of a cluster, or the one etcd.
+    pub fn etcd_endpoints(&self) -> String {
+        if self.state.etcd_members.is_empty() {
+            return ETCD_URL.to_string();
+        }
+        (0..self.state.etcd_members.len())
+            .map(|i| format!("http://{ETCD_IP}:{}", 2379 + 10_000 * i))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The same members on the etcd namespace's loopback (for tools run inside it).
+    pub fn etcd_local_endpoints(&self) -> String {
+        let n = self.state.etcd_members.len().max(1);
+        (0..n).map(|i| format!("http://127.0.0.1:{}", 2379 + 10_000 * i)).collect::<Vec<_>>().join(",")
+    }
+
     /// Sends `signal` (SIGSTOP to pause, SIGCONT to resume) to the lab's own etcd.
     pub fn signal_etcd(&self, signal: i32) -> Result<()> {
         let pid = self.state.etcd_pid.ok_or_else(|| anyhow!("this lab started no etcd"))?;
@@ -184,7 +275,7 @@ impl Lab {
         use std::io::Write;
         let ns = self.ns_name("etcd");
         let mut cmd = self.cmd(&ns, crate::cni::tartan_bin_dir().join("tartanctl"))?;
-        cmd.args(["--etcd-endpoints", "http://127.0.0.1:2379"]).args(args);
+        cmd.args(["--etcd-endpoints", &self.etcd_local_endpoints()]).args(args);
         cmd.stdin(if input.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() });
         cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
         let mut child = cmd.spawn()?;
@@ -196,13 +287,14 @@ impl Lab {
 
     /// `etcdctl` (v3 API) against the lab's etcd, run inside its namespace; returns stdout.
     pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
+        self.etcdctl_at(&self.etcd_local_endpoints(), args)
+    }
+
+    /// `etcdctl` against `endpoints` only.
+    pub fn etcdctl_at(&self, endpoints: &str, args: &[&str]) -> Result<String> {
         let ns = self.ns_name("etcd");
-        let out = self
-            .cmd(&ns, "etcdctl")?
-            .env("ETCDCTL_API", "3")
-            .args(["--endpoints", "http://127.0.0.1:2379"])
-            .args(args)
-            .output()?;
+        let out =
+            self.cmd(&ns, "etcdctl")?.env("ETCDCTL_API", "3").args(["--endpoints", endpoints]).args(args).output()?;
         if !out.status.success() {
             bail!("etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
@@ -221,7 +313,10 @@ impl Lab {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(n.root.join("agent.log"))?;
         let mut cmd = self.cmd(&n.ns, agent_bin())?;
         // Lab defaults (quick resyncs, so drift repair shows within a second); a flag in `extra` replaces its default.
-        for (flag, value) in [("--etcd-endpoints", ETCD_URL), ("--route-resync", "1"), ("--iptables-resync", "2")] {
+        let endpoints = self.etcd_endpoints();
+        for (flag, value) in
+            [("--etcd-endpoints", endpoints.as_str()), ("--route-resync", "1"), ("--iptables-resync", "2")]
+        {
             if !extra.contains(&flag) {
                 cmd.args([flag, value]);
             }
@@ -251,7 +346,7 @@ impl Lab {
         let n = self.node(node)?.clone();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(n.root.join("proxy.log"))?;
         let mut cmd = self.cmd(&n.ns, crate::cni::tartan_bin_dir().join("tartan-proxy"))?;
-        cmd.args(["--etcd-endpoints", ETCD_URL, "--node-name", node, "--cluster-cidr", "10.244.0.0/16"])
+        cmd.args(["--etcd-endpoints", &self.etcd_endpoints(), "--node-name", node, "--cluster-cidr", "10.244.0.0/16"])
             .arg("--run-dir")
             .arg(n.root.join("run/tartan"))
             .args(extra)
@@ -323,7 +418,10 @@ impl Lab {
     /// [`Lab::build_cluster`] with any network config (dual stack, a VNI, a port...).
     pub fn build_cluster_with(&mut self, nodes: usize, config: &Value, segments: usize) -> Result<()> {
         self.ensure_underlay()?;
-        self.start_etcd()?;
+        // A test may have started a multi-member etcd already.
+        if !self.state.namespaces.contains(&self.ns_name("etcd")) {
+            self.start_etcd()?;
+        }
         self.put_network_config(config)?;
         if segments > 1 {
             self.add_segment()?;

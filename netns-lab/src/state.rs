@@ -17,6 +17,9 @@ pub struct LabState {
     /// The lab's etcd, once started (tests pause and kill it).
     #[serde(default)]
     pub etcd_pid: Option<u32>,
+    /// With a multi-member etcd: each member's PID (None while stopped), in member order.
+    #[serde(default)]
+    pub etcd_members: Vec<Option<u32>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

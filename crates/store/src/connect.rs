@@ -1,7 +1,19 @@
+//! The etcd client every Tartan program uses. An etcd cluster is a set of members, and losing one must fail
+//! nothing: [`Etcd`] talks to one member that answers (probed with a status call; the etcd-client balancer gives up
+//! when any endpoint of its list is down), retries transient errors (unavailable, leader changed, timeouts) with
+//! bounded backoff on the next member that answers, and when it finally gives up says which endpoints it tried.
+//!
+//! Every request it retries is safe to repeat: reads, puts of a whole value, guarded transactions (a repeat of one
+//! that was applied fails its guard and the caller re-reads), lease grants (an orphan lease expires by itself).
+
 use std::path::Path;
 use std::time::Duration;
 
-use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use etcd_client::{
+    Certificate, Client, CompactionOptions, CompactionResponse, ConnectOptions, DeleteOptions, DeleteResponse,
+    GetOptions, GetResponse, Identity, LeaseGrantOptions, LeaseGrantResponse, LeaseRevokeResponse, PutOptions,
+    PutResponse, TlsOptions, Txn, TxnResponse, WatchOptions, WatchStream,
+};
 
 use crate::StoreError;
 
@@ -27,11 +39,12 @@ impl Tls {
     }
 }
 
-/// A client for the comma-separated `endpoints`.
-pub async fn connect(endpoints: &str, tls: Option<&Tls>) -> Result<Client, StoreError> {
-    let eps: Vec<&str> = endpoints.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+/// How many times a request is tried before the error is returned (with backoff, about 15 s in all).
+const ATTEMPTS: u32 = 8;
+
+fn options(tls: Option<&Tls>) -> ConnectOptions {
     let mut opts = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(3))
+        .with_connect_timeout(Duration::from_secs(2))
         .with_timeout(Duration::from_secs(5))
         .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
     if let Some(t) = tls {
@@ -44,5 +57,199 @@ pub async fn connect(endpoints: &str, tls: Option<&Tls>) -> Result<Client, Store
         }
         opts = opts.with_tls(o);
     }
-    Client::connect(eps, Some(opts)).await.map_err(|e| StoreError::Connect(endpoints.to_string(), e))
+    opts
+}
+
+/// Whether an error may pass by itself: the member is down or unreachable, has no leader or just lost it, or
+/// did not answer in time. Anything else (a refused request, a bad key) is final.
+pub fn transient(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => {
+            // tonic's codes: 4 DeadlineExceeded, 14 Unavailable, 1 Cancelled (a dropped connection), 8
+            // ResourceExhausted (too many requests), 13 Internal (a transport reset surfaces so).
+            let code = s.code() as i32;
+            let msg = s.message();
+            matches!(code, 1 | 4 | 8 | 13 | 14)
+                || ["leader changed", "no leader", "timed out", "timeout", "connection"].iter().any(|m| msg.contains(m))
+        }
+        _ => false,
+    }
+}
+
+/// A client for one etcd cluster, talking to whichever member answers.
+#[derive(Clone)]
+pub struct Etcd {
+    endpoints: Vec<String>,
+    tls: Option<Tls>,
+    client: Client,
+    /// The member in use (an index into `endpoints`).
+    member: usize,
+}
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Etcd({} of {})", self.endpoints[self.member], self.endpoints.join(","))
+    }
+}
+
+/// The first member from `start` on (wrapping) that answers a status call.
+async fn probe(endpoints: &[String], tls: Option<&Tls>, start: usize) -> Result<(Client, usize), StoreError> {
+    let mut last = None;
+    for i in 0..endpoints.len() {
+        let member = (start + i) % endpoints.len();
+        let ep = &endpoints[member];
+        match Client::connect([ep.as_str()], Some(options(tls))).await {
+            Ok(mut c) => match c.status().await {
+                Ok(_) => return Ok((c, member)),
+                Err(e) => last = Some(e),
+            },
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(StoreError::Connect(
+        endpoints.join(","),
+        last.unwrap_or_else(|| etcd_client::Error::InvalidArgs("no endpoints".into())),
+    ))
+}
+
+impl Etcd {
+    /// Connects to the first of the comma-separated `endpoints` that answers.
+    pub async fn connect(endpoints: &str, tls: Option<&Tls>) -> Result<Etcd, StoreError> {
+        let eps: Vec<String> =
+            endpoints.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
+        if eps.is_empty() {
+            return Err(StoreError::Config("no etcd endpoints given".into()));
+        }
+        let (client, member) = probe(&eps, tls, 0).await?;
+        Ok(Etcd { endpoints: eps, tls: tls.cloned(), client, member })
+    }
+
+    /// The member in use.
+    pub fn member(&self) -> &str {
+        &self.endpoints[self.member]
+    }
+
+    /// Moves to the next member that answers (the current one last).
+    async fn reconnect(&mut self) -> Result<(), StoreError> {
+        let (client, member) = probe(&self.endpoints, self.tls.as_ref(), self.member + 1).await?;
+        self.client = client;
+        self.member = member;
+        Ok(())
+    }
+
+    /// Runs `op` until it succeeds, fails for good, or has failed transiently [`ATTEMPTS`] times.
+    /// (`op` gets its own handle on the connection: a clone shares it.)
+    async fn call<T, F, Fut>(&mut self, what: &'static str, mut op: F) -> Result<T, StoreError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match op(self.client.clone()).await {
+                Ok(v) => return Ok(v),
+                Err(e) if transient(&e) && attempt + 1 < ATTEMPTS => {
+                    attempt += 1;
+                    tokio::time::sleep(crate::backoff(attempt, Duration::from_secs(2))).await;
+                    // No member answering yet is no reason to stop: the next attempt probes again.
+                    let _ = self.reconnect().await;
+                }
+                Err(e) => {
+                    return Err(StoreError::Request {
+                        what,
+                        endpoints: self.endpoints.join(","),
+                        attempts: attempt + 1,
+                        source: e,
+                    })
+                }
+            }
+        }
+    }
+
+    pub async fn get(&mut self, key: impl Into<Vec<u8>>, o: Option<GetOptions>) -> Result<GetResponse, StoreError> {
+        let key = key.into();
+        self.call("get", |mut c| {
+            let (key, o) = (key.clone(), o.clone());
+            async move { c.get(key, o).await }
+        })
+        .await
+    }
+
+    pub async fn put(
+        &mut self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+        o: Option<PutOptions>,
+    ) -> Result<PutResponse, StoreError> {
+        let (key, value) = (key.into(), value.into());
+        self.call("put", |mut c| {
+            let (key, value, o) = (key.clone(), value.clone(), o.clone());
+            async move { c.put(key, value, o).await }
+        })
+        .await
+    }
+
+    pub async fn delete(
+        &mut self,
+        key: impl Into<Vec<u8>>,
+        o: Option<DeleteOptions>,
+    ) -> Result<DeleteResponse, StoreError> {
+        let key = key.into();
+        self.call("delete", |mut c| {
+            let (key, o) = (key.clone(), o.clone());
+            async move { c.delete(key, o).await }
+        })
+        .await
+    }
+
+    pub async fn txn(&mut self, txn: Txn) -> Result<TxnResponse, StoreError> {
+        self.call("txn", |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await
+    }
+
+    pub async fn compact(
+        &mut self,
+        revision: i64,
+        o: Option<CompactionOptions>,
+    ) -> Result<CompactionResponse, StoreError> {
+        self.call("compact", |mut c| {
+            let o = o.clone();
+            async move { c.compact(revision, o).await }
+        })
+        .await
+    }
+
+    pub async fn watch(&mut self, key: impl Into<Vec<u8>>, o: Option<WatchOptions>) -> Result<WatchStream, StoreError> {
+        let key = key.into();
+        self.call("watch", |mut c| {
+            let (key, o) = (key.clone(), o.clone());
+            async move { c.watch(key, o).await }
+        })
+        .await
+    }
+
+    pub async fn lease_grant(
+        &mut self,
+        ttl: i64,
+        o: Option<LeaseGrantOptions>,
+    ) -> Result<LeaseGrantResponse, StoreError> {
+        self.call("lease grant", |mut c| {
+            let o = o.clone();
+            async move { c.lease_grant(ttl, o).await }
+        })
+        .await
+    }
+
+    pub async fn lease_revoke(&mut self, id: i64) -> Result<LeaseRevokeResponse, StoreError> {
+        self.call("lease revoke", |mut c| async move { c.lease_revoke(id).await }).await
+    }
+}
+
+/// A client for the comma-separated `endpoints` (see [`Etcd`]).
+pub async fn connect(endpoints: &str, tls: Option<&Tls>) -> Result<Etcd, StoreError> {
+    Etcd::connect(endpoints, tls).await
 }

@@ -6,6 +6,15 @@ pub enum StoreError {
     Connect(String, #[source] etcd_client::Error),
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
+    /// A request that kept failing on every member tried.
+    #[error("etcd {what} failed after {attempts} attempts (endpoints {endpoints}): {source}")]
+    Request {
+        what: &'static str,
+        endpoints: String,
+        attempts: u32,
+        #[source]
+        source: etcd_client::Error,
+    },
     #[error("{0}")]
     Config(String),
     /// Validation failed: every field at fault.

@@ -19,7 +19,7 @@ mod informer;
 mod store;
 mod watch;
 
-pub use connect::{connect, Tls};
+pub use connect::{connect, transient, Etcd, Tls};
 pub use error::StoreError;
 pub use informer::{backoff, Informer, Update};
 pub use store::{Outcome, Store, StoreConfig, DEFAULT_PREFIX};

@@ -2,18 +2,20 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::SystemTime;
 
-use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp};
 use ipnet::IpNet;
 use kube_objects::{FieldError, Kind, Object, Service};
 use rand::Rng;
 
-use crate::{connect, StoreError, Tls};
+use crate::{connect, Etcd, StoreError, Tls};
 
 pub const DEFAULT_PREFIX: &str = "/tartan";
 const DEFAULT_SERVICE_CIDR: &str = "10.96.0.0/12";
 const DEFAULT_NODE_PORTS: (u16, u16) = (30000, 32767);
 /// Attempts of a write against racing writers before giving up.
 const ATTEMPTS: usize = 16;
+/// Keys per page of a listing: one etcd response is capped at 4 MiB by gRPC, which 10 000 Services exceed.
+const PAGE: i64 = 500;
 
 /// Cluster-wide settings kept at `<prefix>/config`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,7 +68,7 @@ impl Outcome {
 }
 
 pub struct Store {
-    pub(crate) client: Client,
+    pub(crate) client: Etcd,
     pub(crate) prefix: String,
 }
 
@@ -95,7 +97,7 @@ impl Store {
         Ok(Store::with_client(connect(endpoints, tls).await?, prefix))
     }
 
-    pub fn with_client(client: Client, prefix: &str) -> Store {
+    pub fn with_client(client: Etcd, prefix: &str) -> Store {
         Store { client, prefix: prefix.trim_end_matches('/').to_string() }
     }
 
@@ -144,6 +146,35 @@ impl Store {
         Ok(o)
     }
 
+    /// Every key under `prefix`, read in pages at the revision of the first page (so the whole listing is one
+    /// consistent snapshot), and that revision.
+    pub(crate) async fn range_all(&mut self, prefix: &str) -> Result<(Vec<KeyValue>, i64), StoreError> {
+        let mut end = prefix.as_bytes().to_vec();
+        // The first key after every key starting with `prefix` (its last byte is '/', never 0xff).
+        *end.last_mut().expect("a non-empty prefix") += 1;
+        let (mut out, mut rev, mut from) = (Vec::new(), 0, prefix.as_bytes().to_vec());
+        loop {
+            let mut o = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if rev > 0 {
+                o = o.with_revision(rev);
+            }
+            let mut r = self.client.get(from.clone(), Some(o)).await?;
+            if rev == 0 {
+                rev = r.header().map(|h| h.revision()).unwrap_or_default();
+            }
+            let more = r.more();
+            let kvs = r.take_kvs();
+            let Some(last) = kvs.last() else { break };
+            from = last.key().to_vec();
+            from.push(0);
+            out.extend(kvs);
+            if !more {
+                break;
+            }
+        }
+        Ok((out, rev))
+    }
+
     /// Decodes a value read by a follower (a watch, a snapshot) and checks it as the API server would have: its
     /// shape, that it is the object its key names, and validation. Err: why it cannot be used.
     pub(crate) fn decode_checked(key: &str, value: &[u8], mod_revision: i64) -> Result<Object, String> {
@@ -172,10 +203,9 @@ impl Store {
     /// Like [`Store::snapshot`], but a value that is not a valid object is returned apart, with the reason,
     /// instead of failing the whole listing.
     pub async fn snapshot_checked(&mut self) -> Result<(Vec<Object>, Vec<(String, String)>, i64), StoreError> {
-        let r = self.client.get(format!("{}/", self.prefix), Some(GetOptions::new().with_prefix())).await?;
-        let rev = r.header().map(|h| h.revision()).unwrap_or_default();
+        let (kvs, rev) = self.range_all(&format!("{}/", self.prefix)).await?;
         let (mut out, mut bad) = (Vec::new(), Vec::new());
-        for kv in r.kvs() {
+        for kv in &kvs {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             if crate::watch::parse_key(&self.prefix, &key).is_some() {
                 match Store::decode_checked(&key, kv.value(), kv.mod_revision()) {
@@ -197,10 +227,9 @@ impl Store {
     /// the listing is consistent at (a watch resumes after it).
     pub async fn list(&mut self, kind: Kind, ns: Option<&str>) -> Result<(Vec<Object>, i64), StoreError> {
         let p = self.kind_prefix(kind, ns);
-        let r = self.client.get(p.as_str(), Some(GetOptions::new().with_prefix())).await?;
-        let rev = r.header().map(|h| h.revision()).unwrap_or_default();
+        let (kvs, rev) = self.range_all(&p).await?;
         let mut out = Vec::new();
-        for kv in r.kvs() {
+        for kv in &kvs {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             out.push(Store::decode(&key, kv.value(), kv.mod_revision())?);
         }
@@ -209,10 +238,9 @@ impl Store {
 
     /// Every object of every kind at one revision.
     pub async fn snapshot(&mut self) -> Result<(Vec<Object>, i64), StoreError> {
-        let r = self.client.get(format!("{}/", self.prefix), Some(GetOptions::new().with_prefix())).await?;
-        let rev = r.header().map(|h| h.revision()).unwrap_or_default();
+        let (kvs, rev) = self.range_all(&format!("{}/", self.prefix)).await?;
         let mut out = Vec::new();
-        for kv in r.kvs() {
+        for kv in &kvs {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             if crate::watch::parse_key(&self.prefix, &key).is_some() {
                 out.push(Store::decode(&key, kv.value(), kv.mod_revision())?);
