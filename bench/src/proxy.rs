@@ -87,7 +87,7 @@ pub fn run(mode: &str, sizes: &[usize], endpoints: usize, count: usize) -> Resul
         let mut ports = synthetic(n.saturating_sub(1), endpoints);
         let to_server = vec![Endpoint::ready(server_ip.into(), 8080, true)];
         ports.push(ServicePort::cluster_ip("zzz/measured:/tcp", VIP.into(), 80, to_server));
-        let opts = NodeOptions { cluster_cidr: "10.244.0.0/16".parse().ok(), ..Default::default() };
+        let opts = NodeOptions { cluster_cidrs: vec!["10.244.0.0/16".parse()?], ..Default::default() };
         let (full, partial, rules) = nns.run(|| -> Result<(Duration, Duration, usize)> {
             let mut dp = tartan_proxy::dataplane(mode, &opts).map_err(anyhow::Error::msg)?;
             let t = Instant::now();

@@ -44,7 +44,7 @@ pub async fn apply(store: &mut Store, mut docs: Vec<Document>) -> Result<()> {
     // Everything is checked before anything is written.
     let mut errors = Vec::new();
     for d in &docs {
-        if let Err(errs) = validate(&d.object, Some(cfg.service_cidr), cfg.node_ports) {
+        if let Err(errs) = validate(&d.object, &cfg.service_cidrs, cfg.node_ports) {
             for e in errs {
                 errors.push(format!("{}: {e}", d.place()));
             }

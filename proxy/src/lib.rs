@@ -12,8 +12,8 @@ use proxy_state::Dataplane;
 /// What any dataplane needs to know about the node beyond the store.
 #[derive(Debug, Clone, Default)]
 pub struct NodeOptions {
-    /// The pod network: traffic to a cluster IP from outside it is masqueraded.
-    pub cluster_cidr: Option<IpNet>,
+    /// The pod network, a range per family: traffic to a cluster IP from outside it is masqueraded.
+    pub cluster_cidrs: Vec<IpNet>,
     /// Node ports answer only on this node's addresses within these (empty: all).
     pub nodeport_addresses: Vec<IpNet>,
 }
@@ -25,7 +25,7 @@ pub const MODES: [&str; 1] = ["iptables"];
 pub fn dataplane(mode: &str, opts: &NodeOptions) -> Result<Box<dyn Dataplane>, String> {
     match mode {
         "iptables" => {
-            Ok(Box::new(iptables::IptablesDataplane::new(opts.cluster_cidr, opts.nodeport_addresses.clone())))
+            Ok(Box::new(iptables::IptablesDataplane::new(opts.cluster_cidrs.clone(), opts.nodeport_addresses.clone())))
         }
         m => Err(format!("--mode {m:?}: unknown dataplane (one of: {})", MODES.join(", "))),
     }

@@ -27,9 +27,10 @@ struct Options {
     /// The dataplane: iptables (eBPF comes next).
     #[arg(long, default_value = "iptables")]
     mode: String,
-    /// The pod network: traffic to a cluster IP from outside it is masqueraded.
-    #[arg(long)]
-    cluster_cidr: Option<ipnet::IpNet>,
+    /// The pod network, a range per family (comma-separated): traffic to a cluster IP from outside it is
+    /// masqueraded.
+    #[arg(long, value_delimiter = ',')]
+    cluster_cidr: Vec<ipnet::IpNet>,
     /// Node ports answer only on this node's addresses within these CIDRs (comma-separated; default: all).
     #[arg(long, value_delimiter = ',')]
     nodeport_addresses: Vec<ipnet::IpNet>,
@@ -52,7 +53,7 @@ struct Options {
 
 fn main() -> Result<()> {
     let o = Options::parse();
-    let opts = NodeOptions { cluster_cidr: o.cluster_cidr, nodeport_addresses: o.nodeport_addresses.clone() };
+    let opts = NodeOptions { cluster_cidrs: o.cluster_cidr.clone(), nodeport_addresses: o.nodeport_addresses.clone() };
     let mut dp = match tartan_proxy::dataplane(&o.mode, &opts) {
         Ok(dp) => dp,
         Err(e) => bail!(e),

@@ -220,7 +220,7 @@ fn hundreds_of_random_syncs_leave_the_kernel_holding_exactly_the_model() {
     let (syncs, failures) = ns
         .run(|| {
             let mut rng = StdRng::seed_from_u64(seed);
-            let mut dp = IptablesDataplane::new(CLUSTER_CIDR.parse().ok(), vec![]);
+            let mut dp = IptablesDataplane::new(vec![CLUSTER_CIDR.parse().unwrap()], vec![]);
             let mut services: BTreeMap<u8, ServicePort> = BTreeMap::new();
             let mut policy = PolicyModel::default();
             let (mut syncs, mut failures) = (0, 0);

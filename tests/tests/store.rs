@@ -300,3 +300,47 @@ fn derived_endpoints_follow_labels_and_readiness() {
     apply(pod("b", "redis", "10.244.2.5", "True"));
     assert!(ep().contains("10.244.2.5:6379") && !ep().contains("10.244.1.5"), "{}", ep());
 }
+
+#[test]
+fn ip_families_are_allocated_as_the_api_server_does() {
+    let lab = lab("st-ds");
+    let svc = |name: &str, extra: &str| {
+        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{{extra}selector: {{app: a}}, ports: [{{port: 80}}]}}\n")
+    };
+    let ips = |name: &str| -> serde_json::Value {
+        let (ok, out, err) = ctl(&lab, &["get", "svc", name, "-o", "json"], None);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        serde_json::json!([v["spec"]["clusterIPs"], v["spec"]["ipFamilies"], v["spec"]["ipFamilyPolicy"]])
+    };
+    // A single-stack cluster (the default range only).
+    let (ok, _, err) = ctl(&lab, &["apply", "-f", "-"], Some(&svc("req", "ipFamilyPolicy: RequireDualStack, ")));
+    assert!(!ok && err.contains("spec.ipFamilyPolicy") && err.contains("dual stack"), "{err}");
+    let (ok, _, err) = ctl(&lab, &["apply", "-f", "-"], Some(&svc("v6", "ipFamilies: [IPv6], ")));
+    assert!(!ok && err.contains("no IPv6 service range"), "{err}");
+    assert!(ctl(&lab, &["apply", "-f", "-"], Some(&svc("pref", "ipFamilyPolicy: PreferDualStack, "))).0);
+    let v = ips("pref");
+    assert_eq!(v[0].as_array().unwrap().len(), 1, "preferred, not required: {v}");
+    assert_eq!(v[1], serde_json::json!(["IPv4"]));
+    // Dual stack.
+    lab.etcdctl(&["put", "/tartan/config", r#"{"serviceCIDR": "10.96.0.0/12,fd00:10:96::/112"}"#]).unwrap();
+    assert!(
+        ctl(
+            &lab,
+            &["apply", "-f", "-"],
+            Some(&svc("both", "ipFamilyPolicy: RequireDualStack, ipFamilies: [IPv6, IPv4], "))
+        )
+        .0
+    );
+    let v = ips("both");
+    let got: Vec<&str> = v[0].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    assert!(got.len() == 2 && got[0].starts_with("fd00:10:96::") && got[1].starts_with("10."), "IPv6 primary: {v}");
+    assert_eq!(v[2], "RequireDualStack");
+    assert!(ctl(&lab, &["apply", "-f", "-"], Some(&svc("single", ""))).0);
+    assert_eq!(ips("single")[1], serde_json::json!(["IPv4"]), "the cluster's primary family");
+    // Re-applying without the fields keeps what was allocated.
+    assert!(ctl(&lab, &["apply", "-f", "-"], Some(&svc("both", ""))).0);
+    assert_eq!(ips("both"), v, "kept");
+    let keys = keys(&lab);
+    assert!(keys.iter().any(|k| k.starts_with("/tartan/allocations/clusterips/fd00:10:96::")), "{keys:?}");
+}

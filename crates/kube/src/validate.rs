@@ -25,16 +25,19 @@ pub struct FieldError {
     pub reason: String,
 }
 
-/// Checks `obj` (defaults already applied). `service_cidr` is the range ClusterIPs are allocated from;
-/// `node_port_range` the inclusive range of nodePorts.
-pub fn validate(obj: &Object, service_cidr: Option<IpNet>, node_port_range: (u16, u16)) -> Result<(), Vec<FieldError>> {
+/// Checks `obj` (defaults already applied). `service_cidrs` are the ranges ClusterIPs are allocated from, at most
+/// one per family (empty: not checked); `node_port_range` the inclusive range of nodePorts.
+pub fn validate(obj: &Object, service_cidrs: &[IpNet], node_port_range: (u16, u16)) -> Result<(), Vec<FieldError>> {
     let mut e = Errors::default();
     object_meta(&mut e, obj.kind(), obj.meta());
     match obj {
         Object::Namespace(_) => {}
         Object::Pod(pod) => validate_pod(&mut e, pod),
         Object::Node(node) => validate_node(&mut e, node),
-        Object::Service(svc) => validate_service(&mut e, svc, service_cidr.map(|n| n.trunc()), node_port_range),
+        Object::Service(svc) => {
+            let cidrs: Vec<IpNet> = service_cidrs.iter().map(|n| n.trunc()).collect();
+            validate_service(&mut e, svc, &cidrs, node_port_range)
+        }
         Object::Endpoints(ep) => {
             for (i, subset) in ep.subsets.iter().enumerate() {
                 endpoint_subset(&mut e, &format!("subsets[{i}]"), subset);
@@ -470,7 +473,7 @@ fn validate_node(e: &mut Errors, node: &Node) {
 
 // ---- Service ----
 
-fn validate_service(e: &mut Errors, svc: &Service, service_cidr: Option<IpNet>, node_ports: (u16, u16)) {
+fn validate_service(e: &mut Errors, svc: &Service, service_cidr: &[IpNet], node_ports: (u16, u16)) {
     let spec = &svc.spec;
     let kind = spec.kind.as_deref().unwrap_or("ClusterIP");
     e.one_of("spec.type", kind, SERVICE_TYPES);
@@ -479,6 +482,7 @@ fn validate_service(e: &mut Errors, svc: &Service, service_cidr: Option<IpNet>, 
     } else {
         cluster_ip(e, spec, kind, service_cidr);
         cluster_ips(e, spec, service_cidr);
+        ip_families(e, spec);
         let headless = spec.cluster_ip.as_deref() == Some("None");
         if spec.ports.is_empty() && !headless {
             e.required("spec.ports");
@@ -516,7 +520,7 @@ fn external_name(e: &mut Errors, spec: &ServiceSpec) {
     }
 }
 
-fn cluster_ip(e: &mut Errors, spec: &ServiceSpec, kind: &str, service_cidr: Option<IpNet>) {
+fn cluster_ip(e: &mut Errors, spec: &ServiceSpec, kind: &str, service_cidr: &[IpNet]) {
     match spec.cluster_ip.as_deref() {
         None | Some("") => {}
         Some("None") if kind != "ClusterIP" && SERVICE_TYPES.contains(&kind) => {
@@ -527,7 +531,45 @@ fn cluster_ip(e: &mut Errors, spec: &ServiceSpec, kind: &str, service_cidr: Opti
     }
 }
 
-fn cluster_ips(e: &mut Errors, spec: &ServiceSpec, service_cidr: Option<IpNet>) {
+const IP_FAMILIES: &[&str] = &["IPv4", "IPv6"];
+const IP_FAMILY_POLICIES: &[&str] = &["SingleStack", "PreferDualStack", "RequireDualStack"];
+
+/// ipFamilies and ipFamilyPolicy, and their agreement with clusterIPs.
+fn ip_families(e: &mut Errors, spec: &ServiceSpec) {
+    let fams = &spec.ip_families;
+    for (i, f) in fams.iter().enumerate() {
+        e.one_of(&format!("spec.ipFamilies[{i}]"), f, IP_FAMILIES);
+    }
+    if fams.len() > 2 {
+        e.invalid("spec.ipFamilies", fams, "may only hold up to 2 values");
+    }
+    if fams.len() == 2 && fams[0] == fams[1] {
+        e.invalid("spec.ipFamilies[1]", &fams[1], "may not be duplicated");
+    }
+    if let Some(p) = spec.ip_family_policy.as_deref() {
+        e.one_of("spec.ipFamilyPolicy", p, IP_FAMILY_POLICIES);
+        if p == "SingleStack" && (fams.len() > 1 || spec.cluster_ips.len() > 1) {
+            e.invalid(
+                "spec.ipFamilyPolicy",
+                p,
+                "must be RequireDualStack or PreferDualStack when multiple IP families are specified",
+            );
+        }
+    }
+    for (i, ip) in spec.cluster_ips.iter().enumerate() {
+        let Ok(ip) = ip.parse::<IpAddr>() else { continue };
+        let fam = if ip.is_ipv4() { "IPv4" } else { "IPv6" };
+        if fams.get(i).is_some_and(|f| f != fam) {
+            e.invalid(
+                &format!("spec.clusterIPs[{i}]"),
+                ip,
+                &format!("expected an {} address, to match spec.ipFamilies[{i}]", fams[i]),
+            );
+        }
+    }
+}
+
+fn cluster_ips(e: &mut Errors, spec: &ServiceSpec, service_cidr: &[IpNet]) {
     let ips = &spec.cluster_ips;
     let cluster_ip = spec.cluster_ip.as_deref().unwrap_or_default();
     if ips.len() > 2 {
@@ -552,9 +594,18 @@ fn cluster_ips(e: &mut Errors, spec: &ServiceSpec, service_cidr: Option<IpNet>) 
     }
 }
 
-/// An IP the service allocator would hand out: inside the range, neither its network nor its broadcast address.
-fn service_ip(e: &mut Errors, field: &str, value: &str, service_cidr: Option<IpNet>) {
-    let (Some(ip), Some(net)) = (e.ip(field, value), service_cidr) else { return };
+/// An IP the service allocator would hand out: inside the range of its family, neither its network nor its
+/// broadcast address.
+fn service_ip(e: &mut Errors, field: &str, value: &str, service_cidr: &[IpNet]) {
+    let Some(ip) = e.ip(field, value) else { return };
+    if service_cidr.is_empty() {
+        return;
+    }
+    let Some(net) = service_cidr.iter().copied().find(|n| n.addr().is_ipv4() == ip.is_ipv4()) else {
+        let fam = if ip.is_ipv4() { "IPv4" } else { "IPv6" };
+        e.invalid(field, value, &format!("no {fam} service IP range is configured (serviceCIDR)"));
+        return;
+    };
     if !net.contains(&ip) {
         let reason = format!("provided IP is not in the valid range. The range of valid IPs is {net}");
         e.invalid(field, value, &reason);
@@ -844,9 +895,13 @@ mod tests {
     const NODE_PORTS: (u16, u16) = (30000, 32767);
 
     fn errors(v: Value) -> Vec<FieldError> {
+        errors_with(v, &["10.96.0.0/12".parse().unwrap()])
+    }
+
+    fn errors_with(v: Value, ranges: &[IpNet]) -> Vec<FieldError> {
         let mut obj: Object = serde_json::from_value(v).expect("test object parses");
         obj.apply_defaults();
-        validate(&obj, Some("10.96.0.0/12".parse().unwrap()), NODE_PORTS).err().unwrap_or_default()
+        validate(&obj, ranges, NODE_PORTS).err().unwrap_or_default()
     }
 
     fn assert_valid(v: Value) {
@@ -1027,7 +1082,7 @@ mod tests {
     fn cluster_scoped_objects_have_no_namespace() {
         let obj: Object =
             serde_json::from_value(json!({"kind": "Node", "metadata": {"name": "n", "namespace": "x"}})).unwrap();
-        let errs = validate(&obj, None, NODE_PORTS).unwrap_err();
+        let errs = validate(&obj, &[], NODE_PORTS).unwrap_err();
         assert_eq!(errs[0].field, "metadata.namespace");
     }
 
@@ -1083,6 +1138,28 @@ mod tests {
         );
         assert_eq!(reason_at(svc.clone(), "spec.ports[2].nodePort"), "Duplicate value: 30081");
         assert!(!errors(svc).iter().any(|e| e.field == "spec.ports[3].nodePort"), "another protocol may reuse it");
+    }
+
+    #[test]
+    fn ip_families_and_ranges_per_family() {
+        let ranges: [IpNet; 2] = ["10.96.0.0/12".parse().unwrap(), "fd00:10:96::/112".parse().unwrap()];
+        let v = |spec: Value| errors_with(service(spec), &ranges);
+        assert!(v(json!({"clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1", "fd00:10:96::5"], "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack", "ports": [{"port": 80}]})).is_empty());
+        let errs = v(
+            json!({"clusterIPs": ["10.96.0.1", "fd00:10:96::5"], "clusterIP": "10.96.0.1", "ipFamilyPolicy": "SingleStack", "ports": [{"port": 80}]}),
+        );
+        assert!(errs.iter().any(|e| e.field == "spec.ipFamilyPolicy"), "{errs:?}");
+        let errs = v(json!({"ipFamilies": ["IPv6", "IPv6"], "ports": [{"port": 80}]}));
+        assert!(errs.iter().any(|e| e.field == "spec.ipFamilies[1]"), "{errs:?}");
+        let errs = v(json!({"clusterIP": "fd00:10:97::1", "ports": [{"port": 80}]}));
+        assert!(errs.iter().any(|e| e.field == "spec.clusterIP"), "outside the IPv6 range: {errs:?}");
+        let only4: [IpNet; 1] = ["10.96.0.0/12".parse().unwrap()];
+        let errs = errors_with(service(json!({"clusterIP": "fd00:10:96::1", "ports": [{"port": 80}]})), &only4);
+        assert!(errs[0].reason.contains("no IPv6 service IP range"), "{errs:?}");
+        let errs = v(
+            json!({"clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1"], "ipFamilies": ["IPv6"], "ports": [{"port": 80}]}),
+        );
+        assert!(errs.iter().any(|e| e.field == "spec.clusterIPs[0]"), "{errs:?}");
     }
 
     #[test]
@@ -1319,8 +1396,8 @@ mod tests {
             let text = std::fs::read_to_string(&path).unwrap();
             let docs = crate::parse_manifests(&text, &path.display().to_string()).expect("example parses");
             for doc in docs {
-                let cidr = Some("10.96.0.0/12".parse().unwrap());
-                let errs = validate(&doc.object, cidr, NODE_PORTS).err().unwrap_or_default();
+                let cidr: [IpNet; 1] = ["10.96.0.0/12".parse().unwrap()];
+                let errs = validate(&doc.object, &cidr, NODE_PORTS).err().unwrap_or_default();
                 assert!(errs.is_empty(), "{}: {errs:#?}", doc.place());
                 checked += 1;
             }

@@ -185,10 +185,15 @@ where
     if kind == "ExternalName" {
         return Vec::new();
     }
-    let Some(cluster_ip) = spec.cluster_ip.as_deref().and_then(|s| s.parse::<IpAddr>().ok()) else {
+    // One set of ports per cluster IP: dual-stack services have one per family.
+    let mut cluster_ips: Vec<IpAddr> = spec.cluster_ips.iter().filter_map(|s| s.parse().ok()).collect();
+    if cluster_ips.is_empty() {
+        cluster_ips.extend(spec.cluster_ip.as_deref().and_then(|s| s.parse::<IpAddr>().ok()));
+    }
+    if cluster_ips.is_empty() {
         // Headless ("None"), or not allocated: DNS only.
         return Vec::new();
-    };
+    }
     let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     let derived = derive_endpoints_from(svc, pods, eps);
     let mut external_ips: Vec<IpAddr> = spec.external_ips.iter().filter_map(|s| s.parse().ok()).collect();
@@ -197,7 +202,6 @@ where
         let ingress = svc.status.iter().flat_map(|s| s.load_balancer.iter()).flat_map(|l| l.ingress.iter());
         external_ips.extend(ingress.filter_map(|i| i.ip.as_deref()?.parse::<IpAddr>().ok()));
     }
-    external_ips.retain(|ip| ip.is_ipv4() == cluster_ip.is_ipv4());
     external_ips.sort();
     external_ips.dedup();
     let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
@@ -209,24 +213,31 @@ where
         spec.internal_traffic_policy.as_deref() == Some("Local"),
     );
     let mut out = Vec::new();
-    for p in derived {
-        let Some(proto) = Proto::parse(&p.protocol) else { continue };
-        let endpoints = p
-            .backends
-            .iter()
-            .filter_map(|b| Some(Endpoint::ready(b.ip.parse().ok()?, b.port, b.node_name.as_deref() == Some(node))))
-            .collect();
-        out.push(ServicePort::new(
-            format!("{ns}/{}:{}/{}", svc.metadata.name, p.name.clone().unwrap_or_default(), proto.as_str()),
-            proto,
-            cluster_ip,
-            p.port,
-            if matches!(kind, "NodePort" | "LoadBalancer") { p.node_port } else { None },
-            external_ips.clone(),
-            affinity,
-            policies,
-            endpoints,
-        ));
+    for cluster_ip in cluster_ips {
+        let family_ips: Vec<IpAddr> =
+            external_ips.iter().copied().filter(|ip| ip.is_ipv4() == cluster_ip.is_ipv4()).collect();
+        // IPv4 ports keep the plain id (chain names stay what they were before dual stack); IPv6 ones are told
+        // apart.
+        let suffix = if cluster_ip.is_ipv6() { "/ipv6" } else { "" };
+        for p in &derived {
+            let Some(proto) = Proto::parse(&p.protocol) else { continue };
+            let endpoints = p
+                .backends
+                .iter()
+                .filter_map(|b| Some(Endpoint::ready(b.ip.parse().ok()?, b.port, b.node_name.as_deref() == Some(node))))
+                .collect();
+            out.push(ServicePort::new(
+                format!("{ns}/{}:{}/{}{suffix}", svc.metadata.name, p.name.clone().unwrap_or_default(), proto.as_str()),
+                proto,
+                cluster_ip,
+                p.port,
+                if matches!(kind, "NodePort" | "LoadBalancer") { p.node_port } else { None },
+                family_ips.clone(),
+                affinity,
+                policies,
+                endpoints,
+            ));
+        }
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));
     out
@@ -264,6 +275,28 @@ mod tests {
         assert!(!s.masquerade_external());
         let s = sp(vec![ep("10.0.0.2", false, true, false)], (false, true));
         assert!(s.internal().is_empty() && s.has_any_endpoint(), "no local endpoint: drop, not reject");
+    }
+
+    #[test]
+    fn a_dual_stack_service_gets_ports_per_family_with_endpoints_of_that_family() {
+        let objs: Vec<kube_objects::Object> = kube_objects::parse_manifests(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: d}\nspec: {clusterIP: 10.96.0.5, clusterIPs: [10.96.0.5, 'fd00:96::5'], externalIPs: [198.18.5.5, '2001:db8::5'], selector: {app: web}, ports: [{port: 80}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: d, labels: {app: web}}\nspec: {nodeName: n1}\nstatus: {podIP: 10.244.1.2, podIPs: [{ip: 10.244.1.2}, {ip: 'fd00:244:1::2'}], conditions: [{type: Ready, status: 'True'}]}\n",
+            "t",
+        )
+        .unwrap()
+        .into_iter()
+        .map(|d| d.object)
+        .collect();
+        let (kube_objects::Object::Service(svc), kube_objects::Object::Pod(pod)) = (&objs[0], &objs[1]) else {
+            panic!()
+        };
+        let ports = ports_of(svc, [pod].into_iter(), None, "n1");
+        assert_eq!(ports.len(), 2);
+        assert_eq!(ports[0].id, "d/web:/tcp");
+        assert_eq!(ports[1].id, "d/web:/tcp/ipv6");
+        assert!(ports[1].cluster_ip.is_ipv6() && ports[1].cluster[0].ip.is_ipv6());
+        assert_eq!(ports[1].external_ips, ["2001:db8::5".parse::<IpAddr>().unwrap()]);
+        assert_eq!(ports[0].external_ips, ["198.18.5.5".parse::<IpAddr>().unwrap()]);
     }
 
     #[test]

@@ -20,23 +20,42 @@ const PAGE: i64 = 500;
 /// Cluster-wide settings kept at `<prefix>/config`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreConfig {
-    pub service_cidr: IpNet,
+    /// The ranges ClusterIPs come from: one, or one per family for dual stack (kube-apiserver's
+    /// `--service-cluster-ip-range=10.96.0.0/12,fd00:10:96::/112`); the first is the primary family.
+    pub service_cidrs: Vec<IpNet>,
     pub node_ports: (u16, u16),
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { service_cidr: DEFAULT_SERVICE_CIDR.parse().expect("valid"), node_ports: DEFAULT_NODE_PORTS }
+        StoreConfig {
+            service_cidrs: vec![DEFAULT_SERVICE_CIDR.parse().expect("valid")],
+            node_ports: DEFAULT_NODE_PORTS,
+        }
     }
 }
 
 impl StoreConfig {
+    /// The service range of a family, if the cluster has one.
+    pub fn service_range(&self, v6: bool) -> Option<IpNet> {
+        self.service_cidrs.iter().copied().find(|n| n.addr().is_ipv6() == v6)
+    }
+
     fn parse(text: &str) -> Result<StoreConfig, StoreError> {
         let bad = |f: &str, why: String| StoreError::Config(format!("config {f}: {why}"));
         let v: serde_json::Value = serde_json::from_str(text).map_err(|e| bad("(document)", e.to_string()))?;
         let mut c = StoreConfig::default();
         if let Some(s) = v.get("serviceCIDR").and_then(|s| s.as_str()) {
-            c.service_cidr = s.parse().map_err(|_| bad("serviceCIDR", format!("{s:?} is not a CIDR")))?;
+            let nets = s
+                .split(',')
+                .map(|n| n.trim().parse::<IpNet>().map(|n| n.trunc()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| bad("serviceCIDR", format!("{s:?} is not a CIDR or two comma-separated CIDRs")))?;
+            let dual_ok = nets.len() == 1 || (nets.len() == 2 && nets[0].addr().is_ipv4() != nets[1].addr().is_ipv4());
+            if !dual_ok {
+                return Err(bad("serviceCIDR", format!("{s:?}: at most one range per IP family")));
+            }
+            c.service_cidrs = nets;
         }
         if let Some(s) = v.get("nodePortRange").and_then(|s| s.as_str()) {
             let range = s.split_once('-').and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)));
@@ -75,21 +94,61 @@ pub struct Store {
 /// What a Service holds in the allocation keys.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Allocations {
-    cluster_ip: Option<IpAddr>,
+    /// One per family, the primary first.
+    cluster_ips: Vec<IpAddr>,
     node_ports: BTreeSet<u16>,
     /// (port, protocol) -> nodePort: what an apply that omits nodePort keeps.
     by_port: BTreeMap<(i64, String), u16>,
 }
 
 fn allocations_of(svc: &Service) -> Allocations {
-    let cluster_ip = svc.spec.cluster_ip.as_deref().and_then(|s| s.parse().ok());
+    let mut cluster_ips: Vec<IpAddr> = svc.spec.cluster_ips.iter().filter_map(|s| s.parse().ok()).collect();
+    if cluster_ips.is_empty() {
+        cluster_ips.extend(svc.spec.cluster_ip.as_deref().and_then(|s| s.parse::<IpAddr>().ok()));
+    }
     let by_port: BTreeMap<(i64, String), u16> = svc
         .spec
         .ports
         .iter()
         .filter_map(|p| Some(((p.port, p.protocol().to_string()), u16::try_from(p.node_port?).ok()?)))
         .collect();
-    Allocations { cluster_ip, node_ports: by_port.values().copied().collect(), by_port }
+    Allocations { cluster_ips, node_ports: by_port.values().copied().collect(), by_port }
+}
+
+/// The families (false: IPv4, true: IPv6) a Service gets cluster IPs in, primary first, as the API server decides
+/// them: the ones it lists in ipFamilies, else those of its clusterIPs, else those it already has, else the cluster's
+/// primary family; a dual-stack policy adds the cluster's other family (required or preferred).
+fn service_families(svc: &Service, old: &Allocations, cfg: &StoreConfig) -> Result<Vec<bool>, StoreError> {
+    let invalid = |field: &str, reason: String| StoreError::Invalid(vec![FieldError { field: field.into(), reason }]);
+    let spec = &svc.spec;
+    let mut fams: Vec<bool> = if !spec.ip_families.is_empty() {
+        spec.ip_families.iter().map(|f| f == "IPv6").collect()
+    } else if !spec.cluster_ips.is_empty() || spec.cluster_ip.as_deref().is_some_and(|s| !s.is_empty()) {
+        let ips = spec.cluster_ips.iter().map(String::as_str).chain(spec.cluster_ip.as_deref());
+        let mut v: Vec<bool> = Vec::new();
+        for ip in ips.filter_map(|s| s.parse::<IpAddr>().ok()) {
+            if !v.contains(&ip.is_ipv6()) {
+                v.push(ip.is_ipv6());
+            }
+        }
+        v
+    } else if !old.cluster_ips.is_empty() {
+        old.cluster_ips.iter().map(IpAddr::is_ipv6).collect()
+    } else {
+        vec![cfg.service_cidrs[0].addr().is_ipv6()]
+    };
+    let cluster_dual = cfg.service_cidrs.len() == 2;
+    match spec.ip_family_policy.as_deref() {
+        Some("RequireDualStack") if !cluster_dual => {
+            return Err(invalid(
+                "spec.ipFamilyPolicy",
+                "RequireDualStack: the cluster is not configured for dual stack (one serviceCIDR)".into(),
+            ))
+        }
+        Some("RequireDualStack" | "PreferDualStack") if cluster_dual && fams.len() == 1 => fams.push(!fams[0]),
+        _ => {}
+    }
+    Ok(fams)
 }
 
 impl Store {
@@ -194,9 +253,15 @@ impl Store {
             ));
         }
         o.apply_defaults();
-        kube_objects::validate(&o, None, (1, u16::MAX)).map_err(|errs| {
-            format!("invalid: {}", errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
-        })?;
+        // The kinds whose specs become rules are validated as the API server would: one such value out of range
+        // (a port of 70000) would otherwise fail a whole sync. Pods, Namespaces and Nodes are taken as written:
+        // the agent itself writes Pods it knows only the address of (no containers), which the API server's
+        // validation would refuse, and nothing in them can break a sync.
+        if matches!(o.kind(), Kind::Service | Kind::Endpoints | Kind::NetworkPolicy) {
+            kube_objects::validate(&o, &[], (1, u16::MAX)).map_err(|errs| {
+                format!("invalid: {}", errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+            })?;
+        }
         Ok(o)
     }
 
@@ -319,38 +384,55 @@ impl Store {
         let kind = svc.spec.kind.clone().unwrap_or_else(|| "ClusterIP".into());
         let invalid =
             |field: &str, reason: String| StoreError::Invalid(vec![FieldError { field: field.into(), reason }]);
-        // clusterIP: ExternalName has none, "None" is headless, empty means pick one (or keep the one we have:
-        // Kubernetes makes it immutable, and an apply that omits it keeps it).
+        // clusterIPs: ExternalName has none, "None" is headless, empty means pick them (or keep the ones we have:
+        // Kubernetes makes them immutable, and an apply that omits them keeps them). One per family the
+        // service asks for, as the API server decides them (ipFamilies, ipFamilyPolicy, the cluster's ranges).
         let mut want = Allocations::default();
         if kind != "ExternalName" && svc.spec.cluster_ip.as_deref() != Some("None") {
-            let requested = svc.spec.cluster_ip.as_deref().filter(|s| !s.is_empty());
-            let ip = match requested {
-                Some(s) => s.parse::<IpAddr>().map_err(|_| invalid("spec.clusterIP", format!("{s:?} is not an IP")))?,
-                None => match old.cluster_ip {
-                    Some(ip) => ip,
-                    None => self.free_cluster_ip(cfg).await?,
-                },
-            };
-            if !cfg.service_cidr.contains(&ip) {
-                return Err(invalid(
-                    "spec.clusterIP",
-                    format!("Invalid value: {ip:?}: provided IP is not in the valid range {}", cfg.service_cidr),
-                ));
+            let families = service_families(svc, old, cfg)?;
+            let mut requested: Vec<IpAddr> = Vec::new();
+            for (i, s) in svc.spec.cluster_ips.iter().enumerate() {
+                requested.push(
+                    s.parse().map_err(|_| invalid(&format!("spec.clusterIPs[{i}]"), format!("{s:?} is not an IP")))?,
+                );
             }
-            // A picked address that is taken meanwhile loses in the transaction and is picked again; a requested
-            // one is the caller's to change.
-            if requested.is_some()
-                && Some(ip) != old.cluster_ip
-                && self.holder(&self.alloc_key("clusterips", ip)).await?.is_some()
-            {
-                return Err(invalid(
-                    "spec.clusterIP",
-                    format!("Invalid value: \"{ip}\": provided IP is already allocated"),
-                ));
+            if let Some(s) = svc.spec.cluster_ip.as_deref().filter(|s| !s.is_empty()) {
+                let ip: IpAddr = s.parse().map_err(|_| invalid("spec.clusterIP", format!("{s:?} is not an IP")))?;
+                if !requested.contains(&ip) {
+                    requested.insert(0, ip);
+                }
             }
-            want.cluster_ip = Some(ip);
-            svc.spec.cluster_ip = Some(ip.to_string());
-            svc.spec.cluster_ips = vec![ip.to_string()];
+            for (i, v6) in families.iter().copied().enumerate() {
+                let field = if i == 0 { "spec.clusterIP".to_string() } else { format!("spec.clusterIPs[{i}]") };
+                let net = cfg.service_range(v6).ok_or_else(|| {
+                    invalid(&field, format!("the cluster has no {} service range", if v6 { "IPv6" } else { "IPv4" }))
+                })?;
+                let asked = requested.iter().copied().find(|ip| ip.is_ipv6() == v6);
+                let kept = old.cluster_ips.iter().copied().find(|ip| ip.is_ipv6() == v6);
+                let ip = match (asked, kept) {
+                    (Some(ip), _) | (None, Some(ip)) => ip,
+                    (None, None) => self.free_cluster_ip(net).await?,
+                };
+                if !net.contains(&ip) {
+                    return Err(invalid(
+                        &field,
+                        format!("Invalid value: {ip:?}: provided IP is not in the valid range {net}"),
+                    ));
+                }
+                // A picked address that is taken meanwhile loses in the transaction and is picked again; a
+                // requested one is the caller's to change.
+                if asked.is_some()
+                    && !old.cluster_ips.contains(&ip)
+                    && self.holder(&self.alloc_key("clusterips", ip)).await?.is_some()
+                {
+                    return Err(invalid(&field, format!("Invalid value: \"{ip}\": provided IP is already allocated")));
+                }
+                want.cluster_ips.push(ip);
+            }
+            svc.spec.cluster_ip = want.cluster_ips.first().map(ToString::to_string);
+            svc.spec.cluster_ips = want.cluster_ips.iter().map(ToString::to_string).collect();
+            svc.spec.ip_families = families.iter().map(|v6| if *v6 { "IPv6" } else { "IPv4" }.to_string()).collect();
+            svc.spec.ip_family_policy.get_or_insert_with(|| "SingleStack".into());
         }
         if matches!(kind.as_str(), "NodePort" | "LoadBalancer") {
             let mut taken_now: BTreeSet<u16> = BTreeSet::new();
@@ -393,7 +475,7 @@ impl Store {
             }
         }
         let ip_keys = |a: &Allocations| -> BTreeSet<String> {
-            a.cluster_ip.iter().map(|ip| self.alloc_key("clusterips", ip)).collect()
+            a.cluster_ips.iter().map(|ip| self.alloc_key("clusterips", ip)).collect()
         };
         let port_keys = |a: &Allocations| -> BTreeSet<String> {
             a.node_ports.iter().map(|p| self.alloc_key("nodeports", p)).collect()
@@ -429,9 +511,8 @@ impl Store {
 
     /// A random free address of the service range (not its network or broadcast address). Random rather than
     /// lowest-first, so concurrent writers rarely pick the same one; the transaction settles it when they do.
-    async fn free_cluster_ip(&mut self, cfg: &StoreConfig) -> Result<IpAddr, StoreError> {
+    async fn free_cluster_ip(&mut self, net: IpNet) -> Result<IpAddr, StoreError> {
         let taken = self.allocated("clusterips").await?;
-        let net = cfg.service_cidr;
         let size: u128 = match net {
             IpNet::V4(n) => 1u128 << (32 - n.prefix_len()),
             IpNet::V6(n) => 1u128 << (128 - n.prefix_len()).min(64),
@@ -512,7 +593,7 @@ impl Store {
                 let owner = format!("{}/{name}", ns.unwrap_or("default"));
                 let a = allocations_of(s);
                 let keys: Vec<String> = a
-                    .cluster_ip
+                    .cluster_ips
                     .iter()
                     .map(|ip| self.alloc_key("clusterips", ip))
                     .chain(a.node_ports.iter().map(|p| self.alloc_key("nodeports", p)))
@@ -555,7 +636,19 @@ fn merge_kept_fields(new: &mut Object, old: Option<&Object>) {
             }
         }
         (Object::Node(n), Object::Node(o)) if n.status.is_none() => n.status = o.status.clone(),
-        (Object::Service(n), Object::Service(o)) if n.status.is_none() => n.status = o.status.clone(),
+        (Object::Service(n), Object::Service(o)) => {
+            if n.status.is_none() {
+                n.status = o.status.clone();
+            }
+            // The families and policy the store settled on stay unless the apply says otherwise (as the API
+            // server keeps defaulted fields an apply omits).
+            if n.spec.ip_family_policy.is_none() {
+                n.spec.ip_family_policy = o.spec.ip_family_policy.clone();
+            }
+            if n.spec.ip_families.is_empty() && n.spec.cluster_ips.is_empty() {
+                n.spec.ip_families = o.spec.ip_families.clone();
+            }
+        }
         _ => {}
     }
 }

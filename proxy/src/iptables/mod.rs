@@ -1,5 +1,5 @@
 //! The iptables dataplane: [`rules`] and [`policy_rules`] rendered into one `iptables-restore --noflush -w`
-//! payload per sync (and, for the IPv6 half of NetworkPolicy, one `ip6tables-restore`), the policy sets brought up
+//! payload per sync (and, for IPv6 Services and the IPv6 half of NetworkPolicy, one `ip6tables-restore`), the policy sets brought up
 //! to date with one `ipset restore` before them ([`sets`]), the jumps from the built-in chains checked on full
 //! syncs, and UDP conntrack entries of removed endpoints deleted (otherwise a UDP client keeps talking to a dead
 //! pod).
@@ -34,10 +34,11 @@ const BRIDGE_NF: [&str; 2] =
 pub struct IptablesDataplane {
     ipt: Iptables,
     ipt6: Iptables,
-    opts: rules::Options,
+    /// Per family: IPv4, IPv6.
+    opts: [rules::Options; 2],
     /// What the kernel holds, as of the last successful sync (None: unknown, the next sync is full).
     last: Option<Rules>,
-    /// What the last sync wrote with ip6tables (policy only); None until a node has IPv6 pods.
+    /// What the last sync wrote with ip6tables; None until the node has IPv6 pods or Services.
     last6: Option<Rules>,
     /// The sets as the last sync left them (None: read them from the kernel).
     last_sets: Option<BTreeMap<String, Set>>,
@@ -71,8 +72,14 @@ fn policy_jump() -> Vec<String> {
 }
 
 impl IptablesDataplane {
-    pub fn new(cluster_cidr: Option<IpNet>, nodeport_addresses: Vec<IpNet>) -> IptablesDataplane {
-        let opts = rules::Options { cluster_cidr, nodeport_addresses };
+    /// `cluster_cidrs`: the pod network, a range per family; `nodeport_addresses`: where node ports answer (empty:
+    /// every local address).
+    pub fn new(cluster_cidrs: Vec<IpNet>, nodeport_addresses: Vec<IpNet>) -> IptablesDataplane {
+        let family = |v6: bool| rules::Options {
+            cluster_cidr: cluster_cidrs.iter().copied().find(|n| n.addr().is_ipv6() == v6),
+            nodeport_addresses: nodeport_addresses.iter().copied().filter(|n| n.addr().is_ipv6() == v6).collect(),
+        };
+        let opts = [family(false), family(true)];
         IptablesDataplane {
             ipt: Iptables::new(Family::V4),
             ipt6: Iptables::new(Family::V6),
@@ -214,15 +221,18 @@ impl IptablesDataplane {
                 return Ok(Some("sets"));
             }
         }
-        for t in ["nat", "filter"] {
-            let out = child_process::run(
-                Command::new("iptables").args(["-w", "-t", t, "-S", CANARY]),
-                None,
-                Duration::from_secs(30),
-            )
-            .map_err(|e| DataplaneError::new(ErrorKind::Readback, "looking for the canary", e))?;
-            if !out.status.success() {
-                return Ok(Some("canary"));
+        let bins: &[&str] = if self.last6.is_some() { &["iptables", "ip6tables"] } else { &["iptables"] };
+        for bin in bins {
+            for t in ["nat", "filter"] {
+                let out = child_process::run(
+                    Command::new(bin).args(["-w", "-t", t, "-S", CANARY]),
+                    None,
+                    Duration::from_secs(30),
+                )
+                .map_err(|e| DataplaneError::new(ErrorKind::Readback, "looking for the canary", e))?;
+                if !out.status.success() {
+                    return Ok(Some("canary"));
+                }
             }
         }
         Ok(None)
@@ -235,7 +245,9 @@ impl IptablesDataplane {
         if full {
             Self::ensure_bridge_nf()?;
         }
-        let mut desired = rules::render(ports, &self.opts);
+        let (ports4, ports6): (Vec<ServicePort>, Vec<ServicePort>) =
+            ports.iter().cloned().partition(|p| p.cluster_ip.is_ipv4());
+        let mut desired = rules::render(&ports4, &self.opts[0]);
         render_policy(policy, false, &mut desired);
         let want_sets = sets::ipsets(&policy.sets);
         // Sets first (the rules refer to them), rules next, unused sets last (once no rule refers to them).
@@ -255,17 +267,17 @@ impl IptablesDataplane {
         if full {
             Self::ensure_jumps(&self.ipt, &rules::jumps())?;
         }
-        // IPv6: policy only, and only once the node has IPv6 pods (a node without IPv6 need not have ip6tables).
+        // IPv6 only once the node has IPv6 pods or Services (a node without IPv6 need not have ip6tables).
         let v6_pods = policy.pods.iter().any(|p| p.ip.is_ipv6());
         let mut last6 = None;
         let mut text6 = None;
-        if v6_pods || previous6.is_some() {
-            let mut desired6 = Rules::default();
+        if v6_pods || !ports6.is_empty() || previous6.is_some() {
+            let mut desired6 = rules::render(&ports6, &self.opts[1]);
             render_policy(policy, true, &mut desired6);
             let full6 = full || previous6.is_none();
             text6 = Some(Self::write(&self.ipt6, &desired6, if full6 { None } else { previous6.as_ref() })?);
             if full6 {
-                Self::ensure_jumps(&self.ipt6, &[("filter", "FORWARD", policy_jump())])?;
+                Self::ensure_jumps(&self.ipt6, &rules::jumps())?;
             }
             last6 = Some(desired6);
         }
@@ -277,16 +289,10 @@ impl IptablesDataplane {
         for (vip, ep) in self.last_udp.difference(&udp) {
             // Best effort: conntrack exits 1 when there is nothing to delete, and a stale entry that survives
             // only delays one UDP client; it must not fail (and so fully repeat) a sync.
+            let family = if vip.is_ipv6() { "ipv6" } else { "ipv4" };
+            let (vip, ep) = (vip.to_string(), ep.to_string());
             let _ = child_process::run(
-                Command::new("conntrack").args([
-                    "-D",
-                    "-p",
-                    "udp",
-                    "--orig-dst",
-                    &vip.to_string(),
-                    "--dst-nat",
-                    &ep.to_string(),
-                ]),
+                Command::new("conntrack").args(["-D", "-f", family, "-p", "udp", "--orig-dst", &vip, "--dst-nat", &ep]),
                 None,
                 Duration::from_secs(10),
             );

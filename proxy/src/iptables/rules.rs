@@ -70,6 +70,15 @@ fn sep_chain(sp: &ServicePort, e: &Endpoint) -> String {
     chain("SEP", &format!("{}/{}:{}", sp.id, e.ip, e.port))
 }
 
+/// The whole-address mask of `ip`'s family (session affinity remembers whole client addresses).
+fn host_mask(ip: std::net::IpAddr) -> &'static str {
+    if ip.is_ipv4() {
+        "255.255.255.255"
+    } else {
+        "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+    }
+}
+
 /// REJECT with the family's port-unreachable.
 fn reject(ip: std::net::IpAddr) -> &'static str {
     if ip.is_ipv4() {
@@ -224,10 +233,14 @@ pub fn render(ports: &[ServicePort], opts: &Options) -> Rules {
             let sep = sep_chain(sp, e);
             let mut v = vec![format!("{} -s {} -j TARTAN-MARK-MASQ", comment(&sp.id), host(e.ip))];
             let recent = match sp.affinity {
-                Some(_) => format!(" -m recent --set --name {sep} --mask 255.255.255.255 --rsource"),
+                Some(_) => format!(" -m recent --set --name {sep} --mask {} --rsource", host_mask(vip)),
                 None => String::new(),
             };
-            v.push(format!("{} -p {p}{recent} -m {p} -j DNAT --to-destination {}:{}", comment(&sp.id), e.ip, e.port));
+            v.push(format!(
+                "{} -p {p}{recent} -m {p} -j DNAT --to-destination {}",
+                comment(&sp.id),
+                std::net::SocketAddr::new(e.ip, e.port)
+            ));
             r.nat.insert(sep, v);
         }
     }
@@ -252,8 +265,9 @@ fn balance(sp: &ServicePort, eps: &[Endpoint]) -> Vec<String> {
         for e in eps {
             let sep = sep_chain(sp, e);
             v.push(format!(
-                "{} -m recent --name {sep} --rcheck --seconds {t} --reap --mask 255.255.255.255 --rsource -j {sep}",
-                comment(&sp.id)
+                "{} -m recent --name {sep} --rcheck --seconds {t} --reap --mask {} --rsource -j {sep}",
+                comment(&sp.id),
+                host_mask(sp.cluster_ip)
             ));
         }
     }
