@@ -11,6 +11,24 @@ pub mod policy;
 pub mod service;
 pub mod tracker;
 
+#[cfg(test)]
+pub(crate) mod test_support {
+    use kube_objects::Object;
+
+    /// Objects from a YAML manifest, defaulted as the store would hold them.
+    pub fn objects(yaml: &str) -> Vec<Object> {
+        kube_objects::parse_manifests(yaml, "test")
+            .unwrap()
+            .into_iter()
+            .map(|d| {
+                let mut o = d.object;
+                o.apply_defaults();
+                o
+            })
+            .collect()
+    }
+}
+
 pub use dataplane::{Dataplane, DataplaneError, ErrorKind, Held, State, SyncReport};
 pub use policy::{PeerSet, PolicyModel, SetKind, SetRef};
 pub use service::{Endpoint, Proto, ServicePort};

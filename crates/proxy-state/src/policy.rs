@@ -409,21 +409,10 @@ pub fn local_veths(run_dir: &std::path::Path) -> BTreeMap<(String, String), Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::objects;
 
     fn set_contains(set: &PeerSet, ip: &str) -> bool {
         set.contains(ip.parse().unwrap())
-    }
-
-    fn objects(yaml: &str) -> Vec<Object> {
-        kube_objects::parse_manifests(yaml, "test")
-            .unwrap()
-            .into_iter()
-            .map(|d| {
-                let mut o = d.object;
-                o.apply_defaults();
-                o
-            })
-            .collect()
     }
 
     /// Namespaces x and y; pods x/a (n1, 10.244.1.2, named port http 8080), x/b (n2, 10.244.2.2), y/a (n2).

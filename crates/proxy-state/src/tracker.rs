@@ -224,18 +224,7 @@ fn same_object(a: &Object, b: &Object) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn objects(yaml: &str) -> Vec<Object> {
-        kube_objects::parse_manifests(yaml, "test")
-            .unwrap()
-            .into_iter()
-            .map(|d| {
-                let mut o = d.object;
-                o.apply_defaults();
-                o
-            })
-            .collect()
-    }
+    use crate::test_support::objects;
 
     fn pod(name: &str, app: &str, ip: &str) -> Object {
         objects(&format!(
