@@ -1,11 +1,11 @@
 //! The etcd side: flanneld's keys under `--etcd-prefix`, one etcd lease (TTL) per subnet lease, creation guarded by
-//! `Version(key) == 0` so two nodes can never hold one subnet, and a watch that resumes from a revision and
-//! re-lists when that revision was compacted away.
+//! `Version(key) == 0` so two nodes can never hold one subnet. Other nodes' leases are followed with the store's
+//! list+watch loop ([`store::Follower`]) over [`Registry::subnets_prefix`], decoded with [`Registry::parse`].
 
 use std::collections::BTreeMap;
 
-use anyhow::{anyhow, Result};
-use etcd_client::{Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions, WatchStream};
+use anyhow::Result;
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 use flannel::{LeaseAttrs, LeaseKey};
 
 pub type Leases = BTreeMap<LeaseKey, LeaseAttrs>;
@@ -13,14 +13,6 @@ pub type Leases = BTreeMap<LeaseKey, LeaseAttrs>;
 pub struct Registry {
     client: store::Etcd,
     prefix: String,
-}
-
-/// What a watch reported.
-pub enum Change {
-    Put(LeaseKey, LeaseAttrs),
-    Delete(LeaseKey),
-    /// The watch's revision was compacted: the caller must re-list.
-    Resync,
 }
 
 pub use store::Tls;
@@ -31,7 +23,8 @@ impl Registry {
         Ok(Registry { client, prefix: prefix.trim_end_matches('/').to_string() })
     }
 
-    fn subnets_prefix(&self) -> String {
+    /// Where the leases are: `<prefix>/subnets/`.
+    pub fn subnets_prefix(&self) -> String {
         format!("{}/subnets/", self.prefix)
     }
 
@@ -58,7 +51,8 @@ impl Registry {
         Ok((out, rev))
     }
 
-    fn parse(&self, key: &[u8], value: &[u8]) -> Option<(LeaseKey, LeaseAttrs)> {
+    /// A lease from its key and value; None for anything else under the prefix.
+    pub fn parse(&self, key: &[u8], value: &[u8]) -> Option<(LeaseKey, LeaseAttrs)> {
         let key = std::str::from_utf8(key).ok()?.strip_prefix(&self.subnets_prefix())?;
         Some((key.parse().ok()?, serde_json::from_slice(value).ok()?))
     }
@@ -85,37 +79,5 @@ impl Registry {
         let lease = self.client.lease_grant(ttl as i64, None).await?.id();
         self.client.put(self.key(k), serde_json::to_string(attrs)?, Some(PutOptions::new().with_lease(lease))).await?;
         Ok(())
-    }
-
-    /// Changes under the subnets prefix after `revision`.
-    pub async fn watch(&mut self, revision: i64) -> Result<WatchStream> {
-        let opts = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
-        Ok(self.client.watch(self.subnets_prefix(), Some(opts)).await?)
-    }
-
-    /// Reads the next batch of a watch.
-    pub async fn next(&self, stream: &mut WatchStream) -> Result<Vec<Change>> {
-        let resp = stream.message().await?.ok_or_else(|| anyhow!("etcd closed the watch"))?;
-        if resp.compact_revision() > 0 || resp.canceled() {
-            return Ok(vec![Change::Resync]);
-        }
-        let mut out = Vec::new();
-        for ev in resp.events() {
-            let Some(kv) = ev.kv() else { continue };
-            match ev.event_type() {
-                EventType::Put => {
-                    if let Some((k, a)) = self.parse(kv.key(), kv.value()) {
-                        out.push(Change::Put(k, a));
-                    }
-                }
-                EventType::Delete => {
-                    let key = String::from_utf8_lossy(kv.key()).into_owned();
-                    if let Some(k) = key.strip_prefix(&self.subnets_prefix()).and_then(|s| s.parse().ok()) {
-                        out.push(Change::Delete(k));
-                    }
-                }
-            }
-        }
-        Ok(out)
     }
 }

@@ -15,7 +15,7 @@ use ipnet::IpNet;
 use crate::acquire::{choose, Choice};
 use crate::dataplane::{Dataplane, Report};
 use crate::options::Options;
-use crate::registry::{Change, Leases, Registry, Tls};
+use crate::registry::{Leases, Registry, Tls};
 use status_http::Reply;
 
 /// What /healthz and /readyz report.
@@ -304,7 +304,7 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
     health.lock().unwrap().lease = Some(own.to_string());
 
     let dp_tx = spawn_dataplane(dp, Duration::from_secs(opts.route_resync.max(1)), health.clone());
-    let (mut leases, mut revision) = list_leases(&mut reg).await;
+    let (mut leases, _) = list_leases(&mut reg).await;
     // udp: the TUN device and the userspace loop, fed the remote subnets as leases change.
     let udp_routes: Option<crate::udp::Routes> = if cfg.backend.kind == flannel::BackendType::Udp {
         let fd = crate::udp::setup(own.subnet, network, mtu).context("setting up flannel0")?;
@@ -434,77 +434,63 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
         }
     });
 
-    // Follow the other leases.
+    // Follow the other leases, with the store's one list+watch loop: it reconnects to whichever etcd member answers
+    // and re-lists after a compaction; a listing replaces what we had.
+    let mut follower = store::Follower::new(&opts.etcd_endpoints, &reg.subnets_prefix(), tls.clone());
     loop {
-        let mut stream = match reg.watch(revision).await {
-            Ok(s) => s,
-            Err(e) => {
-                log(format!("watch: {e:#}; reconnecting"));
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                reg = connect(&opts, tls.as_ref()).await;
-                match reg.leases().await {
-                    Ok((l, rev)) => {
-                        leases = l;
-                        revision = rev;
-                        update_udp(&leases);
-                        let _ = dp_tx.send(Cmd::Apply { own, leases: leases.clone(), reply: None });
+        let mut changed = false;
+        match follower.next().await {
+            store::Raw::Reset(kvs) => {
+                let mut listed: Leases = kvs.iter().filter_map(|kv| reg.parse(kv.key.as_bytes(), &kv.value)).collect();
+                match listed.get(&own) {
+                    Some(a) if a.public_ip != attrs.public_ip => {
+                        bail!("lease {own} has been revoked: node {} holds the subnet now; exiting", a.public_ip)
                     }
-                    Err(e) => log(format!("listing leases: {e:#}")),
+                    Some(_) => {}
+                    None => {
+                        // Expired or deleted while we were not watching.
+                        lease_revoked(&mut reg, &own, &attrs, opts.lease_ttl).await?;
+                        listed.insert(own, attrs.clone());
+                    }
                 }
-                continue;
+                changed = listed != leases;
+                leases = listed;
             }
-        };
-        loop {
-            let changes = match reg.next(&mut stream).await {
-                Ok(c) => c,
-                Err(e) => {
-                    log(format!("watch ended: {e:#}"));
-                    break;
-                }
-            };
-            let mut changed = false;
-            let mut resync = false;
-            for c in changes {
-                match c {
-                    Change::Put(k, a) => {
-                        if k == own && a.public_ip != attrs.public_ip {
-                            bail!("lease {own} has been revoked: node {} holds the subnet now; exiting", a.public_ip);
+            store::Raw::Events(events) => {
+                for ev in events {
+                    match ev {
+                        store::RawEvent::Put(kv) => {
+                            let Some((k, a)) = reg.parse(kv.key.as_bytes(), &kv.value) else { continue };
+                            if k == own && a.public_ip != attrs.public_ip {
+                                bail!(
+                                    "lease {own} has been revoked: node {} holds the subnet now; exiting",
+                                    a.public_ip
+                                );
+                            }
+                            changed |= leases.get(&k) != Some(&a);
+                            leases.insert(k, a);
                         }
-                        changed |= leases.get(&k) != Some(&a);
-                        leases.insert(k, a);
-                    }
-                    Change::Delete(k) => {
-                        changed |= leases.remove(&k).is_some();
-                        if k == own {
-                            lease_revoked(&mut reg, &own, &attrs, opts.lease_ttl).await?;
-                            leases.insert(own, attrs.clone());
+                        store::RawEvent::Delete(key) => {
+                            let prefix = reg.subnets_prefix();
+                            let Some(k) = key.strip_prefix(&prefix).and_then(|s| s.parse::<LeaseKey>().ok()) else {
+                                continue;
+                            };
+                            changed |= leases.remove(&k).is_some();
+                            if k == own {
+                                lease_revoked(&mut reg, &own, &attrs, opts.lease_ttl).await?;
+                                leases.insert(own, attrs.clone());
+                            }
                         }
                     }
-                    Change::Resync => resync = true,
                 }
             }
-            if resync {
-                log("watch revision compacted; re-listing leases");
-                let (l, rev) = reg.leases().await?;
-                leases = l;
-                revision = rev;
-                update_udp(&leases);
-                let _ = dp_tx.send(Cmd::Apply { own, leases: leases.clone(), reply: None });
-                break;
-            }
-            if changed {
-                update_udp(&leases);
-                let _ = dp_tx.send(Cmd::Apply { own, leases: leases.clone(), reply: None });
+            store::Raw::Unavailable { error, retry_in } => {
+                log(format!("following leases: {error}; retrying in {retry_in:?} (routes stay as they are)"));
             }
         }
-        // Resume after whatever we have seen: a fresh listing gives the revision.
-        if let Ok((l, rev)) = reg.leases().await {
-            if l != leases {
-                leases = l;
-                update_udp(&leases);
-                let _ = dp_tx.send(Cmd::Apply { own, leases: leases.clone(), reply: None });
-            }
-            revision = rev;
+        if changed {
+            update_udp(&leases);
+            let _ = dp_tx.send(Cmd::Apply { own, leases: leases.clone(), reply: None });
         }
     }
 }

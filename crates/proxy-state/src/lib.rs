@@ -11,6 +11,11 @@ pub mod policy;
 pub mod service;
 pub mod tracker;
 
+pub use dataplane::{Dataplane, DataplaneError, ErrorKind, Held, State, SyncReport};
+pub use policy::{PeerSet, PolicyModel, SetKind, SetRef};
+pub use service::{Endpoint, Proto, ServicePort};
+pub use tracker::Tracker;
+
 #[cfg(test)]
 pub(crate) mod test_support {
     use kube_objects::Object;
@@ -28,8 +33,3 @@ pub(crate) mod test_support {
             .collect()
     }
 }
-
-pub use dataplane::{Dataplane, DataplaneError, ErrorKind, Held, State, SyncReport};
-pub use policy::{PeerSet, PolicyModel, SetKind, SetRef};
-pub use service::{Endpoint, Proto, ServicePort};
-pub use tracker::Tracker;

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use etcd_client::{
     Certificate, Client, CompactionOptions, CompactionResponse, ConnectOptions, DeleteOptions, DeleteResponse,
-    GetOptions, GetResponse, Identity, LeaseGrantOptions, LeaseGrantResponse, LeaseRevokeResponse, PutOptions,
-    PutResponse, TlsOptions, Txn, TxnResponse, WatchOptions, WatchStream,
+    GetOptions, GetResponse, Identity, KeyValue, LeaseGrantOptions, LeaseGrantResponse, LeaseRevokeResponse,
+    PutOptions, PutResponse, TlsOptions, Txn, TxnResponse, WatchOptions, WatchStream,
 };
 
 use crate::StoreError;
@@ -38,6 +38,9 @@ impl Tls {
         Ok((ca.is_some() || identity.is_some()).then_some(Tls { ca, identity }))
     }
 }
+
+/// Keys per page of a listing: one etcd response is capped at 4 MiB by gRPC, which 10 000 Services exceed.
+const PAGE: i64 = 500;
 
 /// How many times a request is tried before the error is returned (with backoff, about 15 s in all).
 const ATTEMPTS: u32 = 8;
@@ -174,6 +177,38 @@ impl Etcd {
             async move { c.get(key, o).await }
         })
         .await
+    }
+
+    /// Every key under `prefix` (which ends in '/'), read in pages at the revision of the first page (so the whole
+    /// listing is one consistent snapshot), and that revision.
+    pub async fn get_all(&mut self, prefix: &str) -> Result<(Vec<KeyValue>, i64), StoreError> {
+        let mut end = prefix.as_bytes().to_vec();
+        match end.last_mut() {
+            // The first key after every key starting with `prefix`.
+            Some(b) if *b == b'/' => *b += 1,
+            _ => return Err(StoreError::Config(format!("listing {prefix:?}: a prefix ends in '/'"))),
+        }
+        let (mut out, mut rev, mut from) = (Vec::new(), 0, prefix.as_bytes().to_vec());
+        loop {
+            let mut o = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if rev > 0 {
+                o = o.with_revision(rev);
+            }
+            let mut r = self.get(from.clone(), Some(o)).await?;
+            if rev == 0 {
+                rev = r.header().map(|h| h.revision()).unwrap_or_default();
+            }
+            let more = r.more();
+            let kvs = r.take_kvs();
+            let Some(last) = kvs.last() else { break };
+            from = last.key().to_vec();
+            from.push(0);
+            out.extend(kvs);
+            if !more {
+                break;
+            }
+        }
+        Ok((out, rev))
     }
 
     pub async fn put(

@@ -1,7 +1,6 @@
-//! One list+watch client for every follower of the store (the proxy, the agent): a snapshot, then a watch from its
-//! revision; a compacted watch re-lists; a lost connection reconnects with bounded, jittered backoff; a value that
-//! is not a valid object is reported (naming its key) and skipped, never fatal. Callers see a stream of
-//! [`Update`]s and never handle a store error themselves.
+//! The store informer: the cluster's objects for a follower (the proxy), on the one list+watch loop
+//! ([`Follower`]). A value that is not a valid object is reported (naming its key) and skipped, never fatal;
+//! callers see a stream of [`Update`]s and never handle a store error themselves.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -9,7 +8,9 @@ use std::time::Duration;
 use kube_objects::Object;
 use rand::Rng;
 
-use crate::{Event, Store, Tls, Watcher};
+use crate::follow::{Follower, Raw, RawEvent};
+use crate::watch::parse_key;
+use crate::{Event, Store, Tls};
 
 /// What a follower is told.
 #[derive(Debug)]
@@ -24,22 +25,6 @@ pub enum Update {
     Unavailable { error: String, retry_in: Duration },
 }
 
-/// The longest wait between two attempts to reach the store: short, because a follower that waits longer than
-/// etcd's outage delays every change made after it.
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
-
-pub struct Informer {
-    endpoints: String,
-    prefix: String,
-    tls: Option<Tls>,
-    store: Option<Store>,
-    watch: Option<Watcher>,
-    queued: VecDeque<Update>,
-    failures: u32,
-    /// How long to wait before the next attempt, after a failure.
-    wait: Option<Duration>,
-}
-
 /// Bounded exponential backoff with jitter: 200 ms doubling up to `max`, each between half and all of that, so
 /// that every node of a cluster does not retry in step after an etcd outage.
 pub fn backoff(failures: u32, max: Duration) -> Duration {
@@ -47,83 +32,65 @@ pub fn backoff(failures: u32, max: Duration) -> Duration {
     base.mul_f64(rand::rng().random_range(0.5..=1.0))
 }
 
+pub struct Informer {
+    prefix: String,
+    follower: Follower,
+    queued: VecDeque<Update>,
+}
+
 impl Informer {
     pub fn new(endpoints: &str, prefix: &str, tls: Option<Tls>) -> Informer {
-        Informer {
-            endpoints: endpoints.to_string(),
-            prefix: prefix.to_string(),
-            tls,
-            store: None,
-            watch: None,
-            queued: VecDeque::new(),
-            failures: 0,
-            wait: None,
-        }
+        let prefix = prefix.trim_end_matches('/').to_string();
+        let follower = Follower::new(endpoints, &format!("{prefix}/"), tls);
+        Informer { prefix, follower, queued: VecDeque::new() }
     }
 
-    fn fail(&mut self, error: String) -> Update {
-        self.watch = None;
-        self.store = None;
-        self.failures += 1;
-        let retry_in = backoff(self.failures, MAX_BACKOFF);
-        self.wait = Some(retry_in);
-        Update::Unavailable { error, retry_in }
+    /// The object at `key`, or why it cannot be used; None for keys that are not objects (allocations, config).
+    fn decode(&mut self, key: &str, value: &[u8], rev: i64) -> Option<Object> {
+        parse_key(&self.prefix, key)?;
+        match Store::decode_checked(key, value, rev) {
+            Ok(o) => Some(o),
+            Err(reason) => {
+                self.queued.push_back(Update::Invalid { key: key.to_string(), reason });
+                None
+            }
+        }
     }
 
     /// The next update. Never fails: trouble is reported as [`Update::Unavailable`] (after which it waits out the
     /// backoff itself) or [`Update::Invalid`].
     pub async fn next(&mut self) -> Update {
-        if let Some(u) = self.queued.pop_front() {
-            return u;
-        }
-        if let Some(wait) = self.wait.take() {
-            tokio::time::sleep(wait).await;
-        }
-        if self.store.is_none() {
-            match Store::connect(&self.endpoints, &self.prefix, self.tls.as_ref()).await {
-                Ok(s) => self.store = Some(s),
-                Err(e) => return self.fail(e.to_string()),
+        loop {
+            if let Some(u) = self.queued.pop_front() {
+                return u;
             }
-        }
-        let Some(store) = self.store.as_mut() else { unreachable!("connected above") };
-        if self.watch.is_none() {
-            // Every (re)connection starts from a fresh listing: whatever was missed is in it.
-            let (objects, bad, rev) = match store.snapshot_checked().await {
-                Ok(s) => s,
-                Err(e) => return self.fail(format!("listing the store: {e}")),
-            };
-            match store.watch(rev).await {
-                Ok(w) => self.watch = Some(w),
-                Err(e) => return self.fail(format!("watching the store: {e}")),
-            }
-            self.failures = 0;
-            self.queued.extend(bad.into_iter().map(|(key, reason)| Update::Invalid { key, reason }));
-            return Update::Reset(objects);
-        }
-        let Some(watch) = self.watch.as_mut() else { unreachable!("watching above") };
-        match watch.next().await {
-            Ok(events) => {
-                if events.contains(&Event::Resync) {
-                    // Compacted: the next call re-lists.
-                    self.watch = None;
+            match self.follower.next().await {
+                Raw::Reset(kvs) => {
+                    let objects =
+                        kvs.iter().filter_map(|kv| self.decode(&kv.key, &kv.value, kv.mod_revision)).collect();
+                    return Update::Reset(objects);
                 }
-                let mut changes = Vec::new();
-                for ev in events {
-                    match ev {
-                        Event::Invalid { key, reason } => self.queued.push_back(Update::Invalid { key, reason }),
-                        Event::Resync => {}
-                        ev => changes.push(ev),
+                Raw::Events(events) => {
+                    let mut changes = Vec::new();
+                    for ev in events {
+                        match ev {
+                            RawEvent::Put(kv) => {
+                                changes.extend(self.decode(&kv.key, &kv.value, kv.mod_revision).map(Event::Put))
+                            }
+                            RawEvent::Delete(key) => {
+                                if let Some((kind, namespace, name)) = parse_key(&self.prefix, &key) {
+                                    changes.push(Event::Delete { kind, namespace, name });
+                                }
+                            }
+                        }
+                    }
+                    if !changes.is_empty() {
+                        // Invalid values in the same batch are reported right after it.
+                        return Update::Changes(changes);
                     }
                 }
-                if changes.is_empty() {
-                    return match self.queued.pop_front() {
-                        Some(u) => u,
-                        None => Update::Changes(Vec::new()),
-                    };
-                }
-                Update::Changes(changes)
+                Raw::Unavailable { error, retry_in } => return Update::Unavailable { error, retry_in },
             }
-            Err(e) => self.fail(format!("watch: {e}")),
         }
     }
 }

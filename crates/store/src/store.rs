@@ -14,8 +14,6 @@ const DEFAULT_SERVICE_CIDR: &str = "10.96.0.0/12";
 const DEFAULT_NODE_PORTS: (u16, u16) = (30000, 32767);
 /// Attempts of a write against racing writers before giving up.
 const ATTEMPTS: usize = 16;
-/// Keys per page of a listing: one etcd response is capped at 4 MiB by gRPC, which 10 000 Services exceed.
-const PAGE: i64 = 500;
 
 /// Cluster-wide settings kept at `<prefix>/config`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -205,33 +203,9 @@ impl Store {
         Ok(o)
     }
 
-    /// Every key under `prefix`, read in pages at the revision of the first page (so the whole listing is one
-    /// consistent snapshot), and that revision.
+    /// Every key under `prefix` at one revision, and that revision (see [`Etcd::get_all`]).
     pub(crate) async fn range_all(&mut self, prefix: &str) -> Result<(Vec<KeyValue>, i64), StoreError> {
-        let mut end = prefix.as_bytes().to_vec();
-        // The first key after every key starting with `prefix` (its last byte is '/', never 0xff).
-        *end.last_mut().expect("a non-empty prefix") += 1;
-        let (mut out, mut rev, mut from) = (Vec::new(), 0, prefix.as_bytes().to_vec());
-        loop {
-            let mut o = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
-            if rev > 0 {
-                o = o.with_revision(rev);
-            }
-            let mut r = self.client.get(from.clone(), Some(o)).await?;
-            if rev == 0 {
-                rev = r.header().map(|h| h.revision()).unwrap_or_default();
-            }
-            let more = r.more();
-            let kvs = r.take_kvs();
-            let Some(last) = kvs.last() else { break };
-            from = last.key().to_vec();
-            from.push(0);
-            out.extend(kvs);
-            if !more {
-                break;
-            }
-        }
-        Ok((out, rev))
+        self.client.get_all(prefix).await
     }
 
     /// Decodes a value read by a follower (a watch, a snapshot) and checks it as the API server would have: its
@@ -263,23 +237,6 @@ impl Store {
             })?;
         }
         Ok(o)
-    }
-
-    /// Like [`Store::snapshot`], but a value that is not a valid object is returned apart, with the reason,
-    /// instead of failing the whole listing.
-    pub async fn snapshot_checked(&mut self) -> Result<(Vec<Object>, Vec<(String, String)>, i64), StoreError> {
-        let (kvs, rev) = self.range_all(&format!("{}/", self.prefix)).await?;
-        let (mut out, mut bad) = (Vec::new(), Vec::new());
-        for kv in &kvs {
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            if crate::watch::parse_key(&self.prefix, &key).is_some() {
-                match Store::decode_checked(&key, kv.value(), kv.mod_revision()) {
-                    Ok(o) => out.push(o),
-                    Err(reason) => bad.push((key, reason)),
-                }
-            }
-        }
-        Ok((out, bad, rev))
     }
 
     pub async fn get(&mut self, kind: Kind, ns: Option<&str>, name: &str) -> Result<Option<Object>, StoreError> {
