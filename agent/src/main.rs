@@ -3,11 +3,16 @@
 use std::sync::{Arc, Mutex};
 
 use clap::Parser;
-use tartan_agent::options::{normalize_args, Options};
+use tartan_agent::options::{normalize_args, refused, Options};
 use tartan_agent::run::{run, serve_health, Health};
 
 fn main() {
-    let opts = Options::parse_from(normalize_args(std::env::args()));
+    let args = normalize_args(std::env::args());
+    if let Some(msg) = refused(&args, |k| std::env::var(k).ok()) {
+        eprintln!("tartan-agent: {msg}");
+        std::process::exit(2);
+    }
+    let opts = Options::parse_from(args);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     let code = rt.block_on(async {
         let health = Arc::new(Mutex::new(Health::default()));

@@ -68,6 +68,45 @@ pub struct Options {
     /// Seconds between full resyncs of routes, neighbours and FDB entries.
     #[arg(long, env = "TARTAN_ROUTE_RESYNC", default_value_t = 10)]
     pub route_resync: u64,
+    /// Also write Docker's daemon options for this subnet here, each time subnet.env is written (what flannel's
+    /// `mk-docker-opts.sh` writes to /run/docker_opts.env), for hosts running Docker on this network.
+    #[arg(long, env = "TARTAN_DOCKER_OPTS_FILE")]
+    pub docker_opts_file: Option<PathBuf>,
+}
+
+/// flanneld's flags that tartan-agent does not take, and what to do instead.
+const REFUSED: &[(&str, &str)] = &[
+    ("kube-subnet-mgr", "tartan-agent keeps leases in etcd (--etcd-endpoints, --etcd-prefix), as flanneld does without it; nodes and pods are published to the cluster store in the same etcd"),
+    ("kube-api-url", "tartan-agent does not talk to a Kubernetes API server: give it --etcd-endpoints"),
+    ("kubeconfig-file", "tartan-agent does not talk to a Kubernetes API server: give it --etcd-endpoints (and --etcd-cafile/--etcd-certfile/--etcd-keyfile)"),
+    ("kube-annotation-prefix", "tartan-agent keeps leases in etcd, not in Node annotations"),
+    ("net-config-path", "the network config is read from <etcd-prefix>/config: put it there (etcdctl put /coreos.com/network/config \"$(cat net-conf.json)\")"),
+    ("etcd-username", "etcd password authentication is not supported: use client certificates (--etcd-certfile, --etcd-keyfile)"),
+    ("etcd-password", "etcd password authentication is not supported: use client certificates (--etcd-certfile, --etcd-keyfile)"),
+    ("iface-can-reach", "choose the interface with --iface (a name or an address) or --iface-regex"),
+    ("iptables-forward-rules", "the FLANNEL-FWD accept rules are always installed"),
+    ("charon-executable-path", "the ipsec backend is not supported (vxlan, host-gw, udp are)"),
+    ("charon-viciuri", "the ipsec backend is not supported (vxlan, host-gw, udp are)"),
+    ("set-node-network-unavailable", "tartan-agent does not write Node conditions to a Kubernetes API server"),
+];
+
+/// The message for the first flanneld flag (or FLANNELD_* variable) in `args`/`env` that tartan-agent does not take.
+/// Said plainly, rather than as a bare "unknown flag" or, worse, silently accepted.
+pub fn refused(args: &[String], env: impl Fn(&str) -> Option<String>) -> Option<String> {
+    for a in args.iter().skip(1) {
+        let Some(name) = a.strip_prefix("--") else { continue };
+        let name = name.split('=').next().unwrap_or(name);
+        if let Some((flag, why)) = REFUSED.iter().find(|(f, _)| *f == name) {
+            return Some(format!("--{flag} (a flanneld flag) is not supported: {why}"));
+        }
+    }
+    for (flag, why) in REFUSED {
+        let var = format!("FLANNELD_{}", flag.to_ascii_uppercase().replace('-', "_"));
+        if env(&var).is_some_and(|v| !v.is_empty() && v != "false") {
+            return Some(format!("{var} (a flanneld setting) is not supported: {why}"));
+        }
+    }
+    None
 }
 
 /// flanneld is a Go program: its users write `-etcd-endpoints=...` as often as `--etcd-endpoints=...`.
@@ -88,6 +127,23 @@ pub fn normalize_args(args: impl Iterator<Item = String>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flanneld_only_flags_are_refused_with_what_to_do_instead() {
+        let argv = |a: &[&str]| normalize_args(a.iter().map(|s| s.to_string()));
+        let none = |_: &str| None;
+        let msg = refused(&argv(&["tartan-agent", "-kube-subnet-mgr", "--ip-masq"]), none).unwrap();
+        assert!(
+            msg.starts_with("--kube-subnet-mgr (a flanneld flag) is not supported: ") && msg.contains("etcd"),
+            "{msg}"
+        );
+        assert!(refused(&argv(&["x", "--net-config-path=/etc/kube-flannel/net-conf.json"]), none)
+            .unwrap()
+            .contains("<etcd-prefix>/config"));
+        assert!(refused(&argv(&["x", "--iface", "eth0", "--ip-masq"]), none).is_none());
+        let env = |k: &str| (k == "FLANNELD_KUBE_SUBNET_MGR").then(|| "true".to_string());
+        assert!(refused(&argv(&["x"]), env).unwrap().starts_with("FLANNELD_KUBE_SUBNET_MGR"));
+    }
 
     #[test]
     fn flanneld_command_lines_parse() {

@@ -54,7 +54,7 @@ impl Registry {
     /// A lease from its key and value; None for anything else under the prefix.
     pub fn parse(&self, key: &[u8], value: &[u8]) -> Option<(LeaseKey, LeaseAttrs)> {
         let key = std::str::from_utf8(key).ok()?.strip_prefix(&self.subnets_prefix())?;
-        Some((key.parse().ok()?, serde_json::from_slice(value).ok()?))
+        Some((key.parse().ok()?, LeaseAttrs::from_json(value).ok()?))
     }
 
     /// Creates the lease if nobody holds that subnet. Ok(false): lost the race.

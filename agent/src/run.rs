@@ -183,8 +183,14 @@ async fn wait_config(reg: &mut Registry, opts: &Options, health: &SharedHealth) 
     let mut last_msg = String::new();
     loop {
         let msg = match reg.config().await {
-            Ok(Some(text)) => match NetworkConfig::parse(&text) {
-                Ok(c) => return c,
+            Ok(Some(text)) => match NetworkConfig::parse_with_warnings(&text) {
+                Ok((c, warnings)) => {
+                    // Said once: a misspelt option must be visible, as flanneld's silence is not.
+                    for w in warnings {
+                        log(format!("network config ({}/config): {w}", opts.etcd_prefix));
+                    }
+                    return c;
+                }
                 Err(e) => format!("{e} (at {}/config); waiting for a valid one", opts.etcd_prefix),
             },
             Ok(None) => format!("no network config at {}/config yet; waiting", opts.etcd_prefix),
@@ -352,6 +358,10 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
         ipmasq: Some(opts.ip_masq),
     };
     env.write_atomic(&opts.subnet_file).with_context(|| format!("writing {}", opts.subnet_file.display()))?;
+    if let Some(path) = &opts.docker_opts_file {
+        atomic_file::write(path, env.docker_opts().as_bytes())
+            .with_context(|| format!("writing Docker's options to {}", path.display()))?;
+    }
     {
         let mut h = health.lock().unwrap();
         h.ready = true;

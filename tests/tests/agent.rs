@@ -517,3 +517,101 @@ fn the_interface_is_chosen_by_address_or_by_regex_as_flanneld_does() {
         lab.stop(pid);
     }
 }
+
+/// n1's and n2's agents on a config written as guides write it: lowercase and odd-cased keys and a misspelt one.
+#[test]
+fn configs_written_as_operators_write_them_take_effect_as_under_flanneld() {
+    let cfg = serde_json::json!({"network": "10.244.0.0/16", "backend": {"type": "VXLAN", "vni": 7, "Directrouting": true, "Potr": 8472}});
+    let mut lab = Lab::with_etcd("oddcase", &cfg).unwrap();
+    let opts_file = lab.dir().join("docker_opts.env");
+    for n in ["n1", "n2"] {
+        lab.add_node(n).unwrap();
+    }
+    lab.start_agent("n1", &["--docker-opts-file", opts_file.to_str().unwrap()]).unwrap();
+    lab.start_agent("n2", &[]).unwrap();
+    for n in ["n1", "n2"] {
+        lab.wait_subnet_env(n, Duration::from_secs(20)).unwrap();
+    }
+    let c = Cluster { lab };
+    let n1 = c.node_ns("n1");
+    assert!(
+        c.lab.exec_status(&n1, &["ip", "link", "show", "flannel.7"]).unwrap().status.success(),
+        "\"vni\": 7 took effect"
+    );
+    let sn2 = c.subnet_of("n2");
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            let routes = c.lab.routes("n1").unwrap();
+            routes
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["dst"] == sn2 && r["gateway"] == "198.18.0.2" && r["dev"] == "eth0")
+        }),
+        "\"Directrouting\": true took effect: {}",
+        c.lab.routes("n1").unwrap()
+    );
+    assert!(
+        c.agent_log("n1").contains("Backend.Potr: unknown key"),
+        "the misspelt key is named: {}",
+        c.agent_log("n1")
+    );
+    // mk-docker-opts.sh's format, from the subnet.env just written.
+    let env = flannel::SubnetEnv::load(&c.lab.node("n1").unwrap().root.join("run/flannel/subnet.env")).unwrap();
+    let opts = std::fs::read_to_string(&opts_file).unwrap();
+    assert_eq!(opts, env.docker_opts());
+    assert!(opts.contains(&format!("DOCKER_OPT_BIP=\"--bip={}\"", env.subnet.unwrap())), "{opts}");
+    assert!(
+        opts.contains("DOCKER_OPT_IPMASQ=\"--ip-masq=false\""),
+        "the agent masquerades, so Docker must not: {opts}"
+    );
+}
+
+#[test]
+fn a_malformed_config_names_line_and_column_and_flanneld_only_flags_are_refused() {
+    // Refused before anything is touched (so this runs outside any namespace).
+    let out = std::process::Command::new(netns_lab::cluster::agent_bin())
+        .args(["-kube-subnet-mgr", "--etcd-endpoints", "http://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--kube-subnet-mgr (a flanneld flag) is not supported") && err.contains("etcd"), "{err}");
+    let mut lab = Lab::with_etcd("badjson", &serde_json::json!({"Network": "10.244.0.0/16"})).unwrap();
+    lab.etcdctl(&[
+        "put",
+        "/coreos.com/network/config",
+        "{\n  \"Network\": \"10.244.0.0/16\",\n  \"Backend\": {\"Type\": vxlan}\n}",
+    ])
+    .unwrap();
+    lab.add_node("n1").unwrap();
+    lab.start_agent("n1", &[]).unwrap();
+    let log = || std::fs::read_to_string(lab.node("n1").unwrap().root.join("agent.log")).unwrap_or_default();
+    assert!(wait_for(Duration::from_secs(10), || log().contains("line 3 column")), "{}", log());
+    assert!(!lab.node("n1").unwrap().root.join("run/flannel/subnet.env").exists(), "waits for a valid one");
+}
+
+#[test]
+fn a_lease_written_by_flanneld_is_routed_to_and_left_untouched() {
+    let c = Cluster::new("mixed", 1, Backend::Vxlan, 1);
+    // flanneld's value for a node not running Tartan, with a field Tartan does not know.
+    let key = "/coreos.com/network/subnets/10.244.200.0-24";
+    let value = r#"{"PublicIP":"198.18.0.77","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"5a:b2:3c:4d:5e:6f"},"BackendV6Data":null,"Future":{"x":1}}"#;
+    c.lab.etcdctl(&["put", key, value]).unwrap();
+    let n1 = c.node_ns("n1");
+    let routed = || c.has_route("n1", "10.244.200.0/24");
+    assert!(wait_for(Duration::from_secs(5), routed), "{}", c.lab.routes("n1").unwrap());
+    let neigh = String::from_utf8_lossy(&c.lab.exec(&n1, &["ip", "neigh", "show", "dev", "flannel.1"]).unwrap().stdout)
+        .into_owned();
+    assert!(neigh.contains("10.244.200.0 lladdr 5a:b2:3c:4d:5e:6f"), "{neigh}");
+    let fdb = String::from_utf8_lossy(&c.lab.exec(&n1, &["bridge", "fdb", "show", "dev", "flannel.1"]).unwrap().stdout)
+        .into_owned();
+    assert!(fdb.contains("5a:b2:3c:4d:5e:6f dst 198.18.0.77"), "{fdb}");
+    // Once the agent has handled a later change (another flanneld node), the value is still flanneld's, byte for
+    // byte: nothing rewrote it.
+    let later = r#"{"PublicIP":"198.18.0.78","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"5a:b2:3c:4d:5e:70"}}"#;
+    c.lab.etcdctl(&["put", "/coreos.com/network/subnets/10.244.201.0-24", later]).unwrap();
+    assert!(wait_for(Duration::from_secs(5), || c.has_route("n1", "10.244.201.0/24")));
+    let now = c.lab.etcdctl(&["get", key, "--print-value-only"]).unwrap();
+    assert_eq!(now.trim_end(), value);
+}

@@ -99,10 +99,68 @@ struct RawBackend {
     mtu: Option<u32>,
 }
 
+/// The keys flanneld's config has (subnet/config.go), top level and in Backend (every backend's).
+const TOP_KEYS: &[&str] = &[
+    "EnableIPv4",
+    "EnableIPv6",
+    "EnableNFTables",
+    "Network",
+    "IPv6Network",
+    "Networks",
+    "IPv6Networks",
+    "SubnetMin",
+    "SubnetMax",
+    "IPv6SubnetMin",
+    "IPv6SubnetMax",
+    "SubnetLen",
+    "IPv6SubnetLen",
+    "Backend",
+];
+const BACKEND_KEYS: &[&str] = &["Type", "VNI", "Port", "GBP", "Learning", "DirectRouting", "MTU", "MacPrefix"];
+/// flanneld keys Tartan reads but does not act on: said once, like unknown ones.
+const NOT_SUPPORTED: &[&str] = &["EnableNFTables", "Networks", "IPv6Networks"];
+
 impl NetworkConfig {
     /// Parses and validates the JSON stored at `<prefix>/config`.
     pub fn parse(json: &str) -> Result<NetworkConfig, ConfigError> {
-        let raw: Raw = serde_json::from_str(json).map_err(|e| err("(document)", e.to_string()))?;
+        Self::parse_with_warnings(json).map(|(c, _)| c)
+    }
+
+    /// [`NetworkConfig::parse`], with flanneld's key matching (see [`crate::gojson`]), and what was ignored: keys
+    /// no flanneld version knows (likely misspelt) and keys Tartan does not act on, each named.
+    pub fn parse_with_warnings(json: &str) -> Result<(NetworkConfig, Vec<String>), ConfigError> {
+        let doc: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| err("(document)", format!("not valid JSON: {e}")))?;
+        if !doc.is_object() {
+            return Err(err("(document)", "is not a JSON object"));
+        }
+        let (mut doc, unknown) = crate::gojson::fold_keys(&doc, TOP_KEYS);
+        let mut warnings: Vec<String> =
+            unknown.iter().map(|k| format!("{k}: unknown key, ignored (misspelt? flanneld ignores it too)")).collect();
+        if let Some(b) = doc.get("Backend").filter(|b| b.is_object()).cloned() {
+            let (mut b, unknown) = crate::gojson::fold_keys(&b, BACKEND_KEYS);
+            warnings.extend(unknown.iter().map(|k| format!("Backend.{k}: unknown key, ignored (misspelt?)")));
+            // flanneld lower-cases the backend type.
+            if let Some(t) = b.get("Type").and_then(|t| t.as_str()).map(str::to_ascii_lowercase) {
+                b["Type"] = serde_json::Value::String(t);
+            }
+            for k in ["Learning", "MacPrefix"] {
+                if b.get(k).is_some() {
+                    warnings.push(format!("Backend.{k}: not supported by tartan-agent, ignored"));
+                }
+            }
+            doc["Backend"] = b;
+        }
+        for k in NOT_SUPPORTED {
+            if doc.get(*k).is_some() {
+                warnings.push(format!("{k}: not supported by tartan-agent, ignored"));
+            }
+        }
+        let raw: Raw = serde_json::from_value(doc).map_err(|e| err("(document)", e.to_string()))?;
+        Self::from_raw(raw).map(|c| (c, warnings))
+    }
+
+    fn from_raw(raw: Raw) -> Result<NetworkConfig, ConfigError> {
         let enable_ipv4 = raw.enable_ipv4.unwrap_or(true);
         let enable_ipv6 = raw.enable_ipv6.unwrap_or(false);
         if !enable_ipv4 && !enable_ipv6 {
@@ -257,7 +315,10 @@ fn parse_backend(v: Option<&serde_json::Value>) -> Result<BackendConfig, ConfigE
     // flanneld's own rule: no Backend at all means udp.
     let raw: RawBackend = match v {
         None => RawBackend { kind: Some("udp".into()), ..Default::default() },
-        Some(v) => serde_json::from_value(v.clone()).map_err(|e| err("Backend", e.to_string()))?,
+        Some(v) => {
+            let (v, _) = crate::gojson::fold_keys(v, BACKEND_KEYS);
+            serde_json::from_value(v).map_err(|e| err("Backend", e.to_string()))?
+        }
     };
     let kind = match raw.kind.as_deref() {
         Some("vxlan") => BackendType::Vxlan,
@@ -342,6 +403,25 @@ mod tests {
             let e = NetworkConfig::parse(json).unwrap_err();
             assert_eq!(e.field, field, "{json}: {e}");
         }
+    }
+
+    #[test]
+    fn keys_match_as_flanneld_matches_them() {
+        let (c, w) = NetworkConfig::parse_with_warnings(
+            r#"{"network":"10.244.0.0/16","subnetlen":25,"backend":{"type":"VXLAN","vni":7,"Directrouting":true,"Prot":1}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.network.unwrap().to_string(), "10.244.0.0/16");
+        assert_eq!(c.subnet_len, 25);
+        assert_eq!((c.backend.kind, c.backend.vni, c.backend.direct_routing), (BackendType::Vxlan, 7, true));
+        assert_eq!(w, ["Backend.Prot: unknown key, ignored (misspelt?)"]);
+        let (_, w) =
+            NetworkConfig::parse_with_warnings(r#"{"Network":"10.244.0.0/16","Netwrok":"x","Networks":[]}"#).unwrap();
+        assert!(w.iter().any(|m| m.starts_with("Netwrok: unknown key")), "{w:?}");
+        assert!(w.iter().any(|m| m.starts_with("Networks: not supported")), "{w:?}");
+        let e = NetworkConfig::parse("{\n  \"Network\": \"10.244.0.0/16\",\n  \"Backend\": {\"Type\": vxlan}\n}")
+            .unwrap_err();
+        assert!(e.reason.contains("line 3 column"), "{e}");
     }
 
     #[test]

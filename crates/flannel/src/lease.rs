@@ -77,14 +77,28 @@ pub struct VxlanData {
     pub vtep_mac: String,
 }
 
+const LEASE_KEYS: &[&str] = &["PublicIP", "PublicIPv6", "BackendType", "BackendData", "BackendV6Data"];
+const VXLAN_KEYS: &[&str] = &["VNI", "VtepMAC"];
+
 impl LeaseAttrs {
+    /// A lease value as another agent (flanneld or Tartan) wrote it, keys matched as flanneld's Go decoder
+    /// matches them; fields Tartan does not use are ignored and left as they are in etcd.
+    pub fn from_json(bytes: &[u8]) -> Result<LeaseAttrs, serde_json::Error> {
+        let v: serde_json::Value = serde_json::from_slice(bytes)?;
+        serde_json::from_value(crate::gojson::fold_keys(&v, LEASE_KEYS).0)
+    }
+
+    fn vxlan_of(d: Option<&serde_json::Value>) -> Option<VxlanData> {
+        serde_json::from_value(crate::gojson::fold_keys(d?, VXLAN_KEYS).0).ok()
+    }
+
     pub fn vxlan(&self) -> Option<VxlanData> {
-        self.backend_data.as_ref().and_then(|d| serde_json::from_value(d.clone()).ok())
+        Self::vxlan_of(self.backend_data.as_ref())
     }
 
     /// The IPv6 tunnel's BackendV6Data (dual stack).
     pub fn vxlan_v6(&self) -> Option<VxlanData> {
-        self.backend_v6_data.as_ref().and_then(|d| serde_json::from_value(d.clone()).ok())
+        Self::vxlan_of(self.backend_v6_data.as_ref())
     }
 }
 
@@ -100,6 +114,18 @@ mod tests {
         for bad in ["10.244.1.0", "10.244.1.5-24", "x-24", "10.244.1.0-33", "10.244.1.0-24&zz-64"] {
             assert!(bad.parse::<LeaseKey>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn leases_written_by_flanneld_or_in_other_case_are_read() {
+        // flanneld's own value, with a field Tartan does not use.
+        let v = br#"{"PublicIP":"198.18.0.9","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:42:ac:11:00:09"},"BackendV6Data":null,"Extra":true}"#;
+        let a = LeaseAttrs::from_json(v).unwrap();
+        assert_eq!(a.vxlan().unwrap().vtep_mac, "02:42:ac:11:00:09");
+        let odd =
+            br#"{"publicip":"198.18.0.9","backendtype":"vxlan","backenddata":{"vni":1,"vtepmac":"02:42:ac:11:00:09"}}"#;
+        let b = LeaseAttrs::from_json(odd).unwrap();
+        assert_eq!((b.public_ip, b.vxlan().unwrap().vni), (a.public_ip, 1));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! tools of either kind can share a cluster.
 
 mod config;
+pub mod gojson;
 mod lease;
 mod subnet_env;
 

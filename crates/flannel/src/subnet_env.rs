@@ -27,6 +27,33 @@ pub enum SubnetEnvError {
 }
 
 impl SubnetEnv {
+    /// Docker's daemon options for a host running Docker on this network, in the format of flannel's
+    /// `mk-docker-opts.sh` (its default: each option as its own variable, then all of them in `DOCKER_OPTS`):
+    /// the bridge address and MTU from the subnet, Docker's own masquerade off when flannel's is on (and on when
+    /// it is off), and IPv6 with the node's IPv6 subnet on a dual-stack network.
+    pub fn docker_opts(&self) -> String {
+        let mut opts: Vec<(&str, String)> = Vec::new();
+        if let Some(s) = self.subnet {
+            opts.push(("DOCKER_OPT_BIP", format!("--bip={s}")));
+        }
+        if let Some(m) = self.ipmasq {
+            opts.push(("DOCKER_OPT_IPMASQ", format!("--ip-masq={}", !m)));
+        }
+        if let Some(m) = self.mtu {
+            opts.push(("DOCKER_OPT_MTU", format!("--mtu={m}")));
+        }
+        if let Some(s6) = self.ipv6_subnet {
+            opts.push(("DOCKER_OPT_IPV6", format!("--ipv6 --fixed-cidr-v6={s6}")));
+        }
+        let mut out = String::new();
+        for (k, v) in &opts {
+            out += &format!("{k}=\"{v}\"\n");
+        }
+        let combined: String = opts.iter().map(|(_, v)| format!(" {v}")).collect();
+        out += &format!("DOCKER_OPTS=\"{combined}\"\n");
+        out
+    }
+
     pub fn load(path: &Path) -> Result<SubnetEnv, SubnetEnvError> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             SubnetEnvError::Missing(format!(
@@ -139,5 +166,17 @@ mod tests {
         let no_mtu = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.72.1/24\nFLANNEL_IPMASQ=true\n";
         assert!(SubnetEnv::parse(no_mtu).unwrap_err().contains("FLANNEL_MTU"));
         assert!(SubnetEnv::parse("garbage").is_err());
+    }
+
+    #[test]
+    fn docker_opts_as_mk_docker_opts_writes_them() {
+        let env = SubnetEnv::parse(
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.72.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+        )
+        .unwrap();
+        assert_eq!(
+            env.docker_opts(),
+            "DOCKER_OPT_BIP=\"--bip=10.244.72.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=false\"\nDOCKER_OPT_MTU=\"--mtu=1450\"\nDOCKER_OPTS=\" --bip=10.244.72.1/24 --ip-masq=false --mtu=1450\"\n"
+        );
     }
 }
