@@ -125,6 +125,16 @@ impl Dataplane {
         Ok(Dataplane { rt: Rtnl::new()?, ext, backend, families })
     }
 
+    /// The devices this dataplane owns (vxlan: flannel.<VNI>, and flannel-v6.<VNI> with dual stack).
+    pub fn devices(&self) -> Vec<String> {
+        self.families.iter().filter(|f| f.vtep_mac.is_some()).map(|f| self.device_name(f.v6)).collect()
+    }
+
+    /// Deletes a device (another dataplane's, after a backend change); false if it was not there.
+    pub fn delete_device(&mut self, name: &str) -> Result<bool> {
+        Ok(self.rt.link_del_name(name)?)
+    }
+
     fn device_name(&self, v6: bool) -> String {
         if v6 {
             format!("flannel-v6.{}", self.backend.vni)
@@ -265,6 +275,10 @@ impl Dataplane {
         for (k, a) in leases.iter().filter(|(k, _)| k.subnet != own.subnet) {
             // An IPv4-only lease on a dual-stack network has no IPv6 side to route.
             let Some((subnet, public, vtep)) = self.families[fi].of(k, a) else { continue };
+            // A lease outside the network is one a config change left behind (its node is moving): not routed.
+            if !network.contains(&subnet) {
+                continue;
+            }
             let direct = match self.backend.kind {
                 BackendType::HostGw => true,
                 _ => self.backend.direct_routing,

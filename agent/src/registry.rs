@@ -74,6 +74,12 @@ impl Registry {
         Ok(ok)
     }
 
+    /// Gives a lease up (its subnet is free for another node at once).
+    pub async fn release(&mut self, k: &LeaseKey) -> Result<()> {
+        self.client.delete(self.key(k), None).await?;
+        Ok(())
+    }
+
     /// Renews our lease: a fresh TTL and our current attributes (flanneld re-puts the key with a new etcd lease).
     pub async fn renew(&mut self, k: &LeaseKey, attrs: &LeaseAttrs, ttl: u64) -> Result<()> {
         let lease = self.client.lease_grant(ttl as i64, None).await?.id();

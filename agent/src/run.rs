@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use flannel::{LeaseAttrs, LeaseKey, NetworkConfig, SubnetEnv};
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::acquire::{choose, Choice};
 use crate::dataplane::{Dataplane, Report};
@@ -44,6 +44,9 @@ enum Cmd {
     },
     /// Something was deleted in the kernel: check now rather than at the next periodic resync.
     Drift,
+    /// The network config changed the backend: carry on with this dataplane, and delete the old one's devices that
+    /// the new one does not use (their routes, neighbours and FDB entries go with them).
+    Replace(Box<Dataplane>),
 }
 
 /// Watches the kernel for deleted links, neighbours and routes (someone removing ours by hand, a device going
@@ -93,6 +96,7 @@ fn spawn_dataplane(mut dp: Dataplane, resync: Duration, health: SharedHealth) ->
 
 fn dataplane_loop(dp: &mut Dataplane, rx: &mpsc::Receiver<Cmd>, resync: Duration, health: &SharedHealth) {
     let mut last: Option<(LeaseKey, Leases)> = None;
+    let mut retire: Vec<String> = Vec::new();
     loop {
         let cmd = match rx.recv_timeout(resync) {
             Ok(c) => Some(c),
@@ -112,6 +116,15 @@ fn dataplane_loop(dp: &mut Dataplane, rx: &mpsc::Receiver<Cmd>, resync: Duration
                 last = Some((own, leases));
                 reply
             }
+            Some(Cmd::Replace(new)) => {
+                let old = dp.devices();
+                *dp = *new;
+                let kept = dp.devices();
+                // Deleted only after the new dataplane's routes replaced theirs (below), so that no subnet is
+                // without a route in between.
+                retire = old.into_iter().filter(|n| !kept.contains(n)).collect();
+                None
+            }
             Some(Cmd::Drift) | None => None,
         };
         let Some((own, leases)) = &last else { continue };
@@ -120,6 +133,12 @@ fn dataplane_loop(dp: &mut Dataplane, rx: &mpsc::Receiver<Cmd>, resync: Duration
             r.changes += c;
             Ok(r)
         });
+        for name in std::mem::take(&mut retire) {
+            match dp.delete_device(&name) {
+                Ok(_) => log(format!("removed {name}: the backend changed")),
+                Err(e) => log(format!("removing {name}: {e:#}")),
+            }
+        }
         {
             let mut h = health.lock().unwrap();
             match &res {
@@ -282,12 +301,13 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
     let tls =
         Tls::from_files(opts.etcd_cafile.as_deref(), opts.etcd_certfile.as_deref(), opts.etcd_keyfile.as_deref())?;
     let mut reg = connect(&opts, tls.as_ref()).await;
-    let cfg = wait_config(&mut reg, &opts, &health).await;
-    let network = cfg.network.context("EnableIPv4 is false: IPv6-only networks are not supported (dual stack is)")?;
+    let mut cfg = wait_config(&mut reg, &opts, &health).await;
+    let mut network =
+        cfg.network.context("EnableIPv4 is false: IPv6-only networks are not supported (dual stack is)")?;
     let network6 = if cfg.enable_ipv6 { cfg.ipv6_network } else { None };
     let dp = Dataplane::new(ext.clone(), cfg.backend.clone(), network, network6, &opts.state_dir)?;
-    let mtu = dp.mtu();
-    let attrs = LeaseAttrs {
+    let mut mtu = dp.mtu();
+    let mut attrs = LeaseAttrs {
         public_ip: ext.public_ip,
         // flanneld writes null here unless the network is dual stack.
         public_ipv6: network6.and(ext.public_ipv6),
@@ -305,7 +325,7 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
         }),
         _ => None,
     });
-    let own = acquire(&mut reg, &cfg, &attrs, previous, opts.lease_ttl).await?;
+    let mut own = acquire(&mut reg, &cfg, &attrs, previous, opts.lease_ttl).await?;
     log(format!("acquired lease {own}"));
     health.lock().unwrap().lease = Some(own.to_string());
 
@@ -326,42 +346,20 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
     } else {
         None
     };
-    let update_udp = |leases: &Leases| {
+    let update_udp = |own: &LeaseKey, leases: &Leases| {
         if let Some(r) = &udp_routes {
             *r.write().unwrap() = crate::udp::routes_of(&own.subnet, leases);
         }
     };
     apply(&dp_tx, own, &leases)?;
-    // (network, this node's subnet) per family.
-    let mut families = vec![(IpNet::V4(network), IpNet::V4(own.subnet))];
-    if let (Some(n6), Some(s6)) = (network6, own.ipv6_subnet) {
-        families.push((IpNet::V6(n6), IpNet::V6(s6)));
-    }
-    for (n, s) in &families {
+    // (network, this node's subnet) per family; shared with the rules' resync, which follows config changes.
+    let families = Arc::new(Mutex::new(families_of(network, network6, &own)));
+    for (n, s) in families.lock().unwrap().iter() {
         crate::rules::sync(*n, *s, opts.ip_masq).context("installing the FLANNEL-* rules")?;
     }
 
     // Only now, with routes and rules in place, may pods be wired.
-    let first = |s: IpNet| -> Result<IpNet> {
-        let addr = match s.network() {
-            IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(u32::from(a) + 1)),
-            IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a) + 1)),
-        };
-        Ok(IpNet::new(addr, s.prefix_len())?)
-    };
-    let env = SubnetEnv {
-        network: Some(IpNet::V4(network)),
-        subnet: Some(first(IpNet::V4(own.subnet))?),
-        ipv6_network: network6.map(IpNet::V6),
-        ipv6_subnet: own.ipv6_subnet.map(|s| first(IpNet::V6(s))).transpose()?,
-        mtu: Some(mtu),
-        ipmasq: Some(opts.ip_masq),
-    };
-    env.write_atomic(&opts.subnet_file).with_context(|| format!("writing {}", opts.subnet_file.display()))?;
-    if let Some(path) = &opts.docker_opts_file {
-        atomic_file::write(path, env.docker_opts().as_bytes())
-            .with_context(|| format!("writing Docker's options to {}", path.display()))?;
-    }
+    write_subnet_env(&opts, network, network6, &own, mtu)?;
     {
         let mut h = health.lock().unwrap();
         h.ready = true;
@@ -374,7 +372,7 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
         node: opts.node_name.clone().unwrap_or_else(hostname),
         public_ip: IpAddr::V4(ext.public_ip),
         public_ipv6: attrs.public_ipv6.map(IpAddr::V6),
-        pod_cidrs: families.iter().map(|(_, s)| s.to_string()).collect(),
+        pod_cidrs: families.lock().unwrap().iter().map(|(_, s)| s.to_string()).collect(),
         run_dir: opts.run_dir.clone(),
     };
     let (store_eps, store_prefix, store_tls) = (opts.etcd_endpoints.clone(), opts.store_prefix.clone(), tls.clone());
@@ -396,10 +394,11 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
     // The rules: resynced every --iptables-resync seconds (someone may flush them).
     let resync = Duration::from_secs(opts.iptables_resync.max(1));
     let masq = opts.ip_masq;
+    let resync_families = families.clone();
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(resync).await;
-            let fams = families.clone();
+            let fams = resync_families.lock().unwrap().clone();
             let r = tokio::task::spawn_blocking(move || {
                 fams.iter().try_for_each(|(n, s)| crate::rules::sync(*n, *s, masq))
             })
@@ -416,13 +415,16 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
     let renew_after = Duration::from_secs(if margin < ttl { ttl - margin } else { (ttl / 2).max(1) });
     let retry = Duration::from_secs((ttl / 10).clamp(1, 60));
     let (endpoints, prefix) = (opts.etcd_endpoints.clone(), opts.etcd_prefix.clone());
-    let renew_attrs = attrs.clone();
+    // The lease renewed: ours, as config changes leave it.
+    let lease = Arc::new(Mutex::new((own, attrs.clone())));
+    let renew_lease = lease.clone();
     let renew_tls = tls.clone();
     tokio::spawn(async move {
         let mut wait = renew_after;
         let mut failing = false;
         loop {
             tokio::time::sleep(wait).await;
+            let (own, renew_attrs) = renew_lease.lock().unwrap().clone();
             let res = async {
                 let mut r = Registry::connect(&endpoints, &prefix, renew_tls.as_ref()).await?;
                 r.renew(&own, &renew_attrs, ttl).await
@@ -444,12 +446,46 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
         }
     });
 
-    // Follow the other leases, with the store's one list+watch loop: it reconnects to whichever etcd member answers
-    // and re-lists after a compaction; a listing replaces what we had.
-    let mut follower = store::Follower::new(&opts.etcd_endpoints, &reg.subnets_prefix(), tls.clone());
+    // Follow the config and the other leases, with the store's one list+watch loop: it reconnects to whichever
+    // etcd member answers and re-lists after a compaction; a listing replaces what we had.
+    let config_key = format!("{}/config", opts.etcd_prefix.trim_end_matches('/'));
+    let mut follower = store::Follower::new(
+        &opts.etcd_endpoints,
+        &format!("{}/", opts.etcd_prefix.trim_end_matches('/')),
+        tls.clone(),
+    );
     loop {
         let mut changed = false;
-        match follower.next().await {
+        let update = follower.next().await;
+        // The config first: a changed backend or network is reconciled before the leases are applied.
+        let new_config = match &update {
+            store::Raw::Reset(kvs) => kvs.iter().find(|kv| kv.key == config_key).map(|kv| kv.value.clone()),
+            store::Raw::Events(evs) => evs.iter().rev().find_map(|ev| match ev {
+                store::RawEvent::Put(kv) if kv.key == config_key => Some(kv.value.clone()),
+                _ => None,
+            }),
+            store::Raw::Unavailable { .. } => None,
+        };
+        if let Some(text) = new_config {
+            let mut live = Live {
+                cfg: &mut cfg,
+                network: &mut network,
+                network6,
+                own: &mut own,
+                attrs: &mut attrs,
+                mtu: &mut mtu,
+            };
+            if live.change(&String::from_utf8_lossy(&text), &opts, &ext, &mut reg, &dp_tx).await? {
+                *lease.lock().unwrap() = (own, attrs.clone());
+                *families.lock().unwrap() = families_of(network, network6, &own);
+                health.lock().unwrap().lease = Some(own.to_string());
+                // A lease we left behind is no remote node's.
+                leases.retain(|k, a| *k == own || a.public_ip != attrs.public_ip);
+                leases.insert(own, attrs.clone());
+                changed = true;
+            }
+        }
+        match update {
             store::Raw::Reset(kvs) => {
                 let mut listed: Leases = kvs.iter().filter_map(|kv| reg.parse(kv.key.as_bytes(), &kv.value)).collect();
                 match listed.get(&own) {
@@ -499,9 +535,153 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
             }
         }
         if changed {
-            update_udp(&leases);
+            update_udp(&own, &leases);
             let _ = dp_tx.send(Cmd::Apply { own, leases: leases.clone(), reply: None });
         }
+    }
+}
+
+/// (network, this node's subnet) per family.
+fn families_of(network: Ipv4Net, network6: Option<Ipv6Net>, own: &LeaseKey) -> Vec<(IpNet, IpNet)> {
+    let mut v = vec![(IpNet::V4(network), IpNet::V4(own.subnet))];
+    if let (Some(n6), Some(s6)) = (network6, own.ipv6_subnet) {
+        v.push((IpNet::V6(n6), IpNet::V6(s6)));
+    }
+    v
+}
+
+/// subnet.env (and Docker's options, when asked for) for `own`: the first address of each subnet is the gateway.
+fn write_subnet_env(
+    opts: &Options,
+    network: Ipv4Net,
+    network6: Option<Ipv6Net>,
+    own: &LeaseKey,
+    mtu: u32,
+) -> Result<()> {
+    let first = |s: IpNet| -> Result<IpNet> {
+        let addr = match s.network() {
+            IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(u32::from(a) + 1)),
+            IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a) + 1)),
+        };
+        Ok(IpNet::new(addr, s.prefix_len())?)
+    };
+    let env = SubnetEnv {
+        network: Some(IpNet::V4(network)),
+        subnet: Some(first(IpNet::V4(own.subnet))?),
+        ipv6_network: network6.map(IpNet::V6),
+        ipv6_subnet: own.ipv6_subnet.map(|s| first(IpNet::V6(s))).transpose()?,
+        mtu: Some(mtu),
+        ipmasq: Some(opts.ip_masq),
+    };
+    env.write_atomic(&opts.subnet_file).with_context(|| format!("writing {}", opts.subnet_file.display()))?;
+    if let Some(path) = &opts.docker_opts_file {
+        atomic_file::write(path, env.docker_opts().as_bytes())
+            .with_context(|| format!("writing Docker's options to {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// What changed between two configs, for the log.
+fn describe_change(old: &NetworkConfig, new: &NetworkConfig) -> String {
+    let mut v = Vec::new();
+    let mut diff = |what: &str, a: String, b: String| {
+        if a != b {
+            v.push(format!("{what} {a} -> {b}"));
+        }
+    };
+    diff("Network", format!("{:?}", old.network), format!("{:?}", new.network));
+    diff("SubnetLen", old.subnet_len.to_string(), new.subnet_len.to_string());
+    diff("SubnetMin", old.subnet_min.to_string(), new.subnet_min.to_string());
+    diff("SubnetMax", old.subnet_max.to_string(), new.subnet_max.to_string());
+    diff("Backend.Type", old.backend.kind.as_str().into(), new.backend.kind.as_str().into());
+    diff("Backend.VNI", old.backend.vni.to_string(), new.backend.vni.to_string());
+    diff("Backend.Port", old.backend.port.to_string(), new.backend.port.to_string());
+    diff("Backend.DirectRouting", old.backend.direct_routing.to_string(), new.backend.direct_routing.to_string());
+    diff("Backend.MTU", format!("{:?}", old.backend.mtu), format!("{:?}", new.backend.mtu));
+    if v.is_empty() {
+        "no field Tartan uses".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// The parts of the agent's state a config change can move. flanneld reads its config once and needs a restart
+/// for a new one (which re-creates its device and may move its lease); Tartan reconciles in place instead: a new
+/// backend is a new dataplane that replaces routes one by one (`ip route replace`) before the old device is
+/// deleted, so subnets that did not change keep a route throughout; a new network moves the lease.
+struct Live<'a> {
+    cfg: &'a mut NetworkConfig,
+    network: &'a mut Ipv4Net,
+    network6: Option<Ipv6Net>,
+    own: &'a mut LeaseKey,
+    attrs: &'a mut LeaseAttrs,
+    mtu: &'a mut u32,
+}
+
+impl Live<'_> {
+    /// Applies the config `text` if it differs from the one in force. Ok(true): something changed.
+    async fn change(
+        &mut self,
+        text: &str,
+        opts: &Options,
+        ext: &crate::external::External,
+        reg: &mut Registry,
+        dp_tx: &mpsc::Sender<Cmd>,
+    ) -> Result<bool> {
+        let keep = |why: String| {
+            log(format!("the network config at {}/config changed: {why}; keeping the one in force", opts.etcd_prefix));
+            Ok(false)
+        };
+        let (new, warnings) = match NetworkConfig::parse_with_warnings(text) {
+            Ok(c) => c,
+            Err(e) => return keep(format!("the new one is invalid ({e})")),
+        };
+        if new == *self.cfg {
+            return Ok(false);
+        }
+        let Some(new_network) = new.network else { return keep("IPv6-only networks are not supported".into()) };
+        let new6 = if new.enable_ipv6 { new.ipv6_network } else { None };
+        if new6 != self.network6 {
+            return keep("EnableIPv6 and IPv6Network take a restart to change".into());
+        }
+        let udp = |c: &NetworkConfig| c.backend.kind == flannel::BackendType::Udp;
+        if (udp(self.cfg) || udp(&new)) && new.backend != self.cfg.backend {
+            return keep("changing to, from or within the udp backend takes a restart".into());
+        }
+        for w in warnings {
+            log(format!("network config ({}/config): {w}", opts.etcd_prefix));
+        }
+        log(format!("network config changed: {}; reconciling", describe_change(self.cfg, &new)));
+        let fits = new.fits(&self.own.subnet);
+        if !fits {
+            // The old network's remote routes go first: the new dataplane only knows the new network.
+            apply(dp_tx, *self.own, &Leases::new())?;
+        }
+        if new.backend != self.cfg.backend || !fits {
+            let dp = Dataplane::new(ext.clone(), new.backend.clone(), new_network, new6, &opts.state_dir)?;
+            *self.mtu = dp.mtu();
+            self.attrs.backend_type = new.backend.kind.as_str().to_string();
+            self.attrs.backend_data = dp.backend_data();
+            self.attrs.backend_v6_data = dp.backend_v6_data();
+            dp_tx.send(Cmd::Replace(Box::new(dp))).context("dataplane thread gone")?;
+        }
+        if fits {
+            // Other nodes learn our new backend data from the lease.
+            reg.renew(self.own, self.attrs, opts.lease_ttl).await?;
+        } else {
+            let old = *self.own;
+            let moved = acquire(reg, &new, self.attrs, None, opts.lease_ttl).await?;
+            reg.release(&old).await?;
+            log(format!("the network moved: lease {old} released, {moved} acquired"));
+            *self.own = moved;
+        }
+        *self.network = new_network;
+        *self.cfg = new;
+        for (n, s) in families_of(*self.network, self.network6, self.own) {
+            crate::rules::sync(n, s, opts.ip_masq).context("rewriting the FLANNEL-* rules")?;
+        }
+        write_subnet_env(opts, *self.network, self.network6, self.own, *self.mtu)?;
+        Ok(true)
     }
 }
 

@@ -615,3 +615,71 @@ fn a_lease_written_by_flanneld_is_routed_to_and_left_untouched() {
     let now = c.lab.etcdctl(&["get", key, "--print-value-only"]).unwrap();
     assert_eq!(now.trim_end(), value);
 }
+
+#[test]
+fn a_live_change_of_backend_and_network_is_reconciled_without_a_restart() {
+    let mut c = Cluster::new("live", 2, Backend::Vxlan, 1);
+    let ips = c.pods(&["n1", "n2"]);
+    assert!(c.lab.ping(&c.pod_ns(0), &ips[1]).unwrap());
+    let pids: Vec<u32> = c.lab.state.processes.clone();
+    let n1 = c.node_ns("n1");
+    let link =
+        |c: &Cluster, name: &str| c.lab.exec_status(&n1, &["ip", "link", "show", name]).unwrap().status.success();
+    let leases = |c: &Cluster| c.lab.etcdctl(&["get", "--prefix", "/coreos.com/network/subnets/"]).unwrap();
+
+    // A new VNI: flannel.7 replaces flannel.1, every lease says so, and the pods keep talking over it.
+    c.lab
+        .put_network_config(&serde_json::json!({"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": 7}}))
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || link(&c, "flannel.7") && !link(&c, "flannel.1")),
+        "{}",
+        c.agent_log("n1")
+    );
+    assert!(wait_for(Duration::from_secs(10), || leases(&c).matches("\"VNI\":7").count() == 2), "{}", leases(&c));
+    assert!(wait_for(Duration::from_secs(10), || c.lab.ping(&c.pod_ns(0), &ips[1]).unwrap()), "pods over VNI 7");
+    let wire = c.wire("n1", 0, &ips.clone()[1], "udp port 8472").join("\n");
+    assert!(wire.contains("instance 7"), "{wire}");
+
+    // host-gw: no tunnel device, a direct route, the same pods.
+    c.lab.put_network_config(&serde_json::json!({"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}})).unwrap();
+    let sn2 = c.subnet_of("n2");
+    let direct = |c: &Cluster| {
+        let routes = c.lab.routes("n1").unwrap();
+        routes.as_array().unwrap().iter().any(|r| r["dst"] == sn2 && r["gateway"] == "198.18.0.2" && r["dev"] == "eth0")
+    };
+    assert!(wait_for(Duration::from_secs(10), || !link(&c, "flannel.7") && direct(&c)), "{}", c.agent_log("n1"));
+    assert!(wait_for(Duration::from_secs(10), || c.lab.ping(&c.pod_ns(0), &ips[1]).unwrap()), "pods over host-gw");
+
+    // A new network: every node moves its lease (the old ones released) and subnet.env follows.
+    c.lab.put_network_config(&serde_json::json!({"Network": "10.245.0.0/16", "Backend": {"Type": "host-gw"}})).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(15), || {
+            let l = leases(&c);
+            l.matches("/coreos.com/network/subnets/10.245.").count() == 2 && !l.contains("subnets/10.244.")
+        }),
+        "{}",
+        leases(&c)
+    );
+    for n in ["n1", "n2"] {
+        assert!(wait_for(Duration::from_secs(5), || c.subnet_of(n).starts_with("10.245.")), "{n}: {}", c.agent_log(n));
+    }
+    let sn2 = c.subnet_of("n2");
+    assert!(wait_for(Duration::from_secs(10), || c.has_route("n1", &sn2)), "{}", c.lab.routes("n1").unwrap());
+    let routes = c.lab.routes("n1").unwrap();
+    let old: Vec<&serde_json::Value> = routes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["gateway"].is_string() && r["dst"].as_str().is_some_and(|d| d.starts_with("10.244.")))
+        .collect();
+    assert!(old.is_empty(), "no route through another node into the old network: {old:?}");
+    // No restart: every process the lab started is the one it started, and says what it did.
+    for pid in pids {
+        assert!(
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z ")),
+            "{pid} exited"
+        );
+    }
+    assert!(c.agent_log("n1").contains("network config changed: Network"), "{}", c.agent_log("n1"));
+}
