@@ -4,6 +4,7 @@
 //! store), and for the flannel meta-plugin when no subnet is configured (the node subnet comes from subnet.env).
 //! `main.rs` only moves bytes; [`run`] is the whole plugin, so tests drive it in-process too.
 
+pub mod calllog;
 mod cmd;
 pub mod config;
 mod delegate;

@@ -610,3 +610,35 @@ fn named_pods_are_recorded_for_the_agent_and_forgotten_on_del_and_gc() {
     assert!(t.plugin("GC", "", None, "", &gc).success);
     assert_eq!(std::fs::read_dir(&pods).unwrap().count(), 0, "GC forgets ctr-b");
 }
+
+#[test]
+fn a_log_file_gets_one_line_per_call_and_nothing_else_does() {
+    let mut t = OneNode::new("calllog");
+    let a = t.pod_ns("a");
+    let log = t.node.root.join("tartan-cni.log");
+    let conf = t.conf("10.98.0.0/24", json!({"logFile": log}));
+    let r = t.add("c1", &a, &conf);
+    assert!(r["ips"].is_array(), "stdout is the result alone: {r}");
+    t.del("c1", Some(&a), &conf);
+    let mut bad = conf.clone();
+    bad["ipam"]["ranges"][0][0]["subnet"] = json!("10.98.0.0/33");
+    let refused = t.plugin("ADD", "c2", Some(&a), "eth0", &bad);
+    assert_eq!(refused.error_code(), Some(7));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    let netns = format!("netns=/run/netns/{a}");
+    assert!(lines[0].contains("command=ADD container=c1") && lines[0].contains(&netns), "{}", lines[0]);
+    assert!(lines[0].contains("ifname=eth0 result=ok duration_ms="), "{}", lines[0]);
+    assert!(lines[1].contains("command=DEL container=c1") && lines[1].contains("result=ok"), "{}", lines[1]);
+    assert!(
+        lines[2].contains("command=ADD container=c2 ") && lines[2].contains("result=error code=7 msg="),
+        "{}",
+        lines[2]
+    );
+    // Without logFile the plugin writes no file of its own.
+    let quiet = t.conf("10.98.0.0/24", json!({}));
+    let b = t.pod_ns("b");
+    t.add("c3", &b, &quiet);
+    assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 3);
+}
