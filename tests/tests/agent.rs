@@ -620,7 +620,8 @@ fn a_lease_written_by_flanneld_is_routed_to_and_left_untouched() {
 fn a_live_change_of_backend_and_network_is_reconciled_without_a_restart() {
     let mut c = Cluster::new("live", 2, Backend::Vxlan, 1);
     let ips = c.pods(&["n1", "n2"]);
-    assert!(c.lab.ping(&c.pod_ns(0), &ips[1]).unwrap());
+    // n1 learns n2's lease through its watch: wait for the route rather than race it.
+    assert!(wait_for(Duration::from_secs(10), || c.lab.ping(&c.pod_ns(0), &ips[1]).unwrap()), "pods before any change");
     let pids: Vec<u32> = c.lab.state.processes.clone();
     let n1 = c.node_ns("n1");
     let link =
