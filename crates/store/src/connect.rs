@@ -15,6 +15,8 @@ use etcd_client::{
     PutOptions, PutResponse, TlsOptions, Txn, TxnResponse, WatchOptions, WatchStream,
 };
 
+use rand::Rng;
+
 use crate::StoreError;
 
 /// etcd TLS material (CA, client certificate and key, PEM), read once at start.
@@ -37,6 +39,13 @@ impl Tls {
         let ca = ca.map(read).transpose()?;
         Ok((ca.is_some() || identity.is_some()).then_some(Tls { ca, identity }))
     }
+}
+
+/// Bounded exponential backoff with jitter: 200 ms doubling up to `max`, each between half and all of that, so
+/// that every node of a cluster does not retry in step after an etcd outage.
+pub fn backoff(failures: u32, max: Duration) -> Duration {
+    let base = Duration::from_millis(200).saturating_mul(1 << failures.min(10)).min(max);
+    base.mul_f64(rand::rng().random_range(0.5..=1.0))
 }
 
 /// Keys per page of a listing: one etcd response is capped at 4 MiB by gRPC, which 10 000 Services exceed.
@@ -154,7 +163,7 @@ impl Etcd {
                 Ok(v) => return Ok(v),
                 Err(e) if transient(&e) && attempt + 1 < ATTEMPTS => {
                     attempt += 1;
-                    tokio::time::sleep(crate::backoff(attempt, Duration::from_secs(2))).await;
+                    tokio::time::sleep(backoff(attempt, Duration::from_secs(2))).await;
                     // No member answering yet is no reason to stop: the next attempt probes again.
                     let _ = self.reconnect().await;
                 }
@@ -287,4 +296,22 @@ impl Etcd {
 /// A client for the comma-separated `endpoints` (see [`Etcd`]).
 pub async fn connect(endpoints: &str, tls: Option<&Tls>) -> Result<Etcd, StoreError> {
     Etcd::connect(endpoints, tls).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_bounded_and_jittered() {
+        let max = Duration::from_secs(5);
+        for f in 0..40 {
+            let b = backoff(f, max);
+            assert!(b <= max, "{f}: {b:?}");
+            assert!(b >= Duration::from_millis(100), "{f}: {b:?}");
+        }
+        assert!(backoff(12, max) >= Duration::from_millis(2500));
+        let samples: std::collections::BTreeSet<Duration> = (0..20).map(|_| backoff(5, max)).collect();
+        assert!(samples.len() > 1, "jittered");
+    }
 }

@@ -6,7 +6,6 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use kube_objects::Object;
-use rand::Rng;
 
 use crate::follow::{Follower, Raw, RawEvent};
 use crate::watch::parse_key;
@@ -23,13 +22,6 @@ pub enum Update {
     Invalid { key: String, reason: String },
     /// The store could not be reached or answered with an error; the informer tries again after `retry_in`.
     Unavailable { error: String, retry_in: Duration },
-}
-
-/// Bounded exponential backoff with jitter: 200 ms doubling up to `max`, each between half and all of that, so
-/// that every node of a cluster does not retry in step after an etcd outage.
-pub fn backoff(failures: u32, max: Duration) -> Duration {
-    let base = Duration::from_millis(200).saturating_mul(1 << failures.min(10)).min(max);
-    base.mul_f64(rand::rng().random_range(0.5..=1.0))
 }
 
 pub struct Informer {
@@ -92,23 +84,5 @@ impl Informer {
                 Raw::Unavailable { error, retry_in } => return Update::Unavailable { error, retry_in },
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_is_bounded_and_jittered() {
-        let max = Duration::from_secs(5);
-        for f in 0..40 {
-            let b = backoff(f, max);
-            assert!(b <= max, "{f}: {b:?}");
-            assert!(b >= Duration::from_millis(100), "{f}: {b:?}");
-        }
-        assert!(backoff(12, max) >= Duration::from_millis(2500));
-        let samples: std::collections::BTreeSet<Duration> = (0..20).map(|_| backoff(5, max)).collect();
-        assert!(samples.len() > 1, "jittered");
     }
 }

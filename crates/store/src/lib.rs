@@ -20,9 +20,9 @@ mod informer;
 mod store;
 mod watch;
 
-pub use connect::{connect, transient, Etcd, Tls};
+pub use connect::{backoff, connect, transient, Etcd, Tls};
 pub use error::StoreError;
 pub use follow::{Follower, Kv, Raw, RawEvent};
-pub use informer::{backoff, Informer, Update};
+pub use informer::{Informer, Update};
 pub use store::{Outcome, Store, StoreConfig, DEFAULT_PREFIX};
 pub use watch::{Event, Watcher};

@@ -245,9 +245,10 @@ impl IptablesDataplane {
         if full {
             Self::ensure_bridge_nf()?;
         }
-        let (ports4, ports6): (Vec<ServicePort>, Vec<ServicePort>) =
-            ports.iter().cloned().partition(|p| p.cluster_ip.is_ipv4());
-        let mut desired = rules::render(&ports4, &self.opts[0]);
+        // Per family, by reference: a sync must not copy every Service port of the cluster.
+        let (ports4, ports6): (Vec<&ServicePort>, Vec<&ServicePort>) =
+            ports.iter().partition(|p| p.cluster_ip.is_ipv4());
+        let mut desired = rules::render(ports4, &self.opts[0]);
         render_policy(policy, false, &mut desired);
         let want_sets = sets::ipsets(&policy.sets);
         // Sets first (the rules refer to them), rules next, unused sets last (once no rule refers to them).
@@ -272,7 +273,7 @@ impl IptablesDataplane {
         let mut last6 = None;
         let mut text6 = None;
         if v6_pods || !ports6.is_empty() || previous6.is_some() {
-            let mut desired6 = rules::render(&ports6, &self.opts[1]);
+            let mut desired6 = rules::render(ports6.iter().copied(), &self.opts[1]);
             render_policy(policy, true, &mut desired6);
             let full6 = full || previous6.is_none();
             text6 = Some(Self::write(&self.ipt6, &desired6, if full6 { None } else { previous6.as_ref() })?);

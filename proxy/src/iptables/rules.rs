@@ -106,7 +106,7 @@ pub struct Options {
 }
 
 /// The ruleset for `ports`.
-pub fn render(ports: &[ServicePort], opts: &Options) -> Rules {
+pub fn render<'a>(ports: impl IntoIterator<Item = &'a ServicePort>, opts: &Options) -> Rules {
     let cluster_cidr = opts.cluster_cidr;
     let mut r = Rules::default();
     let mark = mark();
