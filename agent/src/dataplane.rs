@@ -65,6 +65,21 @@ pub struct Report {
     pub unreachable: Vec<(LeaseKey, IpAddr)>,
     /// Kernel objects written or removed.
     pub changes: usize,
+    /// The same, by kind (device, neighbour, fdb, route).
+    pub by_kind: BTreeMap<&'static str, usize>,
+    /// What the leases ask for, held once the reconcile succeeded.
+    pub routes: usize,
+    pub neighbours: usize,
+    pub fdb: usize,
+}
+
+impl Report {
+    pub fn count(&mut self, kind: &'static str, n: usize) {
+        if n > 0 {
+            self.changes += n;
+            *self.by_kind.entry(kind).or_default() += n;
+        }
+    }
 }
 
 pub fn mac_string(m: &[u8]) -> String {
@@ -200,7 +215,7 @@ impl Dataplane {
                 x.vni == self.backend.vni && x.port == self.backend.port && x.local == Some(local) && !x.learning
             });
             if !ok {
-                eprintln!("tartan-agent: {name} does not match the config (VNI, port or local address); recreating it");
+                tracing::warn!(device = %name, "does not match the config (VNI, port or local address); recreating it");
                 self.rt.link_del(d.index)?;
                 dev = None;
             }
@@ -296,9 +311,12 @@ impl Dataplane {
                     r.onlink = true;
                     want_routes.insert(subnet, r);
                 }
-                (Some(_), None) => {
-                    eprintln!("tartan-agent: lease {k} has no vxlan VtepMAC for {subnet} ({}); skipped", a.backend_type)
-                }
+                (Some(_), None) => tracing::warn!(
+                    lease = %k,
+                    %subnet,
+                    backend = %a.backend_type,
+                    "the lease has no vxlan VtepMAC; skipped"
+                ),
                 (None, _) => report.unreachable.push((*k, public)),
             }
         }
@@ -315,7 +333,7 @@ impl Dataplane {
             for (ip, mac) in &want_neigh {
                 if have.get(ip).map(Vec::as_slice) != Some(&mac[..]) {
                     self.rt.neigh_replace(dev.index, *ip, mac)?;
-                    report.changes += 1;
+                    report.count("neighbour", 1);
                 }
             }
             let fdb: Vec<(Vec<u8>, IpAddr)> =
@@ -323,22 +341,25 @@ impl Dataplane {
             for (mac, ip) in &want_fdb {
                 if !fdb.iter().any(|(m, d)| m == mac && d == ip) {
                     self.rt.fdb_replace(dev.index, mac, *ip)?;
-                    report.changes += 1;
+                    report.count("fdb", 1);
                 }
             }
             for (mac, dst) in &fdb {
                 let wanted = mac.as_slice().try_into().ok().and_then(|m: [u8; 6]| want_fdb.get(&m)).copied();
                 if wanted != Some(*dst) {
                     let _ = self.rt.fdb_del(dev.index, mac, *dst);
-                    report.changes += 1;
+                    report.count("fdb", 1);
                 }
             }
             for ip in have.keys().filter(|ip| !want_neigh.contains_key(ip)) {
                 let _ = self.rt.neigh_del(dev.index, *ip);
-                report.changes += 1;
+                report.count("neighbour", 1);
             }
         }
 
+        report.routes += want_routes.len();
+        report.neighbours += want_neigh.len();
+        report.fdb += want_fdb.len();
         let ours: BTreeSet<u32> = dev.iter().map(|d| d.index).chain([self.ext.index]).collect();
         let routes = self.rt.routes(false)?;
         for (subnet, want) in &want_routes {
@@ -347,7 +368,7 @@ impl Dataplane {
                 .any(|r| r.dst == *subnet && r.gateway == want.gateway && r.oif == want.oif && r.onlink == want.onlink);
             if !found {
                 self.rt.route_replace(want)?;
-                report.changes += 1;
+                report.count("route", 1);
             }
         }
         // Routes into the cluster network through our devices that no lease asks for any more.
@@ -356,7 +377,7 @@ impl Dataplane {
                 let mut del = RouteSpec::new(r.dst);
                 del.oif = r.oif;
                 let _ = self.rt.route_del(&del);
-                report.changes += 1;
+                report.count("route", 1);
             }
         }
         Ok(())

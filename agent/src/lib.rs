@@ -3,6 +3,7 @@
 pub mod acquire;
 pub mod dataplane;
 pub mod external;
+pub mod metrics;
 pub mod options;
 pub mod publish;
 pub mod registry;

@@ -1,43 +1,56 @@
 //! `tartan-agent`: flanneld's flags in, a node wired into the cluster network out.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
+use tartan_agent::metrics::Status;
 use tartan_agent::options::{normalize_args, refused, Options};
-use tartan_agent::run::{run, serve_health, Health};
+use tartan_agent::run::run;
 
 fn main() {
     let args = normalize_args(std::env::args());
+    // Usage errors are said before logging exists, the way clap says its own.
     if let Some(msg) = refused(&args, |k| std::env::var(k).ok()) {
         eprintln!("tartan-agent: {msg}");
         std::process::exit(2);
     }
     let opts = Options::parse_from(args);
+    if let Err(e) = telemetry::init_logging(&opts.log) {
+        eprintln!("tartan-agent: {e}");
+        std::process::exit(2);
+    }
+    // The kernel may lag the leases this long before /healthz fails: a few resyncs, and never under 5 s.
+    let bound = Duration::from_secs(3 * opts.route_resync.max(1)).max(Duration::from_secs(5));
+    let status = Arc::new(Status::new(bound));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     let code = rt.block_on(async {
-        let health = Arc::new(Mutex::new(Health::default()));
         if opts.healthz_port != 0 {
             let addr = format!("{}:{}", opts.healthz_ip, opts.healthz_port);
-            match addr.parse() {
-                Ok(a) => {
-                    let h = health.clone();
+            let listener = match addr.parse::<std::net::SocketAddr>() {
+                Ok(a) => tokio::net::TcpListener::bind(a).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match listener {
+                Ok(l) => {
+                    let endpoints = status.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = serve_health(a, h).await {
-                            eprintln!("tartan-agent: healthz: {e:#}");
+                        if let Err(e) = telemetry::http::serve_on(l, endpoints).await {
+                            tracing::error!(error = %e, "the health and metrics server stopped");
                         }
                     });
                 }
                 Err(e) => {
-                    eprintln!("tartan-agent: --healthz-ip/--healthz-port {addr:?}: {e}");
+                    tracing::error!(%addr, error = %e, "--healthz-ip/--healthz-port: cannot serve there");
                     return 2;
                 }
             }
         }
         tokio::select! {
-            r = run(opts, health) => match r {
+            r = run(opts, status) => match r {
                 Ok(()) => 0,
                 Err(e) => {
-                    eprintln!("tartan-agent: {e:#}");
+                    tracing::error!(error = format!("{e:#}"), "exiting");
                     1
                 }
             },

@@ -72,6 +72,9 @@ pub struct Options {
     /// `mk-docker-opts.sh` writes to /run/docker_opts.env), for hosts running Docker on this network.
     #[arg(long, env = "TARTAN_DOCKER_OPTS_FILE")]
     pub docker_opts_file: Option<PathBuf>,
+    /// Logging: flanneld's klog verbosity `-v N`, and `--logging-format text|json`.
+    #[command(flatten)]
+    pub log: telemetry::LogArgs,
 }
 
 /// flanneld's flags that tartan-agent does not take, and what to do instead.

@@ -26,10 +26,6 @@ pub struct Publisher {
     pub run_dir: PathBuf,
 }
 
-fn log(msg: impl AsRef<str>) {
-    eprintln!("tartan-agent: {}", msg.as_ref());
-}
-
 impl Publisher {
     fn node_object(&self) -> Object {
         let mut addresses = vec![NodeAddress { kind: "InternalIP".into(), address: self.public_ip.to_string() }];
@@ -116,7 +112,7 @@ impl Publisher {
                 Err(e) => {
                     let msg = format!("cluster store: {e}; retrying");
                     if msg != last_error {
-                        log(&msg);
+                        tracing::warn!(error = %e, "cluster store: retrying");
                         last_error = msg;
                     }
                 }
@@ -133,7 +129,7 @@ impl Publisher {
     ) -> Result<(), StoreError> {
         if !*registered {
             store.put(self.node_object()).await?;
-            log(format!("registered node {} in the cluster store", self.node));
+            tracing::info!(node = %self.node, "registered the node in the cluster store");
             *registered = true;
         }
         let now: BTreeMap<(String, String), PodRecord> =

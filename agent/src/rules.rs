@@ -73,7 +73,8 @@ fn jump_args(chain: &str, comment: &str) -> Vec<String> {
 
 /// Brings one family's rules (iptables or ip6tables, by the network's family) to the desired state (idempotent;
 /// one transaction).
-pub fn sync(network: IpNet, subnet: IpNet, masq: bool) -> Result<(), IptablesError> {
+/// Installs or refreshes the rules; the number of jumps it found missing (and put back) comes back.
+pub fn sync(network: IpNet, subnet: IpNet, masq: bool) -> Result<usize, IptablesError> {
     let ipt = Iptables::new(if network.addr().is_ipv4() { Family::V4 } else { Family::V6 });
     let mut missing = Vec::new();
     if masq && !ipt.exists("nat", "POSTROUTING", &jump_args(POSTRTG, "flanneld masq"))? {
@@ -82,7 +83,8 @@ pub fn sync(network: IpNet, subnet: IpNet, masq: bool) -> Result<(), IptablesErr
     if !ipt.exists("filter", "FORWARD", &jump_args(FWD, "flanneld forward"))? {
         missing.push("filter");
     }
-    ipt.restore(&payload(&network, &subnet, masq, &missing))
+    ipt.restore(&payload(&network, &subnet, masq, &missing))?;
+    Ok(missing.len())
 }
 
 #[cfg(test)]

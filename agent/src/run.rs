@@ -14,26 +14,10 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::acquire::{choose, Choice};
 use crate::dataplane::{Dataplane, Report};
+use crate::metrics::Shared;
 use crate::options::Options;
 use crate::registry::{Leases, Registry, Tls};
-use status_http::Reply;
-
-/// What /healthz and /readyz report.
-#[derive(Debug, Default, Clone)]
-pub struct Health {
-    pub ready: bool,
-    pub lease: Option<String>,
-    pub unreachable: Vec<String>,
-    pub last_error: Option<String>,
-    /// The dataplane thread is gone (the process is about to exit).
-    pub dataplane_dead: bool,
-}
-
-pub type SharedHealth = Arc<Mutex<Health>>;
-
-fn log(msg: impl AsRef<str>) {
-    eprintln!("tartan-agent: {}", msg.as_ref());
-}
+use tracing::{debug, error, info, warn};
 
 /// Commands for the dataplane thread.
 enum Cmd {
@@ -56,7 +40,7 @@ fn spawn_monitor(tx: mpsc::Sender<Cmd>) {
     let Ok(mut mon) =
         rtnl::Monitor::new(&[rtnl::GROUP_LINK, rtnl::GROUP_NEIGH, rtnl::GROUP_IPV4_ROUTE, rtnl::GROUP_IPV6_ROUTE])
     else {
-        log("cannot watch netlink events; relying on the periodic resync");
+        warn!("cannot watch netlink events; relying on the periodic resync");
         return;
     };
     let _ = std::thread::Builder::new().name("netlink-monitor".into()).spawn(move || loop {
@@ -71,7 +55,7 @@ fn spawn_monitor(tx: mpsc::Sender<Cmd>) {
 }
 
 /// The dataplane thread: applies every new lease set, and re-applies the last one every `resync` to repair drift.
-fn spawn_dataplane(mut dp: Dataplane, resync: Duration, health: SharedHealth) -> mpsc::Sender<Cmd> {
+fn spawn_dataplane(mut dp: Dataplane, resync: Duration, health: Shared) -> mpsc::Sender<Cmd> {
     let (tx, rx) = mpsc::channel::<Cmd>();
     let watched = health.clone();
     std::thread::Builder::new()
@@ -83,10 +67,10 @@ fn spawn_dataplane(mut dp: Dataplane, resync: Duration, health: SharedHealth) ->
             // The loop ends only with a panic or when every sender is gone. Either way this process must not carry
             // on with nobody keeping routes true: /healthz fails, and the process exits non-zero so that its
             // supervisor (a DaemonSet) restarts it. The kernel keeps what it holds meanwhile.
-            if let Ok(mut h) = watched.lock() {
+            if let Ok(mut h) = watched.health.lock() {
                 h.dataplane_dead = true;
             }
-            log(format!("the dataplane thread stopped ({}); exiting", if ran.is_err() { "panic" } else { "closed" }));
+            error!(cause = if ran.is_err() { "panic" } else { "closed" }, "the dataplane thread stopped; exiting");
             std::process::exit(1);
         })
         .expect("spawn dataplane thread");
@@ -94,7 +78,7 @@ fn spawn_dataplane(mut dp: Dataplane, resync: Duration, health: SharedHealth) ->
     tx
 }
 
-fn dataplane_loop(dp: &mut Dataplane, rx: &mpsc::Receiver<Cmd>, resync: Duration, health: &SharedHealth) {
+fn dataplane_loop(dp: &mut Dataplane, rx: &mpsc::Receiver<Cmd>, resync: Duration, status: &Shared) {
     let mut last: Option<(LeaseKey, Leases)> = None;
     let mut retire: Vec<String> = Vec::new();
     loop {
@@ -111,8 +95,11 @@ fn dataplane_loop(dp: &mut Dataplane, rx: &mpsc::Receiver<Cmd>, resync: Duration
             }
             other => other,
         };
+        // What a resync (periodic or after a netlink deletion) finds to write is drift, repaired.
+        let resync = matches!(cmd, None | Some(Cmd::Drift));
         let reply = match cmd {
             Some(Cmd::Apply { own, leases, reply }) => {
+                status.leases_seen.set(leases.len() as i64);
                 last = Some((own, leases));
                 reply
             }
@@ -128,36 +115,54 @@ fn dataplane_loop(dp: &mut Dataplane, rx: &mpsc::Receiver<Cmd>, resync: Duration
             Some(Cmd::Drift) | None => None,
         };
         let Some((own, leases)) = &last else { continue };
+        let started = std::time::Instant::now();
         let res = dp.ensure_device(own).and_then(|c| {
             let mut r = dp.reconcile(own, leases)?;
-            r.changes += c;
+            r.count("device", c);
             Ok(r)
         });
+        let took = started.elapsed();
         for name in std::mem::take(&mut retire) {
             match dp.delete_device(&name) {
-                Ok(_) => log(format!("removed {name}: the backend changed")),
-                Err(e) => log(format!("removing {name}: {e:#}")),
+                Ok(_) => info!(device = %name, "removed: the backend changed"),
+                Err(e) => warn!(device = %name, error = format!("{e:#}"), "removing an old device"),
             }
         }
-        {
-            let mut h = health.lock().unwrap();
-            match &res {
-                Ok(r) => {
-                    let now: Vec<String> =
-                        r.unreachable.iter().map(|(k, ip)| format!("{k} via {ip} is not on this L2 segment")).collect();
-                    // Said once per change, not every resync.
-                    if now != h.unreachable {
-                        for u in now.iter().filter(|u| !h.unreachable.contains(u)) {
-                            log(format!("host-gw: {u}; not routed"));
-                        }
-                        h.unreachable = now;
+        match &res {
+            Ok(r) => {
+                status.reconciled(took);
+                status.routes.set(r.routes as i64);
+                status.neighbours.set(r.neighbours as i64);
+                status.fdb_entries.set(r.fdb as i64);
+                for (kind, n) in &r.by_kind {
+                    status.wrote(kind, *n);
+                    if resync {
+                        status.repaired(kind, *n);
+                        warn!(kind = *kind, objects = *n, lease = %own, "repaired drift in the kernel");
                     }
                 }
-                Err(e) => h.last_error = Some(format!("{e:#}")),
+                if r.changes > 0 {
+                    debug!(lease = %own, leases = leases.len(), changes = r.changes, took_ms = took.as_millis() as u64, "reconciled");
+                }
+                let mut h = status.health.lock().unwrap();
+                let now: Vec<String> =
+                    r.unreachable.iter().map(|(k, ip)| format!("{k} via {ip} is not on this L2 segment")).collect();
+                // Said once per change, not every resync.
+                if now != h.unreachable {
+                    for (k, ip) in r.unreachable.iter() {
+                        if !h.unreachable.iter().any(|u| u.starts_with(&format!("{k} via {ip} "))) {
+                            warn!(lease = %k, public_ip = %ip, "host-gw: the public IP is not on this L2 segment; not routed");
+                        }
+                    }
+                    h.unreachable = now;
+                }
             }
-        }
-        if let Err(e) = &res {
-            log(format!("dataplane: {e:#}"));
+            Err(e) => {
+                status.reconcile_errors.inc();
+                status.lagging();
+                status.health.lock().unwrap().last_error = Some(format!("{e:#}"));
+                error!(lease = %own, error = format!("{e:#}"), "reconcile failed");
+            }
         }
         if let Some(r) = reply {
             let _ = r.send(res);
@@ -178,18 +183,20 @@ fn skip_drift(rx: &mpsc::Receiver<Cmd>) -> Option<Cmd> {
 }
 
 fn apply(tx: &mpsc::Sender<Cmd>, own: LeaseKey, leases: &Leases) -> Result<Report> {
+    // Synchronous: its caller sees the result, and the probes see the reconcile's own outcome.
     let (rtx, rrx) = mpsc::channel();
     tx.send(Cmd::Apply { own, leases: leases.clone(), reply: Some(rtx) }).context("dataplane thread gone")?;
     rrx.recv().context("dataplane thread gone")?
 }
 
-async fn connect(opts: &Options, tls: Option<&Tls>) -> Registry {
+async fn connect(opts: &Options, tls: Option<&Tls>, status: &Shared) -> Registry {
     let mut delay = Duration::from_millis(200);
     loop {
         match Registry::connect(&opts.etcd_endpoints, &opts.etcd_prefix, tls).await {
             Ok(r) => return r,
             Err(e) => {
-                log(format!("{e:#}; retrying"));
+                status.etcd_error("connect");
+                warn!(error = format!("{e:#}"), retry_in = ?delay, "connecting to etcd");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
@@ -198,7 +205,7 @@ async fn connect(opts: &Options, tls: Option<&Tls>) -> Registry {
 }
 
 /// Waits for `<prefix>/config` to hold a valid config, saying precisely what is wrong meanwhile.
-async fn wait_config(reg: &mut Registry, opts: &Options, health: &SharedHealth) -> NetworkConfig {
+async fn wait_config(reg: &mut Registry, opts: &Options, status: &Shared) -> NetworkConfig {
     let mut last_msg = String::new();
     loop {
         let msg = match reg.config().await {
@@ -206,18 +213,21 @@ async fn wait_config(reg: &mut Registry, opts: &Options, health: &SharedHealth) 
                 Ok((c, warnings)) => {
                     // Said once: a misspelt option must be visible, as flanneld's silence is not.
                     for w in warnings {
-                        log(format!("network config ({}/config): {w}", opts.etcd_prefix));
+                        warn!(key = format!("{}/config", opts.etcd_prefix), "network config: {w}");
                     }
                     return c;
                 }
                 Err(e) => format!("{e} (at {}/config); waiting for a valid one", opts.etcd_prefix),
             },
             Ok(None) => format!("no network config at {}/config yet; waiting", opts.etcd_prefix),
-            Err(e) => format!("reading the network config: {e:#}"),
+            Err(e) => {
+                status.etcd_error("config");
+                format!("reading the network config: {e:#}")
+            }
         };
         if msg != last_msg {
-            log(&msg);
-            health.lock().unwrap().last_error = Some(msg.clone());
+            warn!("{msg}");
+            status.health.lock().unwrap().last_error = Some(msg.clone());
             last_msg = msg;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -231,6 +241,7 @@ async fn acquire(
     attrs: &LeaseAttrs,
     previous: Option<LeaseKey>,
     ttl: u64,
+    status: &Shared,
 ) -> Result<LeaseKey> {
     let mut failures = 0;
     loop {
@@ -259,16 +270,19 @@ async fn acquire(
         let wait = match attempt.await {
             Ok(Some(k)) => return Ok(k),
             Ok(None) => {
-                log(format!(
-                    "no free subnet between {} and {} (/{}): every one is leased; retrying",
-                    cfg.subnet_min, cfg.subnet_max, cfg.subnet_len
-                ));
+                warn!(
+                    subnet_min = %cfg.subnet_min,
+                    subnet_max = %cfg.subnet_max,
+                    subnet_len = cfg.subnet_len,
+                    "no free subnet: every one is leased; retrying"
+                );
                 Duration::from_secs(5)
             }
             Err(e) => {
                 failures += 1;
                 let wait = store::backoff(failures, Duration::from_secs(5));
-                log(format!("acquiring a lease: {e:#}; retrying in {wait:?}"));
+                status.etcd_error("acquire");
+                warn!(error = format!("{e:#}"), retry_in = ?wait, "acquiring a lease");
                 wait
             }
         };
@@ -277,7 +291,7 @@ async fn acquire(
 }
 
 /// Every lease and the revision of the listing, retried until etcd answers.
-async fn list_leases(reg: &mut Registry) -> (Leases, i64) {
+async fn list_leases(reg: &mut Registry, status: &Shared) -> (Leases, i64) {
     let mut failures = 0;
     loop {
         match reg.leases().await {
@@ -285,22 +299,23 @@ async fn list_leases(reg: &mut Registry) -> (Leases, i64) {
             Err(e) => {
                 failures += 1;
                 let wait = store::backoff(failures, Duration::from_secs(5));
-                log(format!("listing leases: {e:#}; retrying in {wait:?}"));
+                status.etcd_error("list");
+                warn!(error = format!("{e:#}"), retry_in = ?wait, "listing leases");
                 tokio::time::sleep(wait).await;
             }
         }
     }
 }
 
-pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
+pub async fn run(opts: Options, health: Shared) -> Result<()> {
     let mut rt = rtnl::Rtnl::new()?;
     let ext = crate::external::find(&mut rt, &opts)?;
     drop(rt);
-    log(format!("using interface {} ({}), public IP {}", ext.name, ext.ip, ext.public_ip));
+    info!(iface = %ext.name, ip = %ext.ip, public_ip = %ext.public_ip, "using interface");
 
     let tls =
         Tls::from_files(opts.etcd_cafile.as_deref(), opts.etcd_certfile.as_deref(), opts.etcd_keyfile.as_deref())?;
-    let mut reg = connect(&opts, tls.as_ref()).await;
+    let mut reg = connect(&opts, tls.as_ref(), &health).await;
     let mut cfg = wait_config(&mut reg, &opts, &health).await;
     let mut network =
         cfg.network.context("EnableIPv4 is false: IPv6-only networks are not supported (dual stack is)")?;
@@ -325,12 +340,13 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
         }),
         _ => None,
     });
-    let mut own = acquire(&mut reg, &cfg, &attrs, previous, opts.lease_ttl).await?;
-    log(format!("acquired lease {own}"));
-    health.lock().unwrap().lease = Some(own.to_string());
+    let mut own = acquire(&mut reg, &cfg, &attrs, previous, opts.lease_ttl, &health).await?;
+    info!(lease = %own, backend = cfg.backend.kind.as_str(), "acquired lease");
+    health.health.lock().unwrap().lease = Some(own.to_string());
+    health.leases_held.set(1);
 
     let dp_tx = spawn_dataplane(dp, Duration::from_secs(opts.route_resync.max(1)), health.clone());
-    let (mut leases, _) = list_leases(&mut reg).await;
+    let (mut leases, _) = list_leases(&mut reg, &health).await;
     // udp: the TUN device and the userspace loop, fed the remote subnets as leases change.
     let udp_routes: Option<crate::udp::Routes> = if cfg.backend.kind == flannel::BackendType::Udp {
         let fd = crate::udp::setup(own.subnet, network, mtu).context("setting up flannel0")?;
@@ -338,7 +354,7 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
         let (r, port) = (routes.clone(), cfg.backend.port);
         tokio::spawn(async move {
             if let Err(e) = crate::udp::run(fd, port, r).await {
-                log(format!("udp backend: {e:#}"));
+                error!(error = format!("{e:#}"), "udp backend stopped; exiting");
                 std::process::exit(1);
             }
         });
@@ -360,12 +376,13 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
 
     // Only now, with routes and rules in place, may pods be wired.
     write_subnet_env(&opts, network, network6, &own, mtu)?;
+    health.subnet_env_writes.inc();
     {
-        let mut h = health.lock().unwrap();
+        let mut h = health.health.lock().unwrap();
         h.ready = true;
         h.last_error = None;
     }
-    log(format!("wrote {}", opts.subnet_file.display()));
+    info!(path = %opts.subnet_file.display(), lease = %own, mtu, "wrote subnet.env; ready");
 
     // The cluster store: this Node, and the status of the pods wired here.
     let publisher = crate::publish::Publisher {
@@ -382,7 +399,7 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
             match store::Store::connect(&store_eps, &store_prefix, store_tls.as_ref()).await {
                 Ok(s) => break s,
                 Err(e) => {
-                    log(format!("cluster store: {e}; retrying"));
+                    warn!(error = %e, retry_in = ?delay, "connecting to the cluster store");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
@@ -395,16 +412,25 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
     let resync = Duration::from_secs(opts.iptables_resync.max(1));
     let masq = opts.ip_masq;
     let resync_families = families.clone();
+    let rules_status = health.clone();
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(resync).await;
             let fams = resync_families.lock().unwrap().clone();
             let r = tokio::task::spawn_blocking(move || {
-                fams.iter().try_for_each(|(n, s)| crate::rules::sync(*n, *s, masq))
+                fams.iter().try_fold(0, |n, (net, s)| {
+                    Ok::<_, iptables::IptablesError>(n + crate::rules::sync(*net, *s, masq)?)
+                })
             })
             .await;
-            if let Ok(Err(e)) = r {
-                log(format!("iptables resync: {e}"));
+            match r {
+                Ok(Ok(0)) | Err(_) => {}
+                Ok(Ok(n)) => {
+                    rules_status.wrote("rules", n);
+                    rules_status.repaired("rules", n);
+                    warn!(jumps = n, "the FLANNEL-* rules were gone; reinstalled");
+                }
+                Ok(Err(e)) => warn!(error = %e, "iptables resync"),
             }
         }
     });
@@ -419,6 +445,7 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
     let lease = Arc::new(Mutex::new((own, attrs.clone())));
     let renew_lease = lease.clone();
     let renew_tls = tls.clone();
+    let renew_status = health.clone();
     tokio::spawn(async move {
         let mut wait = renew_after;
         let mut failing = false;
@@ -432,14 +459,18 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
             .await;
             wait = match res {
                 Ok(()) => {
+                    renew_status.lease_renewals.inc();
                     if std::mem::take(&mut failing) {
-                        log(format!("renewed lease {own} after failed attempts"));
+                        info!(lease = %own, "renewed the lease after failed attempts");
+                    } else {
+                        debug!(lease = %own, ttl, "renewed the lease");
                     }
                     renew_after
                 }
                 Err(e) => {
                     failing = true;
-                    log(format!("lease renewal failed: {e:#}; retrying in {}s", retry.as_secs()));
+                    renew_status.etcd_error("renew");
+                    warn!(lease = %own, error = format!("{e:#}"), retry_in = ?retry, "lease renewal failed");
                     retry
                 }
             };
@@ -475,10 +506,10 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
                 attrs: &mut attrs,
                 mtu: &mut mtu,
             };
-            if live.change(&String::from_utf8_lossy(&text), &opts, &ext, &mut reg, &dp_tx).await? {
+            if live.change(&String::from_utf8_lossy(&text), &opts, &ext, &mut reg, &dp_tx, &health).await? {
                 *lease.lock().unwrap() = (own, attrs.clone());
                 *families.lock().unwrap() = families_of(network, network6, &own);
-                health.lock().unwrap().lease = Some(own.to_string());
+                health.health.lock().unwrap().lease = Some(own.to_string());
                 // A lease we left behind is no remote node's.
                 leases.retain(|k, a| *k == own || a.public_ip != attrs.public_ip);
                 leases.insert(own, attrs.clone());
@@ -531,11 +562,13 @@ pub async fn run(opts: Options, health: SharedHealth) -> Result<()> {
                 }
             }
             store::Raw::Unavailable { error, retry_in } => {
-                log(format!("following leases: {error}; retrying in {retry_in:?} (routes stay as they are)"));
+                health.etcd_error("follow");
+                warn!(%error, ?retry_in, "following leases; routes stay as they are");
             }
         }
         if changed {
             update_udp(&own, &leases);
+            health.lagging();
             let _ = dp_tx.send(Cmd::Apply { own, leases: leases.clone(), reply: None });
         }
     }
@@ -627,9 +660,10 @@ impl Live<'_> {
         ext: &crate::external::External,
         reg: &mut Registry,
         dp_tx: &mpsc::Sender<Cmd>,
+        status: &Shared,
     ) -> Result<bool> {
         let keep = |why: String| {
-            log(format!("the network config at {}/config changed: {why}; keeping the one in force", opts.etcd_prefix));
+            warn!(key = format!("{}/config", opts.etcd_prefix), reason = %why, "the network config changed; keeping the one in force");
             Ok(false)
         };
         let (new, warnings) = match NetworkConfig::parse_with_warnings(text) {
@@ -649,9 +683,9 @@ impl Live<'_> {
             return keep("changing to, from or within the udp backend takes a restart".into());
         }
         for w in warnings {
-            log(format!("network config ({}/config): {w}", opts.etcd_prefix));
+            warn!(key = format!("{}/config", opts.etcd_prefix), "network config: {w}");
         }
-        log(format!("network config changed: {}; reconciling", describe_change(self.cfg, &new)));
+        info!(change = %describe_change(self.cfg, &new), "network config changed; reconciling");
         let fits = new.fits(&self.own.subnet);
         if !fits {
             // The old network's remote routes go first: the new dataplane only knows the new network.
@@ -670,9 +704,9 @@ impl Live<'_> {
             reg.renew(self.own, self.attrs, opts.lease_ttl).await?;
         } else {
             let old = *self.own;
-            let moved = acquire(reg, &new, self.attrs, None, opts.lease_ttl).await?;
+            let moved = acquire(reg, &new, self.attrs, None, opts.lease_ttl, status).await?;
             reg.release(&old).await?;
-            log(format!("the network moved: lease {old} released, {moved} acquired"));
+            info!(released = %old, lease = %moved, "the network moved");
             *self.own = moved;
         }
         *self.network = new_network;
@@ -681,6 +715,7 @@ impl Live<'_> {
             crate::rules::sync(n, s, opts.ip_masq).context("rewriting the FLANNEL-* rules")?;
         }
         write_subnet_env(opts, *self.network, self.network6, self.own, *self.mtu)?;
+        status.subnet_env_writes.inc();
         Ok(true)
     }
 }
@@ -694,31 +729,13 @@ fn hostname() -> String {
 /// Our lease was deleted by someone else: take it back if the subnet is still free, else stop (flanneld's
 /// "Lease has been revoked").
 async fn lease_revoked(reg: &mut Registry, own: &LeaseKey, attrs: &LeaseAttrs, ttl: u64) -> Result<()> {
-    log(format!("lease {own} has been revoked"));
+    warn!(lease = %own, "the lease has been revoked");
     if reg.create(own, attrs, ttl).await? {
-        log(format!("re-acquired lease {own}"));
+        info!(lease = %own, "re-acquired lease");
         Ok(())
     } else {
         bail!("lease {own} has been revoked and another node holds the subnet now; exiting")
     }
-}
-
-/// Serves /healthz (alive, with details) and /readyz (200 once subnet.env is written).
-pub async fn serve_health(addr: std::net::SocketAddr, health: SharedHealth) -> Result<()> {
-    status_http::serve(addr, move |path| {
-        let h = health.lock().unwrap().clone();
-        match path {
-            "/healthz" => Reply::json(
-                if h.dataplane_dead { 503 } else { 200 },
-                serde_json::json!({"ready": h.ready, "lease": h.lease, "unreachable": h.unreachable, "lastError": h.last_error, "dataplaneAlive": !h.dataplane_dead}),
-            ),
-            "/readyz" if h.ready => Reply::json(200, serde_json::json!({"ready": true})),
-            "/readyz" => Reply::json(503, serde_json::json!({"ready": false, "lastError": h.last_error})),
-            _ => Reply::json(404, serde_json::json!({"error": "not found"})),
-        }
-    })
-    .await
-    .with_context(|| format!("serving health on {addr}"))
 }
 
 #[cfg(test)]

@@ -83,6 +83,8 @@ enum Cmd {
 }
 
 fn main() -> Result<()> {
+    // Tools: their output is what they print; a log only when TARTAN_LOG or RUST_LOG asks, warnings otherwise.
+    telemetry::init_from_env(Some("warn"))?;
     match Cli::parse().cmd {
         Cmd::Cni { runs, batches } => cni::run(runs, batches),
         Cmd::Throughput { secs, rounds } => agent::throughput(secs, rounds),

@@ -59,11 +59,16 @@ fn answers(ns: &netns::NetNs, dst: SocketAddr) -> bool {
 fn programming(lab: &Lab, node_ns: &str) -> Result<(f64, f64)> {
     let out = lab.exec(node_ns, &["curl", "-s", "http://127.0.0.1:10249/metrics"])?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let value =
-        |name: &str| -> f64 { text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0.0) };
+    // One series per name (labelled with the mode): the value after the last space.
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.split(['{', ' ']).next() == Some(name))
+            .find_map(|l| l.rsplit_once(' ')?.1.parse().ok())
+            .unwrap_or(0.0)
+    };
     Ok((
-        value("tartan_proxy_network_programming_duration_seconds_sum "),
-        value("tartan_proxy_network_programming_duration_seconds_count "),
+        value("kubeproxy_network_programming_duration_seconds_sum"),
+        value("kubeproxy_network_programming_duration_seconds_count"),
     ))
 }
 

@@ -8,8 +8,22 @@ fn main() {
     // reported by the parser.
     let _ = std::io::stdin().read_to_end(&mut stdin);
     let started = std::time::Instant::now();
+    // Stderr, only when TARTAN_LOG or RUST_LOG asks (runtimes mostly drop a plugin's stderr; the per-call record an
+    // operator reads is the config's "logFile"). An invalid filter must not fail the call: it is said and ignored.
+    if let Err(e) = telemetry::init_from_env(None) {
+        eprintln!("tartan: {e}");
+    }
     let env = |k: &str| std::env::var(k).ok();
     let outcome = tartan_cni::run(env, &stdin);
+    tracing::debug!(
+        command = env("CNI_COMMAND").unwrap_or_default(),
+        container = env("CNI_CONTAINERID").unwrap_or_default(),
+        netns = env("CNI_NETNS").unwrap_or_default(),
+        ifname = env("CNI_IFNAME").unwrap_or_default(),
+        exit_code = outcome.exit_code,
+        took_us = started.elapsed().as_micros() as u64,
+        "call done"
+    );
     tartan_cni::calllog::append(&stdin, &env, &outcome, started.elapsed());
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(outcome.stdout.as_bytes());

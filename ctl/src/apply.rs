@@ -87,6 +87,7 @@ pub async fn apply(store: &mut Store, mut docs: Vec<Document>) -> Result<()> {
     for d in docs {
         let reference = d.object.reference();
         let (_, outcome) = store.put(d.object).await.with_context(|| format!("{}: document {}", d.source, d.index))?;
+        tracing::debug!(object = %reference, source = %d.source, document = d.index, outcome = outcome.as_str(), "applied");
         println!("{reference} {}", outcome.as_str());
     }
     Ok(())

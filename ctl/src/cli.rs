@@ -10,6 +10,9 @@ use store::{Store, Tls};
 pub struct Cli {
     #[command(flatten)]
     pub conn: Conn,
+    /// `-v N` as kubectl takes it, `--logging-format`.
+    #[command(flatten)]
+    pub log: telemetry::LogArgs,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -69,7 +72,10 @@ pub fn parse_kind(s: &str) -> Result<Kind> {
 pub async fn run(cli: Cli) -> Result<()> {
     let c = &cli.conn;
     let tls = Tls::from_files(c.etcd_cafile.as_deref(), c.etcd_certfile.as_deref(), c.etcd_keyfile.as_deref())?;
-    let connect = || async { Store::connect(&c.etcd_endpoints, &c.prefix, tls.as_ref()).await };
+    let connect = || async {
+        tracing::debug!(endpoints = %c.etcd_endpoints, prefix = %c.prefix, tls = tls.is_some(), "connecting to the store");
+        Store::connect(&c.etcd_endpoints, &c.prefix, tls.as_ref()).await
+    };
     match cli.cmd {
         Cmd::Apply { files } => {
             let docs = crate::apply::read_all(&files)?;

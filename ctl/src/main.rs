@@ -9,6 +9,10 @@ use clap::Parser;
 
 fn main() {
     let cli = cli::Cli::parse();
+    if let Err(e) = telemetry::init_cli(&cli.log) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     if let Err(e) = rt.block_on(cli::run(cli)) {
         eprintln!("error: {e:#}");

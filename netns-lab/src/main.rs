@@ -103,6 +103,8 @@ enum PodCmd {
 }
 
 fn main() -> Result<()> {
+    // Tools: their output is what they print; a log only when TARTAN_LOG or RUST_LOG asks, warnings otherwise.
+    telemetry::init_from_env(Some("warn"))?;
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Up { name, nodes, backend, segments, ipv6 } => {

@@ -8,11 +8,12 @@
 use std::path::PathBuf;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use proxy_state::policy::local_veths;
 use proxy_state::{Dataplane, Tracker};
 use store::{Event, Informer, Tls, Update};
+use tracing::{debug, error, info, warn};
 
 use crate::metrics::Shared;
 
@@ -25,10 +26,6 @@ pub struct Settings {
     pub run_dir: PathBuf,
     pub min_sync: Duration,
     pub full_sync: Duration,
-}
-
-fn log(msg: impl AsRef<str>) {
-    eprintln!("tartan-proxy: {}", msg.as_ref());
 }
 
 /// What the follower and the dataplane thread share.
@@ -55,10 +52,8 @@ pub async fn run(s: Settings, dp: Box<dyn Dataplane>, metrics: Shared) -> anyhow
             }));
             // Only a panic ends the loop: this process must not carry on as if its rules were kept up to date.
             // Exit non-zero so that the node's supervisor (a DaemonSet) restarts it; the kernel keeps its state.
-            if let Ok(mut m) = metrics.lock() {
-                m.dataplane_alive = false;
-            }
-            log(format!("the dataplane thread stopped ({}); exiting", if ran.is_err() { "panic" } else { "closed" }));
+            metrics.dataplane_gone();
+            error!(cause = if ran.is_err() { "panic" } else { "closed" }, "the dataplane thread stopped; exiting");
             std::process::exit(1);
         })?;
     }
@@ -67,9 +62,15 @@ pub async fn run(s: Settings, dp: Box<dyn Dataplane>, metrics: Shared) -> anyhow
         let update = informer.next().await;
         let mut f = shared.lock().unwrap();
         match update {
-            Update::Reset(objects) => f.tracker.reset(objects),
+            Update::Reset(objects) => {
+                info!(objects = objects.len(), "listed the cluster store");
+                metrics.store_changes.inc_by(objects.len() as u64);
+                f.tracker.reset(objects)
+            }
             Update::Changes(events) => {
+                metrics.store_changes.inc_by(events.len() as u64);
                 for ev in events {
+                    trace_event(&ev);
                     match ev {
                         Event::Put(o) => f.tracker.upsert(o),
                         Event::Delete { kind, namespace, name } => f.tracker.remove(kind, namespace.as_deref(), &name),
@@ -78,20 +79,20 @@ pub async fn run(s: Settings, dp: Box<dyn Dataplane>, metrics: Shared) -> anyhow
                 }
             }
             Update::Invalid { key, reason } => {
-                log(format!("skipping {key}: {reason}"));
-                metrics.lock().unwrap().invalid_objects += 1;
+                warn!(%key, %reason, "skipping an invalid object");
+                metrics.invalid_objects.inc();
                 continue;
             }
             Update::Unavailable { error, retry_in } => {
-                log(format!("cluster store: {error}; retrying in {retry_in:?} (the kernel keeps what it holds)"));
-                metrics.lock().unwrap().store_errors += 1;
+                warn!(%error, ?retry_in, "cluster store unavailable; the kernel keeps what it holds");
+                metrics.store_errors.inc();
                 continue;
             }
         }
         if f.tracker.pending() && f.since.is_none() {
             f.since = Some(Instant::now());
-            metrics.lock().unwrap().pending_since = f.since;
         }
+        metrics.pending(f.since, f.tracker.pending_services());
         drop(f);
         let _ = poke.send(());
     }
@@ -134,47 +135,65 @@ fn dataplane_loop(
         let started = Instant::now();
         let res = dp.sync(&state, full);
         let took = started.elapsed();
-        let mut m = metrics.lock().unwrap();
-        m.services = state.services.len();
+        metrics.service_ports.set(state.services.len() as i64);
         match res {
             Ok(r) => {
+                metrics.sync_ok(r.wrote, r.full, took);
                 if r.wrote {
-                    m.syncs += 1;
-                    m.sync_duration.observe(took);
-                    m.full_syncs += u64::from(r.full);
                     last_sync = Some(Instant::now());
+                    debug!(
+                        generation = state.generation,
+                        full = r.full,
+                        service_ports = state.services.len(),
+                        entries = r.held.entries,
+                        took_ms = took.as_millis() as u64,
+                        "synced"
+                    );
                 }
                 if let Some(kind) = r.repaired {
-                    log(format!("{kind}: the kernel no longer held what was written; rewrote everything"));
-                    *m.repairs.entry(kind).or_default() += 1;
+                    warn!(kind, "the kernel no longer held what was written; rewrote everything");
+                    metrics.repaired(kind);
                 }
                 if r.full {
                     next_full = Instant::now() + full_sync;
                 }
-                m.held = r.held;
-                m.last_success = Some(SystemTime::now());
-                m.first_sync_done = true;
+                metrics.held(r.held);
                 failures = 0;
                 retry_at = None;
                 let mut f = shared.lock().unwrap();
-                // Changes that arrived during the sync are still pending; their clock keeps running.
                 if let Some(t) = since.filter(|_| r.wrote) {
-                    m.programming.observe(t.elapsed());
+                    metrics.programming.observe(t.elapsed().as_secs_f64());
                 }
                 // Changes that arrived during the sync wait for the next one; their clock starts about now.
                 f.since = f.tracker.pending().then(Instant::now);
-                m.pending_since = f.since;
+                metrics.pending(f.since, f.tracker.pending_services());
             }
             Err(e) => {
                 failures += 1;
                 let wait = store::backoff(failures, MAX_BACKOFF);
                 retry_at = Some(Instant::now() + wait);
-                *m.errors.entry(e.kind).or_default() += 1;
+                metrics.error(e.kind);
                 // Changes wait; so does what this sync was to bring.
-                m.pending_since = m.pending_since.or(since).or(Some(started));
-                shared.lock().unwrap().since = m.pending_since;
-                log(format!("sync failed ({}): {e}; the next sync, in {wait:?}, is full", e.kind.as_str()));
+                let mut f = shared.lock().unwrap();
+                let waiting = metrics.pending_since().or(since).or(Some(started));
+                f.since = waiting;
+                metrics.pending(waiting, f.tracker.pending_services().max(1));
+                error!(kind = e.kind.as_str(), error = %e, retry_in = ?wait, "sync failed; the next sync is full");
             }
         }
+    }
+}
+
+/// Each change at trace level, with the object's identity as fields.
+fn trace_event(ev: &Event) {
+    match ev {
+        Event::Put(o) => {
+            let m = o.meta();
+            tracing::trace!(kind = ?o.kind(), namespace = m.namespace.as_deref().unwrap_or(""), name = %m.name, "put");
+        }
+        Event::Delete { kind, namespace, name } => {
+            tracing::trace!(?kind, namespace = namespace.as_deref().unwrap_or(""), %name, "delete")
+        }
+        Event::Resync | Event::Invalid { .. } => {}
     }
 }

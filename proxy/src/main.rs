@@ -1,7 +1,7 @@
 //! `tartan-proxy`: flags, then the daemon (or `--cleanup`).
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -49,10 +49,13 @@ struct Options {
     /// Remove every rule this proxy owns, and exit.
     #[arg(long)]
     cleanup: bool,
+    #[command(flatten)]
+    log: telemetry::LogArgs,
 }
 
 fn main() -> Result<()> {
     let o = Options::parse();
+    telemetry::init_logging(&o.log)?;
     let opts = NodeOptions { cluster_cidrs: o.cluster_cidr.clone(), nodeport_addresses: o.nodeport_addresses.clone() };
     let mut dp = match tartan_proxy::dataplane(&o.mode, &opts) {
         Ok(dp) => dp,
@@ -60,7 +63,7 @@ fn main() -> Result<()> {
     };
     if o.cleanup {
         dp.cleanup()?;
-        eprintln!("tartan-proxy: removed all rules");
+        tracing::info!(mode = dp.mode(), "removed all rules");
         return Ok(());
     }
     // NodePorts and external IPs forward to pods on other nodes: this node must route (kube-proxy expects the
@@ -81,15 +84,19 @@ fn main() -> Result<()> {
         full_sync: Duration::from_secs(o.sync_period.max(1)),
     };
     // /healthz fails when changes wait longer than this for a successful sync (kube-proxy: twice the sync period).
-    let health_bound = Duration::from_secs(2 * o.sync_period.max(1)).max(Duration::from_secs(10));
-    let m: metrics::Shared = Arc::new(Mutex::new(metrics::Metrics::new(dp.mode(), health_bound)));
+    let health_bound = Duration::from_secs(2 * o.sync_period.max(1));
+    let m: metrics::Shared = Arc::new(metrics::Metrics::new(dp.mode(), health_bound));
+    tracing::info!(mode = dp.mode(), node = %settings.node, metrics = %o.metrics_bind_address, "starting");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
         if o.metrics_bind_address.port() != 0 {
-            let (addr, m2) = (o.metrics_bind_address, m.clone());
+            let addr = o.metrics_bind_address;
+            // Bound before anything else, so that a taken port stops the start with a clear error.
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("metrics on {addr}"))?;
+            let endpoints = m.clone();
             tokio::spawn(async move {
-                if let Err(e) = metrics::serve(addr, m2).await {
-                    eprintln!("tartan-proxy: metrics on {addr}: {e}");
+                if let Err(e) = telemetry::http::serve_on(listener, endpoints).await {
+                    tracing::error!(%addr, error = %e, "metrics server stopped");
                 }
             });
         }

@@ -1,137 +1,222 @@
-//! Prometheus text metrics and health on an HTTP port. Labels come from bounded sets (the dataplane's mode, an
-//! error or repair kind), never from error text. Health follows kube-proxy: `/healthz` fails when changes have
-//! waited on a sync for longer than a bound (or the dataplane thread is gone), `/readyz` answers once the first
-//! complete sync is in the kernel.
+//! The proxy's metrics (prometheus-client) and probes. Names are kube-proxy's where kube-proxy has the metric
+//! (`kubeproxy_sync_proxy_rules_duration_seconds`, `kubeproxy_network_programming_duration_seconds`, the last
+//! sync and last queued timestamps, the pending changes), Tartan's own otherwise (`tartan_proxy_*`). Every series
+//! carries the dataplane's `mode`; other labels come from bounded sets (error and repair kinds), never from error
+//! text. Health follows kube-proxy: `/healthz` fails when changes have waited on a sync for longer than a bound
+//! (or the dataplane thread is gone), `/readyz` answers once the first complete sync is in the kernel.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
 use proxy_state::{ErrorKind, Held};
-use status_http::Reply;
+use telemetry::Probe;
 
-const BUCKETS: [f64; 12] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 30.0];
-
-#[derive(Debug, Default, Clone)]
-pub struct Histogram {
-    buckets: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
 }
 
-impl Histogram {
-    pub fn observe(&mut self, d: Duration) {
-        let s = d.as_secs_f64();
-        self.sum += s;
-        self.count += 1;
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if s <= *b {
-                self.buckets[i] += 1;
-            }
-        }
-    }
-
-    fn render(&self, o: &mut String, name: &str, labels: &str) {
-        *o += &format!("# TYPE {name} histogram\n");
-        let sep = if labels.is_empty() { "" } else { "," };
-        for (i, b) in BUCKETS.iter().enumerate() {
-            *o += &format!("{name}_bucket{{{labels}{sep}le=\"{b}\"}} {}\n", self.buckets[i]);
-        }
-        *o += &format!("{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}\n", self.count);
-        let l = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
-        *o += &format!("{name}_sum{l} {}\n{name}_count{l} {}\n", self.sum, self.count);
-    }
-}
-
+/// What the probes are computed from.
 #[derive(Debug)]
-pub struct Metrics {
-    pub mode: &'static str,
-    pub syncs: u64,
-    pub full_syncs: u64,
-    pub errors: BTreeMap<ErrorKind, u64>,
-    pub repairs: BTreeMap<&'static str, u64>,
-    pub held: Held,
-    pub services: usize,
-    pub sync_duration: Histogram,
-    /// From a store change to the kernel holding it (kube-proxy's network_programming_duration_seconds).
-    pub programming: Histogram,
-    pub last_success: Option<SystemTime>,
-    pub first_sync_done: bool,
+struct Health {
+    first_sync_done: bool,
     /// Since when changes have waited for a sync that has not succeeded yet.
-    pub pending_since: Option<Instant>,
-    pub invalid_objects: u64,
-    pub store_errors: u64,
-    pub dataplane_alive: bool,
+    pending_since: Option<Instant>,
+    dataplane_alive: bool,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub syncs: Counter,
+    pub full_syncs: Counter,
+    pub sync_duration: Histogram,
+    pub full_sync_duration: Histogram,
+    pub partial_sync_duration: Histogram,
+    /// From a store change to the kernel holding it.
+    pub programming: Histogram,
+    pub last_sync: Gauge<f64, AtomicU64>,
+    pub last_queued: Gauge<f64, AtomicU64>,
+    pub changes_pending: Gauge,
+    pub errors: Family<KindLabel, Counter>,
+    pub repairs: Family<KindLabel, Counter>,
+    pub entries: Gauge,
+    pub sets: Gauge,
+    pub set_entries: Gauge,
+    pub service_ports: Gauge,
+    pub store_changes: Counter,
+    pub invalid_objects: Counter,
+    pub store_errors: Counter,
+    health: Mutex<Health>,
     /// How long changes may wait before /healthz fails.
-    pub health_bound: Duration,
+    health_bound: Duration,
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl Metrics {
     pub fn new(mode: &'static str, health_bound: Duration) -> Metrics {
-        Metrics {
-            mode,
-            syncs: 0,
-            full_syncs: 0,
-            errors: ErrorKind::ALL.iter().map(|k| (*k, 0)).collect(),
-            repairs: BTreeMap::new(),
-            held: Held::default(),
-            services: 0,
-            sync_duration: Histogram::default(),
-            programming: Histogram::default(),
-            last_success: None,
-            first_sync_done: false,
-            pending_since: None,
-            invalid_objects: 0,
-            store_errors: 0,
-            dataplane_alive: true,
+        let mut root = Registry::default();
+        let reg = root.sub_registry_with_label(("mode".into(), mode.into()));
+        let hist = || Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        let m = Metrics {
+            registry: Registry::default(),
+            syncs: Counter::default(),
+            full_syncs: Counter::default(),
+            sync_duration: hist(),
+            full_sync_duration: hist(),
+            partial_sync_duration: hist(),
+            programming: hist(),
+            last_sync: Gauge::default(),
+            last_queued: Gauge::default(),
+            changes_pending: Gauge::default(),
+            errors: Family::default(),
+            repairs: Family::default(),
+            entries: Gauge::default(),
+            sets: Gauge::default(),
+            set_entries: Gauge::default(),
+            service_ports: Gauge::default(),
+            store_changes: Counter::default(),
+            invalid_objects: Counter::default(),
+            store_errors: Counter::default(),
+            health: Mutex::new(Health { first_sync_done: false, pending_since: None, dataplane_alive: true }),
             health_bound,
+        };
+        reg.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "How long a sync that wrote to the kernel took",
+            m.sync_duration.clone(),
+        );
+        reg.register(
+            "kubeproxy_sync_full_proxy_rules_duration_seconds",
+            "How long a full sync took",
+            m.full_sync_duration.clone(),
+        );
+        reg.register(
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+            "How long a partial sync took",
+            m.partial_sync_duration.clone(),
+        );
+        reg.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "From a change arriving from the cluster store to the kernel holding it",
+            m.programming.clone(),
+        );
+        reg.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "When the last successful sync ended (Unix seconds)",
+            m.last_sync.clone(),
+        );
+        reg.register(
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "When the oldest change not yet synced arrived (Unix seconds)",
+            m.last_queued.clone(),
+        );
+        reg.register(
+            "kubeproxy_sync_proxy_rules_service_changes_pending",
+            "Services whose changes wait for the next sync",
+            m.changes_pending.clone(),
+        );
+        reg.register("tartan_proxy_sync", "Syncs that wrote to the kernel", m.syncs.clone());
+        reg.register("tartan_proxy_full_sync", "Syncs that rewrote everything", m.full_syncs.clone());
+        reg.register("tartan_proxy_sync_errors", "Failed syncs, by kind", m.errors.clone());
+        reg.register("tartan_proxy_repairs", "Drift found in the kernel and repaired, by kind", m.repairs.clone());
+        reg.register(
+            "tartan_proxy_dataplane_entries",
+            "Rules (iptables) or map entries (eBPF) the dataplane holds",
+            m.entries.clone(),
+        );
+        reg.register("tartan_proxy_sets", "Address sets (ipsets or set maps) held", m.sets.clone());
+        reg.register("tartan_proxy_set_entries", "Members of those sets", m.set_entries.clone());
+        reg.register(
+            "tartan_proxy_service_ports",
+            "Service ports programmed (one per cluster IP)",
+            m.service_ports.clone(),
+        );
+        reg.register("tartan_proxy_store_changes", "Changes received from the cluster store", m.store_changes.clone());
+        reg.register(
+            "tartan_proxy_invalid_objects",
+            "Store values skipped as undecodable or invalid",
+            m.invalid_objects.clone(),
+        );
+        reg.register(
+            "tartan_proxy_store_errors",
+            "Times the cluster store could not be reached",
+            m.store_errors.clone(),
+        );
+        for k in ErrorKind::ALL {
+            // Every kind shows from the start (at 0), so that a rate() over it needs no absent-series handling.
+            let _ = m.errors.get_or_create(&KindLabel { kind: k.as_str() });
         }
+        Metrics { registry: root, ..m }
+    }
+
+    pub fn held(&self, h: Held) {
+        self.entries.set(h.entries as i64);
+        self.sets.set(h.sets as i64);
+        self.set_entries.set(h.set_entries as i64);
+    }
+
+    pub fn sync_ok(&self, wrote: bool, full: bool, took: Duration) {
+        if wrote {
+            self.syncs.inc();
+            self.sync_duration.observe(took.as_secs_f64());
+            if full {
+                self.full_syncs.inc();
+                self.full_sync_duration.observe(took.as_secs_f64());
+            } else {
+                self.partial_sync_duration.observe(took.as_secs_f64());
+            }
+        }
+        self.last_sync.set(unix_now());
+        self.health.lock().unwrap().first_sync_done = true;
+    }
+
+    pub fn error(&self, kind: ErrorKind) {
+        self.errors.get_or_create(&KindLabel { kind: kind.as_str() }).inc();
+    }
+
+    pub fn repaired(&self, kind: &'static str) {
+        self.repairs.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// Since when changes have waited (None: nothing waits), and how many services they touch.
+    pub fn pending(&self, since: Option<Instant>, services: usize) {
+        let mut h = self.health.lock().unwrap();
+        if since.is_some() && h.pending_since.is_none() {
+            self.last_queued.set(unix_now());
+        }
+        h.pending_since = since;
+        self.changes_pending.set(services as i64);
+    }
+
+    pub fn pending_since(&self) -> Option<Instant> {
+        self.health.lock().unwrap().pending_since
+    }
+
+    pub fn dataplane_gone(&self) {
+        self.health.lock().unwrap().dataplane_alive = false;
     }
 
     pub fn errors_total(&self) -> u64 {
-        self.errors.values().sum()
-    }
-
-    pub fn render(&self) -> String {
-        let mut o = String::new();
-        let mode = format!("mode=\"{}\"", self.mode);
-        let counter = |o: &mut String, name: &str, v: u64| {
-            *o += &format!("# TYPE {name} counter\n{name} {v}\n");
-        };
-        let gauge = |o: &mut String, name: &str, v: f64| {
-            *o += &format!("# TYPE {name} gauge\n{name} {v}\n");
-        };
-        counter(&mut o, "tartan_proxy_sync_total", self.syncs);
-        counter(&mut o, "tartan_proxy_full_sync_total", self.full_syncs);
-        counter(&mut o, "tartan_proxy_sync_errors_total", self.errors_total());
-        o += "# TYPE tartan_proxy_sync_errors_by_kind_total counter\n";
-        for (k, v) in &self.errors {
-            o += &format!("tartan_proxy_sync_errors_by_kind_total{{{mode},kind=\"{}\"}} {v}\n", k.as_str());
-        }
-        o += "# TYPE tartan_proxy_repairs_total counter\n";
-        for (k, v) in &self.repairs {
-            o += &format!("tartan_proxy_repairs_total{{{mode},kind=\"{k}\"}} {v}\n");
-        }
-        self.sync_duration.render(&mut o, "tartan_proxy_sync_duration_seconds", "");
-        self.programming.render(&mut o, "tartan_proxy_network_programming_duration_seconds", "");
-        let last = self.last_success.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
-        gauge(&mut o, "tartan_proxy_last_successful_sync_timestamp_seconds", last.map_or(0.0, |d| d.as_secs_f64()));
-        gauge(&mut o, "tartan_proxy_rules", self.held.entries as f64);
-        gauge(&mut o, "tartan_proxy_service_ports", self.services as f64);
-        gauge(&mut o, "tartan_proxy_ipsets", self.held.sets as f64);
-        gauge(&mut o, "tartan_proxy_ipset_entries", self.held.set_entries as f64);
-        gauge(&mut o, "tartan_proxy_sync_pending", f64::from(u8::from(self.pending_since.is_some())));
-        counter(&mut o, "tartan_proxy_invalid_objects_total", self.invalid_objects);
-        counter(&mut o, "tartan_proxy_store_errors_total", self.store_errors);
-        o
+        ErrorKind::ALL.iter().map(|k| self.errors.get_or_create(&KindLabel { kind: k.as_str() }).get()).sum()
     }
 
     /// /healthz: Err(why) when unhealthy.
     pub fn healthy(&self) -> Result<(), String> {
-        if !self.dataplane_alive {
+        let h = self.health.lock().unwrap();
+        if !h.dataplane_alive {
             return Err("the dataplane thread is gone".into());
         }
-        match self.pending_since {
+        match h.pending_since {
             Some(t) if t.elapsed() > self.health_bound => {
                 Err(format!("changes have waited {:?} for a successful sync", t.elapsed()))
             }
@@ -140,22 +225,62 @@ impl Metrics {
     }
 }
 
-pub type Shared = Arc<Mutex<Metrics>>;
+impl telemetry::Endpoints for Metrics {
+    fn registry(&self) -> &Registry {
+        &self.registry
+    }
 
-/// Serves /metrics, /healthz and /readyz until the process ends.
-pub async fn serve(addr: std::net::SocketAddr, m: Shared) -> std::io::Result<()> {
-    status_http::serve(addr, move |path| {
-        let m = m.lock().unwrap();
-        match path {
-            "/metrics" => Reply::text(200, m.render()),
-            "/healthz" => match m.healthy() {
-                Ok(()) => Reply::text(200, "ok\n"),
-                Err(why) => Reply::text(503, format!("{why}\n")),
-            },
-            "/readyz" if m.first_sync_done => Reply::text(200, "ok\n"),
-            "/readyz" => Reply::text(503, "the first sync has not completed\n"),
-            _ => Reply::text(404, "not found\n"),
+    fn healthz(&self) -> Probe {
+        match self.healthy() {
+            Ok(()) => Probe::text(true, "ok\n"),
+            Err(why) => Probe::text(false, format!("{why}\n")),
         }
-    })
-    .await
+    }
+
+    fn readyz(&self) -> Probe {
+        if self.health.lock().unwrap().first_sync_done {
+            Probe::text(true, "ok\n")
+        } else {
+            Probe::text(false, "the first sync has not completed\n")
+        }
+    }
+}
+
+pub type Shared = std::sync::Arc<Metrics>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_series_carries_the_mode_and_kube_proxy_names() {
+        let m = Metrics::new("iptables", Duration::from_secs(10));
+        m.sync_ok(true, true, Duration::from_millis(3));
+        m.error(ErrorKind::Rules);
+        m.repaired("canary");
+        let text = telemetry::http::exposition(telemetry::Endpoints::registry(&m));
+        for want in [
+            "tartan_proxy_sync_total{mode=\"iptables\"} 1",
+            "tartan_proxy_sync_errors_total{mode=\"iptables\",kind=\"rules\"} 1",
+            "tartan_proxy_sync_errors_total{mode=\"iptables\",kind=\"spawn\"} 0",
+            "tartan_proxy_repairs_total{mode=\"iptables\",kind=\"canary\"} 1",
+            "kubeproxy_sync_proxy_rules_duration_seconds_count{mode=\"iptables\"} 1",
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_count{mode=\"iptables\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == want), "{want} in\n{text}");
+        }
+        assert_eq!(m.errors_total(), 1);
+    }
+
+    #[test]
+    fn health_fails_only_when_changes_wait_past_the_bound() {
+        let m = Metrics::new("iptables", Duration::from_millis(50));
+        assert!(m.healthy().is_ok());
+        m.pending(Some(Instant::now() - Duration::from_millis(100)), 1);
+        assert!(m.healthy().is_err());
+        m.pending(None, 0);
+        assert!(m.healthy().is_ok());
+        m.dataplane_gone();
+        assert_eq!(m.healthy().unwrap_err(), "the dataplane thread is gone");
+    }
 }

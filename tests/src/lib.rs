@@ -159,12 +159,49 @@ pub fn http_get(lab: &netns_lab::Lab, ns: &str, url: &str) -> (u16, String) {
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
-/// The value of one series (`name` or `name{labels}` exactly as exposed) in Prometheus text.
+/// An exposition parsed with a Prometheus text parser.
+pub fn scrape(text: &str) -> prometheus_parse::Scrape {
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("a Prometheus exposition")
+}
+
+/// The value of `series` (`name`, or `name{label="value",...}` naming some of its labels) in an exposition: the sum
+/// over the samples of that name whose labels include those given. None when no sample matches.
 pub fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        let (s, v) = l.rsplit_once(' ')?;
-        (s == series).then(|| v.parse().ok())?
-    })
+    let (name, want) = match series.split_once('{') {
+        Some((n, rest)) => {
+            let labels: Vec<(String, String)> = rest
+                .trim_end_matches('}')
+                .split(',')
+                .filter(|kv| !kv.is_empty())
+                .map(|kv| {
+                    let (k, v) = kv.split_once('=').expect("label=\"value\"");
+                    (k.trim().to_string(), v.trim().trim_matches('"').to_string())
+                })
+                .collect();
+            (n, labels)
+        }
+        None => (series, Vec::new()),
+    };
+    let mut found = None;
+    for s in scrape(text).samples.iter().filter(|s| s.metric == name) {
+        if !want.iter().all(|(k, v)| s.labels.get(k) == Some(v.as_str())) {
+            continue;
+        }
+        let v = match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => continue,
+        };
+        *found.get_or_insert(0.0) += v;
+    }
+    found
+}
+
+/// tartan-agent's metrics on `node`, served on its --healthz-port.
+pub fn agent_metrics(lab: &netns_lab::Lab, node: &str, port: u16) -> String {
+    let ns = lab.node(node).expect("node").ns.clone();
+    http_get(lab, &ns, &format!("http://127.0.0.1:{port}/metrics")).1
 }
 
 /// tartan-proxy's metrics on `node` (the lab's default port).

@@ -185,7 +185,7 @@ fn http_get(ns: &str, port: u16, path: &str) -> String {
     ns.run(|| {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())?;
         let mut out = String::new();
         s.read_to_string(&mut out)?;
         Ok::<_, std::io::Error>(out)
@@ -683,5 +683,91 @@ fn a_live_change_of_backend_and_network_is_reconciled_without_a_restart() {
             "{pid} exited"
         );
     }
-    assert!(c.agent_log("n1").contains("network config changed: Network"), "{}", c.agent_log("n1"));
+    let log = c.agent_log("n1");
+    assert!(log.contains("network config changed; reconciling change=Network"), "{log}");
+}
+
+#[test]
+fn metrics_move_with_the_cluster_health_follows_the_reconcile_loop_and_v_turns_on_debug_logs() {
+    let mut lab = Lab::with_etcd("obs", &Backend::Vxlan.network_config()).unwrap();
+    for n in ["n1", "n2"] {
+        let node = lab.add_node(n).unwrap();
+        lab.write_cni_config(n, &netns_lab::cluster::flannel_conflist(&node)).unwrap();
+        // n1 with metrics, flanneld's -v at debug and JSON lines; n2 as deployed by default.
+        let flags: &[&str] =
+            if n == "n1" { &["--healthz-port", "8471", "-v=2", "--logging-format", "json"] } else { &[] };
+        lab.start_agent(n, flags).unwrap();
+        lab.wait_subnet_env(n, Duration::from_secs(10)).unwrap();
+    }
+    let mut c = Cluster { lab };
+    let n1 = c.node_ns("n1");
+    let metrics = |c: &Cluster| tartan_e2e::agent_metrics(&c.lab, "n1", 8471);
+    let value = |c: &Cluster, series: &str| tartan_e2e::metric(&metrics(c), series).unwrap_or(-1.0);
+    assert!(
+        wait_for(Duration::from_secs(5), || value(&c, "tartan_agent_leases_seen") == 2.0
+            && value(&c, "tartan_agent_routes") == 1.0
+            && value(&c, "tartan_agent_neighbours") == 1.0
+            && value(&c, "tartan_agent_fdb_entries") == 1.0),
+        "{}",
+        metrics(&c)
+    );
+    let m = metrics(&c);
+    assert_eq!(tartan_e2e::metric(&m, "tartan_agent_leases_held"), Some(1.0));
+    assert_eq!(tartan_e2e::metric(&m, "tartan_agent_subnet_env_writes_total"), Some(1.0));
+    assert!(tartan_e2e::metric(&m, "tartan_agent_reconciles_total").unwrap() >= 1.0);
+    assert!(tartan_e2e::metric(&m, "tartan_agent_reconcile_duration_seconds_count").unwrap() >= 1.0);
+    assert_eq!(tartan_e2e::metric(&m, "tartan_agent_etcd_errors_total"), Some(0.0), "every op at 0: {m}");
+    assert_eq!(tartan_e2e::metric(&m, r#"tartan_agent_repairs_total{kind="route"}"#), Some(0.0));
+
+    // A new node's lease: seen and routed.
+    let node = c.lab.add_node("n3").unwrap();
+    c.lab.write_cni_config("n3", &netns_lab::cluster::flannel_conflist(&node)).unwrap();
+    c.lab.start_agent("n3", &[]).unwrap();
+    c.lab.wait_subnet_env("n3", Duration::from_secs(10)).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || value(&c, "tartan_agent_leases_seen") == 3.0
+            && value(&c, "tartan_agent_routes") == 2.0),
+        "{}",
+        metrics(&c)
+    );
+    // A route removed by hand: put back, and counted as a repair of its kind.
+    let sn3 = c.subnet_of("n3");
+    c.lab.exec(&n1, &["ip", "route", "del", &sn3]).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || c.has_route("n1", &sn3)
+            && value(&c, r#"tartan_agent_repairs_total{kind="route"}"#) >= 1.0),
+        "{}",
+        metrics(&c)
+    );
+
+    // The dataplane made to fail: flannel.1 renamed away still holds VNI 1 on port 8472, so the agent cannot
+    // create its device again. /healthz turns to 503 once the kernel lags past the bound (5 s here), and back.
+    let get = |path: &str| http_get(&n1, 8471, path);
+    assert!(get("/healthz").starts_with("HTTP/1.1 200 "), "{}", get("/healthz"));
+    for argv in
+        [&["ip", "link", "set", "flannel.1", "down"][..], &["ip", "link", "set", "flannel.1", "name", "blocker"]]
+    {
+        assert!(c.lab.exec_status(&n1, argv).unwrap().status.success(), "{argv:?}");
+    }
+    let t = Instant::now();
+    assert!(wait_for(Duration::from_secs(12), || get("/healthz").starts_with("HTTP/1.1 503 ")), "{}", get("/healthz"));
+    eprintln!("/healthz failed after {:?}", t.elapsed());
+    let h = get("/healthz");
+    assert!(h.contains("has not held what the leases ask for") && h.contains("\"dataplaneAlive\":true"), "{h}");
+    assert!(value(&c, "tartan_agent_reconcile_errors_total") >= 1.0);
+    c.lab.exec(&n1, &["ip", "link", "del", "blocker"]).unwrap();
+    assert!(wait_for(Duration::from_secs(10), || get("/healthz").starts_with("HTTP/1.1 200 ")), "{}", get("/healthz"));
+    assert!(value(&c, r#"tartan_agent_repairs_total{kind="device"}"#) >= 1.0, "{}", metrics(&c));
+    let ips = c.pods(&["n1", "n2"]);
+    assert!(wait_for(Duration::from_secs(5), || c.lab.ping(&c.pod_ns(0), &ips[1]).unwrap_or(false)));
+
+    // -v=2 --logging-format json: debug events as JSON objects, the lease as a field. The default: info, text.
+    let json: Vec<serde_json::Value> = c.agent_log("n1").lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert!(!json.is_empty() && json.len() == c.agent_log("n1").lines().count(), "{}", c.agent_log("n1"));
+    let debug = json.iter().find(|v| v["level"] == "DEBUG" && v["message"] == "reconciled").expect("a debug event");
+    assert!(debug["lease"].as_str().unwrap().starts_with("10.244.") && debug["timestamp"].is_string(), "{debug}");
+    assert!(json.iter().any(|v| v["level"] == "WARN" && v["kind"] == "route"), "the repair, with its kind");
+    let n2_log = c.agent_log("n2");
+    assert!(n2_log.contains(" INFO ") && n2_log.contains("acquired lease"), "{n2_log}");
+    assert!(!n2_log.contains("DEBUG") && !n2_log.starts_with('{'), "{n2_log}");
 }

@@ -635,9 +635,8 @@ fn policy_composes_with_services_host_traffic_forged_sources_and_sctp() {
     // The idle check compares the kernel's entry counts with what was written: with every kind present it must
     // not see drift where there is none (it would force a full sync every second).
     let full_syncs = || {
-        let m = env.lab.exec(&node, &["curl", "-s", "http://127.0.0.1:10249/metrics"]).unwrap();
-        let m = String::from_utf8_lossy(&m.stdout).into_owned();
-        m.lines().find_map(|l| l.strip_prefix("tartan_proxy_full_sync_total ")?.parse::<u64>().ok()).unwrap()
+        let m = tartan_e2e::http_get(&env.lab, &node, "http://127.0.0.1:10249/metrics").1;
+        tartan_e2e::metric(&m, "tartan_proxy_full_sync_total").expect("the full sync counter") as u64
     };
     std::thread::sleep(Duration::from_millis(1500));
     let idle = full_syncs();

@@ -162,12 +162,13 @@ fn affinity_hairpin_and_metrics() {
     assert!(wait_for(Duration::from_secs(5), || c.connect(&web_a, "10.96.0.81", 80).is_ok()));
     let own = (0..40).filter_map(|_| c.connect(&web_a, "10.96.0.81", 80).ok()).any(|a| a.starts_with("web-a "));
     assert!(own, "web-a reached itself through 10.96.0.81");
-    let n1 = c.lab.node("n1").unwrap().ns.clone();
-    let m = c.lab.exec(&n1, &["curl", "-s", "http://127.0.0.1:10249/metrics"]).unwrap();
-    let m = String::from_utf8_lossy(&m.stdout);
-    assert!(m.contains("tartan_proxy_sync_total") && m.contains("tartan_proxy_sync_duration_seconds_bucket"), "{m}");
-    let rules: u64 = m.lines().find_map(|l| l.strip_prefix("tartan_proxy_rules ")).unwrap().parse().unwrap();
-    assert!(rules > 10, "{m}");
+    let m = tartan_e2e::proxy_metrics(&c.lab, "n1");
+    let syncs = tartan_e2e::metric(&m, r#"tartan_proxy_sync_total{mode="iptables"}"#).unwrap();
+    let timed =
+        tartan_e2e::metric(&m, r#"kubeproxy_sync_proxy_rules_duration_seconds_count{mode="iptables"}"#).unwrap();
+    assert!(syncs >= 1.0 && timed == syncs, "{m}");
+    assert!(tartan_e2e::metric(&m, "tartan_proxy_dataplane_entries").unwrap() > 10.0, "{m}");
+    assert_eq!(tartan_e2e::metric(&m, "tartan_proxy_service_ports"), Some(2.0), "{m}");
 }
 
 #[test]
@@ -212,11 +213,7 @@ fn rules_removed_by_hand_are_rewritten() {
     let client = c.client("n1", "client");
     assert!(wait_for(Duration::from_secs(5), || c.connect(&client, "10.96.0.90", 80).is_ok()));
     let n1 = c.lab.node("n1").unwrap().ns.clone();
-    let full_syncs = || {
-        let m = c.lab.exec(&n1, &["curl", "-s", "http://127.0.0.1:10249/metrics"]).unwrap();
-        let m = String::from_utf8_lossy(&m.stdout).into_owned();
-        m.lines().find_map(|l| l.strip_prefix("tartan_proxy_full_sync_total ")?.parse::<u64>().ok()).unwrap()
-    };
+    let full_syncs = || n1_metric(&c, "tartan_proxy_full_sync_total");
     let before = full_syncs();
     // What a firewall reload does: every chain of the table gone. (Not checked by connecting in between: the
     // repair can land before such a check would.)
@@ -284,7 +281,7 @@ fn a_proxy_restart_does_not_interrupt_service_traffic() {
     let failures = prober.join().unwrap();
     assert!(failures.is_empty(), "{failures:?}");
     let log = std::fs::read_to_string(c.lab.node("n1").unwrap().root.join("proxy.log")).unwrap();
-    assert!(!log.contains("sync:"), "no failed sync: {log}");
+    assert!(!log.contains("sync failed"), "no failed sync: {log}");
 }
 
 #[test]
@@ -400,7 +397,7 @@ fn a_sync_that_fails_half_way_is_followed_by_a_full_one_that_repairs_everything(
     ] {
         assert!(c.lab.exec_status(&n1, &argv).unwrap().status.success(), "{argv:?}");
     }
-    let errors = r#"tartan_proxy_sync_errors_by_kind_total{mode="iptables",kind="sets"}"#;
+    let errors = r#"tartan_proxy_sync_errors_total{mode="iptables",kind="sets"}"#;
     let full_before = n1_metric(&c, "tartan_proxy_full_sync_total");
     let out = c.lab.tartanctl(&["delete", "netpol", "friends-only", "-n", "default"], None).unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -601,4 +598,66 @@ fn dual_stack_services_get_a_cluster_ip_per_family_and_work_over_both() {
     assert!(t.elapsed() < Duration::from_secs(3), "rejected, not timed out: {:?} {err}\n{filter}", t.elapsed());
     let save = ip6_nat(&c);
     assert!(save.contains(&format!("-d {}/128", ips[1])) && save.contains("-j TARTAN-SVC-"), "{save}");
+}
+
+#[test]
+fn metrics_move_with_the_cluster_and_health_fails_while_syncs_fail_then_recovers() {
+    // A sync period of 2 s: /healthz fails once changes have waited twice that (kube-proxy's bound).
+    let mut c = Cluster::with("px-obs", Backend::Vxlan, &["--sync-period", "2"]);
+    let web = c.server("n1", "web-a", "web");
+    let client = c.client("n1", "client");
+    let n1 = c.lab.node("n1").unwrap().ns.clone();
+    let get = |c: &Cluster, path: &str| tartan_e2e::http_get(&c.lab, &n1, &format!("http://127.0.0.1:10249{path}"));
+    assert!(wait_for(Duration::from_secs(5), || get(&c, "/readyz").0 == 200));
+    let before = tartan_e2e::proxy_metrics(&c.lab, "n1");
+    let m = |text: &str, series: &str| tartan_e2e::metric(text, series).unwrap_or(-1.0);
+    // Every series of the proxy carries its dataplane.
+    let scrape = tartan_e2e::scrape(&before);
+    assert!(scrape.samples.len() > 20);
+    for s in &scrape.samples {
+        assert_eq!(s.labels.get("mode"), Some("iptables"), "{} has no mode label", s.metric);
+    }
+    c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.60, selector: {app: web}, ports: [{port: 80, targetPort: http}]}\n");
+    assert!(wait_for(Duration::from_secs(5), || c.connect(&client, "10.96.0.60", 80).is_ok()));
+    let moved = |series: &str| {
+        let now = tartan_e2e::proxy_metrics(&c.lab, "n1");
+        m(&now, series) > m(&before, series)
+    };
+    for series in [
+        "tartan_proxy_service_ports",
+        "tartan_proxy_store_changes_total",
+        "tartan_proxy_dataplane_entries",
+        "kubeproxy_network_programming_duration_seconds_count",
+        "kubeproxy_sync_proxy_rules_duration_seconds_count",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+    ] {
+        assert!(wait_for(Duration::from_secs(3), || moved(series)), "{series} did not move");
+    }
+
+    // Syncs made to fail (a set the next sync must destroy is held by someone else's rule): changes wait,
+    // /healthz turns to 503 after the bound, and back to 200 once a sync succeeds again.
+    c.apply(FRIENDS_ONLY);
+    assert!(wait_for(Duration::from_secs(5), || c.connect(&client, &web, 8080).is_err()), "the policy holds");
+    let set = n1_sets(&c, "PS").pop().expect("the selector's set");
+    for argv in [
+        vec!["iptables", "-w", "-N", "SOMEONE-ELSES"],
+        vec!["iptables", "-w", "-A", "SOMEONE-ELSES", "-m", "set", "--match-set", &set, "src", "-j", "RETURN"],
+    ] {
+        assert!(c.lab.exec_status(&n1, &argv).unwrap().status.success(), "{argv:?}");
+    }
+    assert_eq!(get(&c, "/healthz").0, 200);
+    let out = c.lab.tartanctl(&["delete", "netpol", "friends-only", "-n", "default"], None).unwrap();
+    assert!(out.status.success());
+    assert!(wait_for(Duration::from_secs(12), || get(&c, "/healthz").0 == 503), "{:?}", get(&c, "/healthz"));
+    assert!(get(&c, "/healthz").1.contains("for a successful sync"), "{:?}", get(&c, "/healthz"));
+    let failing = tartan_e2e::proxy_metrics(&c.lab, "n1");
+    assert!(m(&failing, r#"tartan_proxy_sync_errors_total{kind="sets"}"#) >= 1.0, "{failing}");
+    assert!(m(&failing, "kubeproxy_sync_proxy_rules_service_changes_pending") >= 1.0, "{failing}");
+    assert!(m(&failing, "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds") > 0.0, "{failing}");
+    c.lab.exec(&n1, &["iptables", "-w", "-F", "SOMEONE-ELSES"]).unwrap();
+    c.lab.exec(&n1, &["iptables", "-w", "-X", "SOMEONE-ELSES"]).unwrap();
+    assert!(wait_for(Duration::from_secs(15), || get(&c, "/healthz").0 == 200), "{:?}", get(&c, "/healthz"));
+    assert!(n1_sets(&c, "PS").is_empty(), "the policy's set is gone");
+    assert!(c.connect(&client, &web, 8080).is_ok());
+    assert_eq!(m(&tartan_e2e::proxy_metrics(&c.lab, "n1"), "kubeproxy_sync_proxy_rules_service_changes_pending"), 0.0);
 }

@@ -344,3 +344,36 @@ fn ip_families_are_allocated_as_the_api_server_does() {
     let keys = keys(&lab);
     assert!(keys.iter().any(|k| k.starts_with("/tartan/allocations/clusterips/fd00:10:96::")), "{keys:?}");
 }
+
+#[test]
+fn tartanctl_logs_what_v_and_the_log_filter_ask_for() {
+    let lab = lab("st-log");
+    let (ok, _, quiet) = ctl(&lab, &["get", "pods"], None);
+    assert!(ok && !quiet.contains("connecting to the store"), "{quiet}");
+    let (ok, _, verbose) = ctl(&lab, &["-v", "2", "get", "pods"], None);
+    assert!(ok && verbose.contains("DEBUG") && verbose.contains("connecting to the store"), "{verbose}");
+    // The same through the filter variable, and JSON lines with the applied object as a field.
+    let run = |env: &[(&str, &str)], args: &[&str], input: Option<&str>| {
+        let mut cmd = lab.cmd(&lab.ns_name("etcd"), netns_lab::cni::tartan_bin_dir().join("tartanctl")).unwrap();
+        cmd.args(["--etcd-endpoints", "http://127.0.0.1:2379"]).args(args).envs(env.iter().copied());
+        cmd.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        use std::io::Write;
+        // A refused run exits before it reads its input.
+        let _ = child.stdin.take().unwrap().write_all(input.unwrap_or("").as_bytes());
+        let out = child.wait_with_output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: logged}\n";
+    let (ok, err) = run(&[("TARTAN_LOG", "debug")], &["--logging-format", "json", "apply", "-f", "-"], Some(ns));
+    assert!(ok, "{err}");
+    let lines: Vec<serde_json::Value> = err.lines().map(|l| serde_json::from_str(l).expect(l)).collect();
+    assert!(lines.iter().any(|v| v["level"] == "DEBUG" && v["object"] == "namespace/logged"), "{err}");
+    // A filter that does not parse is refused, naming the variable, before anything is done.
+    let other = "apiVersion: v1\nkind: Namespace\nmetadata: {name: never}\n";
+    let (ok, err) = run(&[("TARTAN_LOG", "debug,tartanctl=loud")], &["apply", "-f", "-"], Some(other));
+    assert!(!ok && err.contains("TARTAN_LOG=") && err.contains("not a log filter"), "{err}");
+    assert!(!keys(&lab).iter().any(|k| k.contains("never")), "{:?}", keys(&lab));
+}

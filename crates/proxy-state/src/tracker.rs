@@ -71,6 +71,11 @@ impl Tracker {
         self.policy_dirty = true;
     }
 
+    /// How many Services have changes waiting (a policy change counts as one).
+    pub fn pending_services(&self) -> usize {
+        self.dirty.len() + usize::from(self.policy_dirty)
+    }
+
     /// Whether a change waits to be computed.
     pub fn pending(&self) -> bool {
         !self.dirty.is_empty() || self.policy_dirty
