@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-cargo build --release --workspace --bins --locked
+cargo build --release --bins --locked
 target/x86_64-unknown-linux-gnu/release/netns-lab demo
 # NetworkPolicy: the conformance topology (namespaces x, y, z; pods a, b, c on two nodes, with tartan-proxy), its
 # reachability matrix open, then with x closed except TCP 80 into x/a from namespace y.

@@ -7,6 +7,7 @@ APT_PACKAGES=(
   iproute2 iptables nftables ipset conntrack tcpdump iperf3 ethtool socat
   etcd-server etcd-client containernetworking-plugins hyperfine procps util-linux iputils-ping
   protobuf-compiler libprotobuf-dev
+  bpftool llvm-22-dev libpolly-22-dev zlib1g-dev libzstd-dev
 )
 
 missing=()
@@ -33,4 +34,18 @@ fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; this machine kind ships rustup's stable toolchain" >&2
   exit 1
+fi
+
+# The eBPF programs: the nightly toolchain's core sources (they are built with -Z build-std=core for bpfel) and
+# bpf-linker at the version aya 0.14 works with, built against Debian's LLVM 22 (LLVM_PREFIX keeps its build script
+# off the default LLVM 14). No new toolchain is downloaded: nightly is already installed on this machine kind.
+if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
+  echo "setup: adding rust-src to the nightly toolchain" >&2
+  rustup component add rust-src --toolchain nightly
+fi
+BPF_LINKER_VERSION=0.13.0
+if ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
+  echo "setup: building bpf-linker $BPF_LINKER_VERSION against LLVM 22 (about 2 minutes)" >&2
+  LLVM_SYS_221_PREFIX=/usr/lib/llvm-22 LLVM_PREFIX=/usr/lib/llvm-22 \
+    cargo install --locked bpf-linker --version "$BPF_LINKER_VERSION" --no-default-features --features llvm-22
 fi

@@ -461,9 +461,9 @@ pub async fn run(opts: Options, health: Shared) -> Result<()> {
                 Ok(()) => {
                     renew_status.lease_renewals.inc();
                     if std::mem::take(&mut failing) {
-                        info!(lease = %own, "renewed the lease after failed attempts");
+                        info!(lease = %own, "renewed lease after failed attempts");
                     } else {
-                        debug!(lease = %own, ttl, "renewed the lease");
+                        debug!(lease = %own, ttl, "renewed lease");
                     }
                     renew_after
                 }

@@ -89,7 +89,13 @@ fn main() -> Result<()> {
         Cmd::Cni { runs, batches } => cni::run(runs, batches),
         Cmd::Throughput { secs, rounds } => agent::throughput(secs, rounds),
         Cmd::Convergence { leases, new } => agent::convergence(leases, new),
-        Cmd::Proxy { mode, services, endpoints, connects } => proxy::run(&mode, &services, endpoints, connects),
+        Cmd::Proxy { mode, services, endpoints, connects } => {
+            // One table per dataplane, each with its own no-proxy floor measured in the same run.
+            for m in mode.split(',') {
+                proxy::run(m, &services, endpoints, connects)?;
+            }
+            Ok(())
+        }
         Cmd::Policy { mode, policies, connects } => policy::run(&mode, &policies, connects),
         Cmd::Programming { mode, services, probes } => programming::run(&mode, &services, probes),
     }

@@ -92,6 +92,8 @@ pub fn run(mode: &str, sizes: &[usize], probes: usize) -> Result<()> {
             server["ips"][0]["address"].as_str().unwrap_or_default().split('/').next().unwrap_or_default().to_string();
         accept_forever(&lab.pod("server")?.ns.clone());
         let client = netns::NetNs::named(&lab.pod("client")?.ns.clone())?;
+        // Probed from inside the node, as its pods connect: in its cgroup (where the eBPF programs attach).
+        let in_node = lab.enter_node_cgroup("n1")?;
         let mut values = Vec::new();
         for i in 0..n {
             values.extend(service(&format!("s{i}"), &vip(i), &server_ip));
@@ -140,6 +142,7 @@ pub fn run(mode: &str, sizes: &[usize], probes: usize) -> Result<()> {
             first.as_secs_f64(),
             p50 / b
         );
+        drop(in_node);
         lab.teardown();
     }
     Ok(())

@@ -67,6 +67,19 @@ pub fn services_state(generation: u64, services: Vec<ServicePort>) -> State {
     State { generation, services: Arc::new(services), policy: Default::default() }
 }
 
+/// The proxy's options for the lab's node n1 (the eBPF dataplane's cgroup and pins included).
+pub fn node_options(lab: &Lab) -> NodeOptions {
+    NodeOptions {
+        cluster_cidrs: vec!["10.244.0.0/16".parse().expect("a CIDR")],
+        ebpf: tartan_proxy::ebpf::EbpfOptions {
+            cgroup_root: lab.node_cgroup("n1"),
+            bpf_root: lab.node_bpf_root("n1"),
+            run_dir: lab.node("n1").map(|n| n.root.join("run/tartan")).unwrap_or_default(),
+        },
+        ..Default::default()
+    }
+}
+
 pub fn run(mode: &str, sizes: &[usize], endpoints: usize, count: usize) -> Result<()> {
     let mut lab = Lab::new("bench-proxy")?;
     lab.build_static(1)?;
@@ -76,18 +89,20 @@ pub fn run(mode: &str, sizes: &[usize], endpoints: usize, count: usize) -> Resul
     let (server_ns, client_ns, node_ns) =
         (lab.pod("server")?.ns.clone(), lab.pod("client")?.ns.clone(), lab.node("n1")?.ns.clone());
     accept_forever(&server_ns);
+    // Measured from inside the node, as its pods connect: in its cgroup, where the eBPF programs are attached.
+    let in_node = lab.enter_node_cgroup("n1")?;
     let mut floor = connects(&client_ns, SocketAddr::new(server_ip.into(), 8080), count)?;
     println!("services x {endpoints} endpoints, {mode} dataplane; connect latency over {count} new connections\n");
     let (f50, f99) = (percentile(&mut floor, 0.5), percentile(&mut floor, 0.99));
-    println!("| services | rules | full sync | one-service sync | connect p50 | ratio | connect p99 | ratio |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
-    println!("| no proxy (floor) | 0 | - | - | {f50:.3} ms | 1.00x | {f99:.3} ms | 1.00x |");
+    println!("| services | rules / map entries | map memory | full sync | one-service sync | connect p50 | ratio | connect p99 | ratio |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| no proxy (floor) | 0 | - | - | - | {f50:.3} ms | 1.00x | {f99:.3} ms | 1.00x |");
     let nns = netns::NetNs::named(&node_ns)?;
     for &n in sizes {
         let mut ports = synthetic(n.saturating_sub(1), endpoints);
         let to_server = vec![Endpoint::ready(server_ip.into(), 8080, true)];
         ports.push(ServicePort::cluster_ip("zzz/measured:/tcp", VIP.into(), 80, to_server));
-        let opts = NodeOptions { cluster_cidrs: vec!["10.244.0.0/16".parse()?], ..Default::default() };
+        let opts = node_options(&lab);
         let (full, partial, rules) = nns.run(|| -> Result<(Duration, Duration, usize)> {
             let mut dp = tartan_proxy::dataplane(mode, &opts).map_err(anyhow::Error::msg)?;
             let t = Instant::now();
@@ -107,8 +122,9 @@ pub fn run(mode: &str, sizes: &[usize], endpoints: usize, count: usize) -> Resul
         })??;
         let mut lat = connects(&client_ns, SocketAddr::new(VIP.into(), 80), count)?;
         let (p50, p99) = (percentile(&mut lat, 0.5), percentile(&mut lat, 0.99));
+        let memory = map_memory(&lab.node_bpf_root("n1").join("TARTAN_SVC"));
         println!(
-            "| {n} | {rules} | {:.0} ms | {:.0} ms | {p50:.3} ms | {:.2}x | {p99:.3} ms | {:.2}x |",
+            "| {n} | {rules} | {memory} | {:.0} ms | {:.1} ms | {p50:.3} ms | {:.2}x | {p99:.3} ms | {:.2}x |",
             ms(full),
             ms(partial),
             p50 / f50,
@@ -118,6 +134,20 @@ pub fn run(mode: &str, sizes: &[usize], endpoints: usize, count: usize) -> Resul
             Ok(tartan_proxy::dataplane(mode, &opts).map_err(anyhow::Error::msg)?.cleanup()?)
         })??;
     }
+    drop(in_node);
     lab.teardown();
     Ok(())
+}
+
+/// The service map's memory as the kernel accounts it (bpftool's bytes_memlock), or "-" without one.
+fn map_memory(pin: &std::path::Path) -> String {
+    let out = std::process::Command::new("bpftool").args(["-j", "map", "show", "pinned"]).arg(pin).output();
+    let bytes = out
+        .ok()
+        .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+        .and_then(|v| v["bytes_memlock"].as_u64());
+    match bytes {
+        Some(b) => format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0)),
+        None => "-".into(),
+    }
 }

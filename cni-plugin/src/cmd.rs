@@ -358,6 +358,7 @@ fn record_pod(req: &Request, plan: &Plan, stdin: &[u8], result: CniResult) -> Re
         container_id: req.container_id.clone(),
         ifname: req.ifname.clone(),
         ips: ips.iter().map(ToString::to_string).collect(),
+        netns: req.netns.as_ref().map(|p| p.display().to_string()),
     };
     if let Err(e) = pods::record(&plan.run_dir, &rec) {
         let _ = del(req, plan, stdin);

@@ -349,6 +349,11 @@ impl Lab {
         cmd.args(["--etcd-endpoints", &self.etcd_endpoints(), "--node-name", node, "--cluster-cidr", "10.244.0.0/16"])
             .arg("--run-dir")
             .arg(n.root.join("run/tartan"))
+            // Used by --mode ebpf: the node's own cgroup and pin directory.
+            .arg("--cgroup-root")
+            .arg(self.node_cgroup(node))
+            .arg("--bpf-root")
+            .arg(self.node_bpf_root(node))
             .args(extra)
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -1,7 +1,8 @@
 //! The README's demo: a three-node cluster (a real etcd, a tartan-agent per node with the vxlan backend), two pods
 //! per node wired by `tartan` from the agent's subnet.env, a connectivity matrix across all of them and out of the
 //! cluster, one packet captured on the underlay showing the VXLAN encapsulation, and the nodes and pods as the
-//! cluster store (`tartanctl`) shows them.
+//! cluster store (`tartanctl`) shows them; then Services with tartan-proxy's eBPF dataplane (socket load balancing):
+//! a ClusterIP balanced across pods on two nodes, a NodePort reached from the outside host.
 
 use anyhow::{bail, Result};
 use netns_lab::cluster::Backend;
@@ -67,6 +68,8 @@ pub fn run() -> Result<()> {
         print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     }
 
+    failures += services(&mut lab)?;
+
     println!("\n== teardown");
     lab.teardown();
     if failures > 0 {
@@ -74,4 +77,50 @@ pub fn run() -> Result<()> {
     }
     println!("all pings answered; lab removed");
     Ok(())
+}
+
+/// tartan-proxy `--mode ebpf` on every node; a1 (n1) and b1 (n2) serve TCP 8080; one Service, ClusterIP and
+/// NodePort. Returns the number of failed checks.
+fn services(lab: &mut Lab) -> Result<usize> {
+    println!("\n== Services: tartan-proxy --mode ebpf (socket load balancing) on every node");
+    for n in ["n1", "n2", "n3"] {
+        lab.start_proxy(n, &["--mode", "ebpf"])?;
+    }
+    let mut manifest = String::new();
+    for p in ["a1", "b1"] {
+        manifest += &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {p}, labels: {{app: web}}}}\nspec: {{containers: [{{name: c, ports: [{{name: http, containerPort: 8080}}]}}]}}\n---\n"
+        );
+        let ns = lab.pod(p)?.ns.clone();
+        lab.spawn(&ns, &["socat", "TCP-LISTEN:8080,fork,reuseaddr", &format!("SYSTEM:echo {p}")])?;
+    }
+    manifest += "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {type: NodePort, clusterIP: 10.96.0.80, selector: {app: web}, ports: [{port: 80, targetPort: http, nodePort: 30080}]}\n";
+    let out = lab.tartanctl(&["apply", "-f", "-"], Some(&manifest))?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    let ask = |lab: &Lab, ns: &str, addr: &str| -> Option<String> {
+        let out = lab
+            .exec_status(ns, &["socat", "-T", "2", "-u", &format!("TCP:{addr},connect-timeout=2"), "STDOUT"])
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (out.status.success() && !text.is_empty()).then_some(text)
+    };
+    let c2 = lab.pod("c2")?.ns.clone();
+    let ready = netns_lab::wait_for(std::time::Duration::from_secs(10), || ask(lab, &c2, "10.96.0.80:80").is_some());
+    let mut failures = usize::from(!ready);
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..20 {
+        match ask(lab, &c2, "10.96.0.80:80") {
+            Some(who) => *seen.entry(who).or_default() += 1,
+            None => failures += 1,
+        }
+    }
+    println!("20 connections from c2 (n3) to ClusterIP 10.96.0.80:80, answered by: {seen:?}");
+    if seen.len() < 2 {
+        failures += 1;
+    }
+    let outside = lab.ns_name("outside");
+    let np = ask(lab, &outside, "198.18.0.3:30080");
+    println!("the outside host to NodePort 198.18.0.3:30080: {}", np.as_deref().unwrap_or("FAIL"));
+    failures += usize::from(np.is_none());
+    Ok(failures)
 }

@@ -27,6 +27,9 @@ pub use state::{LabState, NodeState, PodState};
 
 /// Where labs keep their state: volatile, like the namespaces themselves.
 pub const LAB_ROOT: &str = "/run/tartan-lab";
+/// Each lab node's cgroup (v2) is `<CGROUP_ROOT>/<prefix>-<node>`: every process the lab runs for the node (its
+/// daemons, host commands, pods) is placed in it, and the eBPF dataplane attaches there, never to a root.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified/tartan-lab";
 /// Every lab namespace starts with this.
 pub const NS_PREFIX: &str = "tl";
 /// The underlay's first segment; nodes get .1, .2, ...; the outside host is .254.
@@ -165,7 +168,65 @@ impl Lab {
 
     /// A command that will run inside `ns` (only its network namespace changes: /sys and bpffs stay visible).
     pub fn cmd(&self, ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
-        command_in(ns, program)
+        let mut cmd = command_in(ns, program)?;
+        // The node a namespace belongs to (a node's own, or a pod's): its processes join the node's cgroup.
+        let node = self
+            .state
+            .nodes
+            .iter()
+            .find(|n| n.ns == ns)
+            .map(|n| n.name.clone())
+            .or_else(|| self.state.pods.iter().find(|p| p.ns == ns).map(|p| p.node.clone()));
+        if let Some(node) = node {
+            let procs = self.node_cgroup(&node).join("cgroup.procs");
+            if let Ok(f) = fs::OpenOptions::new().write(true).open(&procs) {
+                let fd: OwnedFd = f.into();
+                // SAFETY: write(2) is async-signal-safe; "0" moves the writing process (the child, before exec).
+                unsafe {
+                    cmd.pre_exec(move || {
+                        if libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+            }
+        }
+        Ok(cmd)
+    }
+
+    /// Moves this whole process into `node`'s cgroup (a benchmark measuring from inside the node, as the node's own
+    /// processes are) until the guard drops, which moves it back.
+    pub fn enter_node_cgroup(&self, node: &str) -> Result<CgroupGuard> {
+        let own = fs::read_to_string("/proc/self/cgroup")?;
+        let back = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .map(|p| Path::new("/sys/fs/cgroup/unified").join(p.trim_start_matches('/')))
+            .ok_or_else(|| anyhow!("this process is in no cgroup v2"))?;
+        fs::write(self.node_cgroup(node).join("cgroup.procs"), "0")?;
+        Ok(CgroupGuard { back })
+    }
+
+    /// The node's cgroup (v2): every process of the node runs in it.
+    pub fn node_cgroup(&self, node: &str) -> PathBuf {
+        Path::new(CGROUP_ROOT).join(format!("{}-{node}", self.state.prefix))
+    }
+
+    /// Where the node's daemons pin BPF objects: a directory on the lab's own bpffs instance.
+    pub fn node_bpf_root(&self, node: &str) -> PathBuf {
+        self.dir.join("bpf").join(node)
+    }
+
+    /// Mounts the lab's bpffs instance (once): pins live there and vanish with it at teardown.
+    fn ensure_bpffs(&self) -> Result<()> {
+        let dir = self.dir.join("bpf");
+        if is_bpffs(&dir) {
+            return Ok(());
+        }
+        fs::create_dir_all(&dir)?;
+        run_checked(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&dir))?;
+        Ok(())
     }
 
     /// Runs a command inside `ns` and returns its output, failing on a non-zero exit.
@@ -256,6 +317,9 @@ impl Lab {
         for d in ["etc/cni/net.d", "var/lib/cni/networks", "run/flannel", "run/tartan", "var/lib/tartan"] {
             fs::create_dir_all(root.join(d))?;
         }
+        let cg = self.node_cgroup(name);
+        fs::create_dir_all(&cg).with_context(|| format!("creating the node's cgroup {}", cg.display()))?;
+        self.ensure_bpffs()?;
         let node = NodeState { name: name.into(), ns, underlay_ip: addr, root };
         self.state.nodes.push(node.clone());
         self.save()?;
@@ -373,7 +437,46 @@ impl Lab {
             let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
         }
         self.state.namespaces.clear();
+        remove_lab_kernel_state(&self.dir, &self.state.prefix);
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Returns the process to the cgroup it came from.
+pub struct CgroupGuard {
+    back: PathBuf,
+}
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        let _ = fs::write(self.back.join("cgroup.procs"), "0");
+    }
+}
+
+fn is_bpffs(dir: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else { return false };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs(2) on a NUL-terminated path into a zeroed struct we own.
+    (unsafe { libc::statfs(c.as_ptr(), &mut st) }) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// Unmounts a lab's bpffs (dropping every pin: links detach, maps go) and removes its nodes' cgroups once their
+/// processes are gone.
+fn remove_lab_kernel_state(dir: &Path, prefix: &str) {
+    let bpf = dir.join("bpf");
+    if is_bpffs(&bpf) {
+        let _ = Command::new("umount").arg("-l").arg(&bpf).stderr(Stdio::null()).status();
+    }
+    let Ok(entries) = fs::read_dir(CGROUP_ROOT) else { return };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(&format!("{prefix}-")) {
+            // Killed processes leave the cgroup as they are reaped: try for a moment.
+            let _ = wait_for(Duration::from_secs(3), || {
+                let _ = fs::remove_dir(e.path());
+                !e.path().exists()
+            });
+        }
     }
 }
 
@@ -452,6 +555,7 @@ pub fn sweep(all: bool) -> Result<Vec<String>> {
             let wanted = if all { false } else { keep || owner_alive };
             owners.insert(prefix.clone(), wanted);
             if !wanted {
+                remove_lab_kernel_state(&dir, &prefix);
                 let _ = fs::remove_dir_all(&dir);
                 removed.push(dir.display().to_string());
             }

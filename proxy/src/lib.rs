@@ -3,6 +3,7 @@
 //! [`proxy_state::Dataplane`]: iptables now, eBPF next, behind the same trait and the same tests.
 
 pub mod daemon;
+pub mod ebpf;
 pub mod iptables;
 pub mod metrics;
 
@@ -16,16 +17,22 @@ pub struct NodeOptions {
     pub cluster_cidrs: Vec<IpNet>,
     /// Node ports answer only on this node's addresses within these (empty: all).
     pub nodeport_addresses: Vec<IpNet>,
+    /// eBPF: the node's cgroup, the pin directory, the CNI plugin's run directory.
+    pub ebpf: ebpf::EbpfOptions,
 }
 
 /// The dataplanes `--mode` can name.
-pub const MODES: [&str; 1] = ["iptables"];
+pub const MODES: [&str; 2] = ["iptables", "ebpf"];
 
 /// The dataplane named `mode`.
 pub fn dataplane(mode: &str, opts: &NodeOptions) -> Result<Box<dyn Dataplane>, String> {
     match mode {
         "iptables" => {
             Ok(Box::new(iptables::IptablesDataplane::new(opts.cluster_cidrs.clone(), opts.nodeport_addresses.clone())))
+        }
+        "ebpf" => {
+            let ipt = iptables::IptablesDataplane::new(opts.cluster_cidrs.clone(), opts.nodeport_addresses.clone());
+            Ok(Box::new(ebpf::EbpfDataplane::new(ipt, opts.ebpf.clone(), opts.nodeport_addresses.clone())))
         }
         m => Err(format!("--mode {m:?}: unknown dataplane (one of: {})", MODES.join(", "))),
     }

@@ -24,9 +24,15 @@ struct Options {
     /// This node's name in the store (endpoints on it are "local").
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
-    /// The dataplane: iptables (eBPF comes next).
+    /// The dataplane: iptables, or ebpf (socket load balancing; see the README).
     #[arg(long, default_value = "iptables")]
     mode: String,
+    /// ebpf: the cgroup v2 directory holding every process of the node (its daemons, host processes and pods).
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    cgroup_root: std::path::PathBuf,
+    /// ebpf: where maps and program links are pinned (on a bpffs), so that they outlive a restart.
+    #[arg(long, default_value = "/sys/fs/bpf/tartan")]
+    bpf_root: std::path::PathBuf,
     /// The pod network, a range per family (comma-separated): traffic to a cluster IP from outside it is
     /// masqueraded.
     #[arg(long, value_delimiter = ',')]
@@ -56,7 +62,15 @@ struct Options {
 fn main() -> Result<()> {
     let o = Options::parse();
     telemetry::init_logging(&o.log)?;
-    let opts = NodeOptions { cluster_cidrs: o.cluster_cidr.clone(), nodeport_addresses: o.nodeport_addresses.clone() };
+    let opts = NodeOptions {
+        cluster_cidrs: o.cluster_cidr.clone(),
+        nodeport_addresses: o.nodeport_addresses.clone(),
+        ebpf: tartan_proxy::ebpf::EbpfOptions {
+            cgroup_root: o.cgroup_root.clone(),
+            bpf_root: o.bpf_root.clone(),
+            run_dir: o.run_dir.clone(),
+        },
+    };
     let mut dp = match tartan_proxy::dataplane(&o.mode, &opts) {
         Ok(dp) => dp,
         Err(e) => bail!(e),

@@ -50,6 +50,7 @@ pub struct Metrics {
     pub sets: Gauge,
     pub set_entries: Gauge,
     pub service_ports: Gauge,
+    pub programs: Gauge,
     pub store_changes: Counter,
     pub invalid_objects: Counter,
     pub store_errors: Counter,
@@ -84,6 +85,7 @@ impl Metrics {
             sets: Gauge::default(),
             set_entries: Gauge::default(),
             service_ports: Gauge::default(),
+            programs: Gauge::default(),
             store_changes: Counter::default(),
             invalid_objects: Counter::default(),
             store_errors: Counter::default(),
@@ -141,6 +143,7 @@ impl Metrics {
             "Service ports programmed (one per cluster IP)",
             m.service_ports.clone(),
         );
+        reg.register("tartan_proxy_bpf_programs", "eBPF programs attached (ebpf mode)", m.programs.clone());
         reg.register("tartan_proxy_store_changes", "Changes received from the cluster store", m.store_changes.clone());
         reg.register(
             "tartan_proxy_invalid_objects",
@@ -163,6 +166,7 @@ impl Metrics {
         self.entries.set(h.entries as i64);
         self.sets.set(h.sets as i64);
         self.set_entries.set(h.set_entries as i64);
+        self.programs.set(h.programs as i64);
     }
 
     pub fn sync_ok(&self, wrote: bool, full: bool, took: Duration) {
@@ -232,6 +236,9 @@ impl telemetry::Endpoints for Metrics {
 
     fn healthz(&self) -> Probe {
         match self.healthy() {
+            Ok(()) if self.programs.get() > 0 => {
+                Probe::text(true, format!("ok\neBPF programs attached: {}\n", self.programs.get()))
+            }
             Ok(()) => Probe::text(true, "ok\n"),
             Err(why) => Probe::text(false, format!("{why}\n")),
         }

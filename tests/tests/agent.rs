@@ -498,9 +498,9 @@ fn the_interface_is_chosen_by_address_or_by_regex_as_flanneld_does() {
     let log_path = n.root.join("agent.log");
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let runs: [(&[&str], &str); 4] = [
-        (&["--iface", "198.19.5.1"], "using interface mgmt0 (198.19.5.1)"),
-        (&["--iface", "nosuch", "--iface-regex", "^mgm"], "using interface mgmt0 (198.19.5.1)"),
-        (&["--iface", "2001:2::1"], "using interface eth0 (198.18.0.1)"),
+        (&["--iface", "198.19.5.1"], "using interface iface=mgmt0 ip=198.19.5.1"),
+        (&["--iface", "nosuch", "--iface-regex", "^mgm"], "using interface iface=mgmt0 ip=198.19.5.1"),
+        (&["--iface", "2001:2::1"], "using interface iface=eth0 ip=198.18.0.1"),
         (&["--iface-regex", "^nomatch$"], "no usable external interface"),
     ];
     for (i, (flags, expect)) in runs.iter().enumerate() {

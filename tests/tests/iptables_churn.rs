@@ -145,7 +145,7 @@ fn key_values(rule: &str) -> Vec<String> {
 
 /// What the kernel must hold for `state`, in the same form.
 fn expected(state: &State) -> BTreeMap<String, Vec<Vec<String>>> {
-    let opts = rules::Options { cluster_cidr: CLUSTER_CIDR.parse().ok(), nodeport_addresses: vec![] };
+    let opts = rules::Options { cluster_cidr: CLUSTER_CIDR.parse().ok(), ..Default::default() };
     let mut want = rules::render(state.services.iter(), &opts);
     policy_rules::render_policy(&state.policy, false, &mut want);
     let mut out = BTreeMap::new();

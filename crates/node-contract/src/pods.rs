@@ -18,6 +18,10 @@ pub struct PodRecord {
     pub ifname: String,
     /// The pod's addresses, without prefix length, IPv4 first.
     pub ips: Vec<String>,
+    /// The pod's network namespace (CNI_NETNS): where the proxy closes sockets left on a removed UDP backend.
+    /// Absent in records written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
 }
 
 pub fn dir(run_dir: &Path) -> PathBuf {

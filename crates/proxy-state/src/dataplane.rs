@@ -25,6 +25,8 @@ pub struct Held {
     /// Address sets (ipsets, or set maps) and their members.
     pub sets: usize,
     pub set_entries: usize,
+    /// eBPF programs attached (0 for iptables).
+    pub programs: usize,
 }
 
 /// What one call of [`Dataplane::sync`] did.

@@ -78,6 +78,7 @@ impl IptablesDataplane {
         let family = |v6: bool| rules::Options {
             cluster_cidr: cluster_cidrs.iter().copied().find(|n| n.addr().is_ipv6() == v6),
             nodeport_addresses: nodeport_addresses.iter().copied().filter(|n| n.addr().is_ipv6() == v6).collect(),
+            socket_lb: false,
         };
         let opts = [family(false), family(true)];
         IptablesDataplane {
@@ -92,6 +93,14 @@ impl IptablesDataplane {
             applied: None,
             held: Held::default(),
         }
+    }
+
+    /// For the eBPF dataplane: TCP and UDP cluster IPs are left to socket load balancing (see [`rules::Options`]).
+    pub fn with_socket_lb(mut self) -> IptablesDataplane {
+        for o in &mut self.opts {
+            o.socket_lb = true;
+        }
+        self
     }
 
     /// Trust nothing: the next sync rewrites everything.
@@ -301,8 +310,12 @@ impl IptablesDataplane {
         // Every step succeeded: the kernel holds `desired`.
         self.last_udp = udp;
         let entries = desired.rule_count() + last6.as_ref().map_or(0, Rules::rule_count);
-        self.held =
-            Held { entries, sets: want_sets.len(), set_entries: want_sets.values().map(|s| s.members.len()).sum() };
+        self.held = Held {
+            entries,
+            sets: want_sets.len(),
+            set_entries: want_sets.values().map(|s| s.members.len()).sum(),
+            programs: 0,
+        };
         self.last = Some(desired);
         self.last6 = last6;
         self.last_sets = Some(want_sets);

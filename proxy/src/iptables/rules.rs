@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 
 use ipnet::IpNet;
 
-use proxy_state::{Endpoint, ServicePort};
+use proxy_state::{Endpoint, Proto, ServicePort};
 
 use super::policy_rules::POLICY;
 
@@ -103,6 +103,9 @@ pub struct Options {
     pub cluster_cidr: Option<IpNet>,
     /// Node ports answer only on local addresses within these (kube-proxy's --nodeport-addresses); empty: all.
     pub nodeport_addresses: Vec<IpNet>,
+    /// TCP and UDP cluster IPs are served by socket load balancing (the eBPF dataplane): only what arrives from
+    /// outside the node (node ports, external IPs) and other protocols stay here.
+    pub socket_lb: bool,
 }
 
 /// The ruleset for `ports`.
@@ -142,7 +145,10 @@ pub fn render<'a>(ports: impl IntoIterator<Item = &'a ServicePort>, opts: &Optio
         let external = sp.external();
         let vip = sp.cluster_ip;
         let cid = comment(&format!("{} cluster IP", sp.id));
-        if internal.is_empty() {
+        let by_socket = opts.socket_lb && matches!(sp.proto, Proto::Tcp | Proto::Udp);
+        if by_socket {
+            // The node's clients never send a packet to the cluster IP: their sockets are sent to a backend.
+        } else if internal.is_empty() {
             let why = if sp.has_any_endpoint() { "has no local endpoints" } else { "has no endpoints" };
             let target = if sp.has_any_endpoint() { "DROP" } else { reject(vip) };
             r.filter.get_mut("TARTAN-SERVICES").unwrap().push(format!(
@@ -214,7 +220,7 @@ pub fn render<'a>(ports: impl IntoIterator<Item = &'a ServicePort>, opts: &Optio
         }
         // The balancing chains: the Cluster policy's endpoints (SVC) and, where a policy asks for it, the Local
         // one's (SVL). EXT sends pods and the node to SVC even under externalTrafficPolicy Local.
-        let want_svc = !sp.cluster.is_empty() && (!sp.internal_local || has_external);
+        let want_svc = !sp.cluster.is_empty() && (has_external || (!by_socket && !sp.internal_local));
         if want_svc {
             let mut v = Vec::new();
             if let Some(cidr) = cluster_cidr {
@@ -223,10 +229,13 @@ pub fn render<'a>(ports: impl IntoIterator<Item = &'a ServicePort>, opts: &Optio
             v.extend(balance(sp, &sp.cluster));
             r.nat.insert(svc.clone(), v);
         }
-        if (sp.internal_local || sp.external_local) && !sp.local.is_empty() {
+        let want_svl = !sp.local.is_empty()
+            && if by_socket { sp.external_local && has_external } else { sp.internal_local || sp.external_local };
+        if want_svl {
             r.nat.insert(svl.clone(), balance(sp, &sp.local));
         }
-        let mut all: Vec<&Endpoint> = sp.cluster.iter().chain(&sp.local).collect();
+        let in_svc = sp.cluster.iter().filter(|_| want_svc);
+        let mut all: Vec<&Endpoint> = in_svc.chain(sp.local.iter().filter(|_| want_svl)).collect();
         all.sort();
         all.dedup();
         for e in all {

@@ -1,0 +1,208 @@
+//! The socket load balancer's service map, computed from the Service ports: for every frontend a node client can
+//! address (the cluster IP, each external or load-balancer IP, each node address with the node port), slot 0 with
+//! the backend count and the affinity setting, then one slot per backend. Slots follow the endpoints' sorted order,
+//! so an unrelated change leaves them (and the affinities pointing at them) where they were.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ebpf_maps::{flags, ServiceKey, ServiceValue};
+use proxy_state::{Endpoint, Proto, ServicePort};
+
+pub type Entries = BTreeMap<ServiceKey, ServiceValue>;
+
+pub fn addr_bytes(ip: IpAddr) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    match ip {
+        IpAddr::V4(v4) => a[..4].copy_from_slice(&v4.octets()),
+        IpAddr::V6(v6) => a = v6.octets(),
+    }
+    a
+}
+
+pub fn key(ip: IpAddr, port: u16, proto: Proto, slot: u16) -> ServiceKey {
+    // Ports in network order, as the programs read them from the socket address.
+    ServiceKey { addr: addr_bytes(ip), port: port.to_be(), slot, proto: proto.number(), _pad: [0; 3] }
+}
+
+/// Whether socket load balancing serves this port: TCP and UDP (SCTP stays with the iptables rules).
+pub fn by_socket(sp: &ServicePort) -> bool {
+    matches!(sp.proto, Proto::Tcp | Proto::Udp)
+}
+
+fn frontend(out: &mut Entries, ip: IpAddr, port: u16, sp: &ServicePort, backends: &[Endpoint]) {
+    let n = backends.len().min(u16::MAX as usize - 1);
+    let (flags, affinity_secs) = match sp.affinity {
+        Some(secs) => (flags::AFFINITY, secs),
+        None => (0, 0),
+    };
+    let front = ServiceValue { addr: [0; 16], port: 0, count: n as u16, flags, _pad: 0, affinity_secs };
+    out.insert(key(ip, port, sp.proto, 0), front);
+    for (i, e) in backends.iter().take(n).enumerate() {
+        let v = ServiceValue {
+            addr: addr_bytes(e.ip),
+            port: e.port.to_be(),
+            count: 0,
+            flags: 0,
+            _pad: 0,
+            affinity_secs: 0,
+        };
+        out.insert(key(ip, port, sp.proto, i as u16 + 1), v);
+    }
+}
+
+/// Every entry the service map must hold. `node_addrs` are the node's addresses node ports answer on.
+pub fn entries(services: &[ServicePort], node_addrs: &[IpAddr]) -> Entries {
+    let mut out = Entries::new();
+    for sp in services.iter().filter(|sp| by_socket(sp)) {
+        // The node and its pods are in-cluster clients: the internal policy for the cluster IP; for external
+        // addresses every endpoint (kube-proxy sends local traffic for them to the cluster-wide chain), unless
+        // the external policy leaves none, in which case they are refused as from anywhere else.
+        frontend(&mut out, sp.cluster_ip, sp.port, sp, sp.internal());
+        let external: &[Endpoint] = if sp.external().is_empty() { &[] } else { &sp.cluster };
+        for ip in &sp.external_ips {
+            frontend(&mut out, *ip, sp.port, sp, external);
+        }
+        if let Some(np) = sp.node_port {
+            for ip in node_addrs.iter().filter(|a| a.is_ipv4() == sp.cluster_ip.is_ipv4()) {
+                frontend(&mut out, *ip, np, sp, external);
+            }
+        }
+    }
+    out
+}
+
+/// The changes that bring `held` to `want`, ordered so that the programs never follow a count to a missing slot:
+/// backends written before the frontends that count them, frontends removed or shrunk before their slots go.
+pub struct Diff {
+    pub upsert_backends: Vec<(ServiceKey, ServiceValue)>,
+    pub upsert_frontends: Vec<(ServiceKey, ServiceValue)>,
+    pub delete_frontends: Vec<ServiceKey>,
+    pub delete_backends: Vec<ServiceKey>,
+}
+
+impl Diff {
+    pub fn is_empty(&self) -> bool {
+        self.upsert_backends.is_empty()
+            && self.upsert_frontends.is_empty()
+            && self.delete_frontends.is_empty()
+            && self.delete_backends.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.upsert_backends.len()
+            + self.upsert_frontends.len()
+            + self.delete_frontends.len()
+            + self.delete_backends.len()
+    }
+}
+
+pub fn diff(held: &Entries, want: &Entries) -> Diff {
+    let mut d =
+        Diff { upsert_backends: vec![], upsert_frontends: vec![], delete_frontends: vec![], delete_backends: vec![] };
+    for (k, v) in want {
+        if held.get(k) != Some(v) {
+            if k.slot == 0 {
+                d.upsert_frontends.push((*k, *v));
+            } else {
+                d.upsert_backends.push((*k, *v));
+            }
+        }
+    }
+    for k in held.keys().filter(|k| !want.contains_key(k)) {
+        if k.slot == 0 {
+            d.delete_frontends.push(*k);
+        } else {
+            d.delete_backends.push(*k);
+        }
+    }
+    d
+}
+
+/// UDP backends a frontend no longer has: connected sockets still talking to them must be closed.
+pub fn removed_udp_backends(held: &Entries, want: &Entries) -> Vec<(IpAddr, u16)> {
+    let mut out: Vec<(IpAddr, u16)> = held
+        .iter()
+        .filter(|(k, _)| k.slot > 0 && k.proto == Proto::Udp.number())
+        .filter(|(k, v)| {
+            // Gone if no slot of the same frontend in `want` holds this backend.
+            let front = ServiceKey { slot: 0, ..**k };
+            let n = want.get(&front).map_or(0, |f| f.count);
+            !(1..=n).any(|s| {
+                want.get(&ServiceKey { slot: s, ..front }).is_some_and(|w| w.addr == v.addr && w.port == v.port)
+            })
+        })
+        .map(|(k, v)| (ip_of(&v.addr, k.addr), u16::from_be(v.port)))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// A backend address, in the family of the frontend it belongs to.
+fn ip_of(addr: &[u8; 16], frontend: [u8; 16]) -> IpAddr {
+    let v4 = frontend[4..].iter().all(|b| *b == 0) && !frontend[..4].iter().all(|b| *b == 0);
+    if v4 && addr[4..].iter().all(|b| *b == 0) {
+        IpAddr::from([addr[0], addr[1], addr[2], addr[3]])
+    } else {
+        IpAddr::from(*addr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(ip: &str, local: bool) -> Endpoint {
+        Endpoint::ready(ip.parse().unwrap(), 8080, local)
+    }
+
+    fn sp(eps: Vec<Endpoint>) -> ServicePort {
+        let mut s = ServicePort::cluster_ip("d/web:/tcp", "10.96.0.10".parse().unwrap(), 80, eps);
+        s.node_port = Some(30080);
+        s.external_ips = vec!["192.0.2.7".parse().unwrap()];
+        s
+    }
+
+    #[test]
+    fn every_frontend_gets_its_slots_in_network_order() {
+        let s = sp(vec![ep("10.244.1.2", true), ep("10.244.2.2", false)]);
+        let node: Vec<IpAddr> = vec!["198.18.0.1".parse().unwrap(), "fd00::1".parse().unwrap()];
+        let e = entries(&[s], &node);
+        // cluster IP, external IP, one IPv4 node address: 3 frontends x (1 + 2).
+        assert_eq!(e.len(), 9);
+        let f = e[&key("10.96.0.10".parse().unwrap(), 80, Proto::Tcp, 0)];
+        assert_eq!(f.count, 2);
+        assert_eq!(key("10.96.0.10".parse().unwrap(), 80, Proto::Tcp, 0).port.to_ne_bytes(), [0, 80]);
+        let b = e[&key("198.18.0.1".parse().unwrap(), 30080, Proto::Tcp, 2)];
+        assert_eq!(&b.addr[..4], &[10, 244, 2, 2]);
+        assert_eq!(b.port.to_ne_bytes(), [0x1f, 0x90]);
+    }
+
+    #[test]
+    fn internal_policy_local_counts_only_local_endpoints_and_no_endpoint_means_count_zero() {
+        let mut s = sp(vec![ep("10.244.1.2", true), ep("10.244.2.2", false)]);
+        s = ServicePort::new(s.id, s.proto, s.cluster_ip, 80, None, vec![], None, (false, true), s.endpoints);
+        let e = entries(std::slice::from_ref(&s), &[]);
+        assert_eq!(e[&key(s.cluster_ip, 80, Proto::Tcp, 0)].count, 1);
+        let empty = ServicePort::cluster_ip("d/none:/tcp", "10.96.0.11".parse().unwrap(), 80, vec![]);
+        let e = entries(&[empty], &[]);
+        assert_eq!(e.len(), 1);
+        assert_eq!(e.values().next().unwrap().count, 0);
+    }
+
+    #[test]
+    fn the_diff_orders_writes_and_finds_removed_udp_backends() {
+        let mut a = sp(vec![ep("10.244.1.2", true), ep("10.244.2.2", false)]);
+        a.proto = Proto::Udp;
+        let mut b = sp(vec![ep("10.244.1.2", true)]);
+        b.proto = Proto::Udp;
+        let (old, new) = (entries(&[a], &[]), entries(&[b], &[]));
+        let d = diff(&old, &new);
+        assert_eq!(d.upsert_frontends.len(), 2, "cluster and external IP counts shrink");
+        assert_eq!(d.delete_backends.len(), 2, "their second slots go");
+        assert!(d.upsert_backends.is_empty() && d.delete_frontends.is_empty());
+        assert_eq!(removed_udp_backends(&old, &new), vec![("10.244.2.2".parse().unwrap(), 8080)]);
+        assert!(diff(&new, &new).is_empty());
+    }
+}
