@@ -7,7 +7,7 @@
 #![no_std]
 #![no_main]
 
-use aya_ebpf::bindings::{bpf_sock_addr, BPF_F_NO_PREALLOC};
+use aya_ebpf::bindings::{bpf_sock_addr, BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC};
 use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns};
 use aya_ebpf::macros::{cgroup_sock_addr, map};
 use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray};
@@ -21,11 +21,12 @@ use ebpf_maps::{
 #[map(name = "TARTAN_SVC")]
 static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(SERVICES_MAX, BPF_F_NO_PREALLOC);
 
+// Written on every translated connect and datagram: per-CPU LRU lists keep those writes off a shared lock.
 #[map(name = "TARTAN_REV")]
-static REVERSE: LruHashMap<ReverseKey, ReverseValue> = LruHashMap::pinned(REVERSE_MAX, 0);
+static REVERSE: LruHashMap<ReverseKey, ReverseValue> = LruHashMap::pinned(REVERSE_MAX, BPF_F_NO_COMMON_LRU);
 
 #[map(name = "TARTAN_AFF")]
-static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(AFFINITY_MAX, 0);
+static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(AFFINITY_MAX, BPF_F_NO_COMMON_LRU);
 
 #[map(name = "TARTAN_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);

@@ -54,22 +54,29 @@ fn frontend(out: &mut Entries, ip: IpAddr, port: u16, sp: &ServicePort, backends
 /// Every entry the service map must hold. `node_addrs` are the node's addresses node ports answer on.
 pub fn entries(services: &[ServicePort], node_addrs: &[IpAddr]) -> Entries {
     let mut out = Entries::new();
-    for sp in services.iter().filter(|sp| by_socket(sp)) {
+    for sp in services {
+        entries_of(sp, node_addrs, &mut out);
+    }
+    out
+}
+
+/// One Service port's entries (none for a port socket load balancing does not serve).
+pub fn entries_of(sp: &ServicePort, node_addrs: &[IpAddr], out: &mut Entries) {
+    if by_socket(sp) {
         // The node and its pods are in-cluster clients: the internal policy for the cluster IP; for external
         // addresses every endpoint (kube-proxy sends local traffic for them to the cluster-wide chain), unless
         // the external policy leaves none, in which case they are refused as from anywhere else.
-        frontend(&mut out, sp.cluster_ip, sp.port, sp, sp.internal());
+        frontend(out, sp.cluster_ip, sp.port, sp, sp.internal());
         let external: &[Endpoint] = if sp.external().is_empty() { &[] } else { &sp.cluster };
         for ip in &sp.external_ips {
-            frontend(&mut out, *ip, sp.port, sp, external);
+            frontend(out, *ip, sp.port, sp, external);
         }
         if let Some(np) = sp.node_port {
             for ip in node_addrs.iter().filter(|a| a.is_ipv4() == sp.cluster_ip.is_ipv4()) {
-                frontend(&mut out, *ip, np, sp, external);
+                frontend(out, *ip, np, sp, external);
             }
         }
     }
-    out
 }
 
 /// The changes that bring `held` to `want`, ordered so that the programs never follow a count to a missing slot:

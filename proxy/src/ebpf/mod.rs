@@ -12,11 +12,12 @@ pub mod attach;
 pub mod frontends;
 pub mod sockets;
 
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 
 use ipnet::IpNet;
-use proxy_state::{Dataplane, DataplaneError, ErrorKind, Held, State, SyncReport};
+use proxy_state::{Dataplane, DataplaneError, ErrorKind, Held, ServicePort, State, SyncReport};
 
 use crate::iptables::IptablesDataplane;
 use frontends::Entries;
@@ -39,6 +40,10 @@ pub struct EbpfDataplane {
     attached: Option<attach::Attached>,
     /// What the service map holds (None: unknown, read it back first).
     held: Option<Entries>,
+    /// Per Service port id, the port and the entries it was programmed with, and the node addresses node ports
+    /// were programmed on: a partial sync recomputes only the ports that changed.
+    programmed: HashMap<String, (ServicePort, Entries)>,
+    programmed_addrs: Vec<IpAddr>,
     rules: Held,
 }
 
@@ -52,6 +57,8 @@ impl EbpfDataplane {
             nodeport_addresses,
             attached: None,
             held: None,
+            programmed: HashMap::new(),
+            programmed_addrs: Vec::new(),
             rules: Held::default(),
         }
     }
@@ -80,11 +87,12 @@ impl EbpfDataplane {
         Ok(out)
     }
 
-    /// Brings the service map to `want`; `held` follows each accepted update.
-    fn apply_map(&mut self, want: &Entries) -> Result<usize> {
+    /// Applies the changes from `from` to `to` (the whole map, or the entries of the ports that changed); `held`
+    /// follows each accepted update.
+    fn apply_map(&mut self, from: &Entries, to: &Entries) -> Result<usize> {
         let a = self.attached.as_mut().expect("attached before apply");
         let held = self.held.as_mut().expect("read back before apply");
-        let d = frontends::diff(held, want);
+        let d = frontends::diff(from, to);
         let n = d.len();
         let failed = |e| DataplaneError::new(ErrorKind::Sets, "updating the service map", e);
         for (k, v) in d.upsert_backends.iter().chain(&d.upsert_frontends) {
@@ -114,13 +122,63 @@ impl EbpfDataplane {
             self.attached = Some(attach::attach(&self.opts.cgroup_root, &self.opts.bpf_root)?);
             self.held = None;
         }
-        if full || self.held.is_none() {
+        let addrs = self.node_addresses()?;
+        let whole = full || self.held.is_none() || addrs != self.programmed_addrs;
+        // The ports to (re)program and the ids to drop.
+        let (changed, removed): (Vec<&ServicePort>, Vec<String>);
+        let (from, to) = if whole {
+            // Everything, against what the map holds now (read back: someone may have changed it).
             self.held = Some(Self::read_back(self.attached.as_ref().expect("attached"))?);
+            self.programmed.clear();
+            changed = state.services.iter().collect();
+            removed = Vec::new();
+            (self.held.clone().unwrap_or_default(), frontends::entries(&state.services, &addrs))
+        } else {
+            // Only the ports that changed since the last sync, removed ones included.
+            let (mut from, mut to) = (Entries::new(), Entries::new());
+            let mut ch = Vec::new();
+            let mut found = 0;
+            for sp in state.services.iter() {
+                match self.programmed.get(&sp.id) {
+                    Some((was, _)) if was == sp => found += 1,
+                    other => {
+                        if let Some((_, e)) = other {
+                            found += 1;
+                            from.extend(e.iter().map(|(k, v)| (*k, *v)));
+                        }
+                        frontends::entries_of(sp, &addrs, &mut to);
+                        ch.push(sp);
+                    }
+                }
+            }
+            // Every id is unique: when each programmed port was found again, none was removed.
+            let mut rm = Vec::new();
+            if found < self.programmed.len() {
+                let ids: HashSet<&str> = state.services.iter().map(|sp| sp.id.as_str()).collect();
+                for (id, (_, e)) in &self.programmed {
+                    if !ids.contains(id.as_str()) {
+                        from.extend(e.iter().map(|(k, v)| (*k, *v)));
+                        rm.push(id.clone());
+                    }
+                }
+            }
+            (changed, removed) = (ch, rm);
+            (from, to)
+        };
+        // Forgotten until the map holds the new state: a failure below leaves it unknown.
+        let mut next = std::mem::take(&mut self.programmed);
+        let changed_entries = self.apply_map(&from, &to)?;
+        for id in &removed {
+            next.remove(id);
         }
-        let want = frontends::entries(&state.services, &self.node_addresses()?);
-        let before = self.held.clone().unwrap_or_default();
-        let changed = self.apply_map(&want)?;
-        let gone = frontends::removed_udp_backends(&before, &want);
+        for sp in changed {
+            let mut e = Entries::new();
+            frontends::entries_of(sp, &addrs, &mut e);
+            next.insert(sp.id.clone(), (sp.clone(), e));
+        }
+        self.programmed = next;
+        self.programmed_addrs = addrs;
+        let gone = frontends::removed_udp_backends(&from, &to);
         if !gone.is_empty() {
             let failed = sockets::close_udp(&self.opts.run_dir, &gone);
             tracing::debug!(backends = gone.len(), failed, "closed connected UDP sockets of removed backends");
@@ -128,7 +186,7 @@ impl EbpfDataplane {
         let ipt = self.ipt.sync(state, full)?;
         self.rules = ipt.held;
         Ok(SyncReport {
-            wrote: changed > 0 || ipt.wrote,
+            wrote: changed_entries > 0 || ipt.wrote,
             full: full || ipt.full,
             repaired: repaired.or(ipt.repaired),
             held: self.held(),
@@ -142,7 +200,10 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn sync(&mut self, state: &State, full: bool) -> Result<SyncReport> {
-        self.try_sync(state, full).inspect_err(|_| self.held = None)
+        self.try_sync(state, full).inspect_err(|_| {
+            self.held = None;
+            self.programmed.clear();
+        })
     }
 
     fn held(&self) -> Held {

@@ -247,6 +247,23 @@ impl IptablesDataplane {
         Ok(None)
     }
 
+    /// Deletes the conntrack entries of UDP flows to endpoints that left (else a UDP client keeps talking to a dead
+    /// pod), and remembers `udp` as what is programmed.
+    fn clear_udp(&mut self, udp: &BTreeSet<(IpAddr, IpAddr)>) {
+        for (vip, ep) in self.last_udp.difference(udp) {
+            // Best effort: conntrack exits 1 when there is nothing to delete, and a stale entry that survives
+            // only delays one UDP client; it must not fail (and so fully repeat) a sync.
+            let family = if vip.is_ipv6() { "ipv6" } else { "ipv4" };
+            let (vip, ep) = (vip.to_string(), ep.to_string());
+            let _ = child_process::run(
+                Command::new("conntrack").args(["-D", "-f", family, "-p", "udp", "--orig-dst", &vip, "--dst-nat", &ep]),
+                None,
+                Duration::from_secs(10),
+            );
+        }
+        self.last_udp = udp.clone();
+    }
+
     fn apply(&mut self, state: &State, full: bool) -> Result<SyncReport> {
         let (ports, policy) = (&state.services[..], &*state.policy);
         // The first sync of a run rewrites everything too: what a previous run left is not known.
@@ -266,6 +283,28 @@ impl IptablesDataplane {
             _ => ipset::save(SET_PREFIX).map_err(err(ErrorKind::Readback, "reading the policy sets"))?,
         };
         let update = ipset::update_payload(&want_sets, &have);
+        let udp = Self::udp_pairs(ports);
+        if !full
+            && update.is_empty()
+            && self.last.as_ref() == Some(&desired)
+            && ipset::destroy_payload(&want_sets, &have).is_empty()
+        {
+            // The rules and sets already hold this state (with socket load balancing, a cluster-IP change touches
+            // no rule): no iptables-restore, only the UDP flows of removed endpoints to clear.
+            let v6_same = match &self.last6 {
+                None => !policy.pods.iter().any(|p| p.ip.is_ipv6()) && ports6.is_empty(),
+                Some(last6) => {
+                    let mut desired6 = rules::render(ports6.iter().copied(), &self.opts[1]);
+                    render_policy(policy, true, &mut desired6);
+                    *last6 == desired6
+                }
+            };
+            if v6_same {
+                self.clear_udp(&udp);
+                self.applied = Some(state.generation);
+                return Ok(SyncReport { wrote: false, full, repaired: None, held: self.held });
+            }
+        }
         // From the first kernel write on, a failure leaves the kernel somewhere between `last` and `desired`:
         // forget both until every step succeeded.
         let (previous, previous6) = (self.last.take(), self.last6.take());
@@ -295,20 +334,8 @@ impl IptablesDataplane {
         if !destroy.is_empty() {
             ipset::restore(&destroy).map_err(err(ErrorKind::Sets, "destroying unused policy sets"))?;
         }
-        let udp = Self::udp_pairs(ports);
-        for (vip, ep) in self.last_udp.difference(&udp) {
-            // Best effort: conntrack exits 1 when there is nothing to delete, and a stale entry that survives
-            // only delays one UDP client; it must not fail (and so fully repeat) a sync.
-            let family = if vip.is_ipv6() { "ipv6" } else { "ipv4" };
-            let (vip, ep) = (vip.to_string(), ep.to_string());
-            let _ = child_process::run(
-                Command::new("conntrack").args(["-D", "-f", family, "-p", "udp", "--orig-dst", &vip, "--dst-nat", &ep]),
-                None,
-                Duration::from_secs(10),
-            );
-        }
+        self.clear_udp(&udp);
         // Every step succeeded: the kernel holds `desired`.
-        self.last_udp = udp;
         let entries = desired.rule_count() + last6.as_ref().map_or(0, Rules::rule_count);
         self.held = Held {
             entries,

@@ -136,6 +136,11 @@ pub fn render<'a>(ports: impl IntoIterator<Item = &'a ServicePort>, opts: &Optio
     ]);
 
     for sp in ports {
+        let by_socket = opts.socket_lb && matches!(sp.proto, Proto::Tcp | Proto::Udp);
+        if by_socket && !sp.has_external() {
+            // Socket load balancing serves it whole: not a rule (nor a chain name hashed) for it.
+            continue;
+        }
         let p = sp.proto.as_str();
         let dport = |port: u16| format!("-p {p} -m {p} --dport {port}");
         let (svc, svl, ext) = (chain("SVC", &sp.id), chain("SVL", &sp.id), chain("EXT", &sp.id));
@@ -145,7 +150,6 @@ pub fn render<'a>(ports: impl IntoIterator<Item = &'a ServicePort>, opts: &Optio
         let external = sp.external();
         let vip = sp.cluster_ip;
         let cid = comment(&format!("{} cluster IP", sp.id));
-        let by_socket = opts.socket_lb && matches!(sp.proto, Proto::Tcp | Proto::Udp);
         if by_socket {
             // The node's clients never send a packet to the cluster IP: their sockets are sent to a backend.
         } else if internal.is_empty() {
