@@ -52,8 +52,10 @@ impl IptablesError {
     }
 }
 
-/// How long a query (`-C`, `-S`, `-save`, `ipset list`) may take: it holds the xtables lock at most briefly.
+/// How long a query (`-C`, `-S`, `ipset list`) may take: it holds the xtables lock at most briefly.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a whole-table dump may take: iptables-nft needed more than 30 s to save 170 000 rules here.
+const SAVE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// How long a restore may take: a base, plus time per payload line (iptables-nft needs about 1.5 ms a rule for
 /// the largest rule sets measured here; this leaves room for a loaded node).
@@ -113,7 +115,7 @@ impl Iptables {
             Family::V6 => "ip6tables-save",
         };
         let args = vec!["-t".to_string(), table.to_string()];
-        let out = self.output(bin, &args, None)?;
+        let out = child_process::run(Command::new(bin).args(&args), None, SAVE_TIMEOUT)?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
