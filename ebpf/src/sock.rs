@@ -7,7 +7,7 @@
 #![no_std]
 #![no_main]
 
-use aya_ebpf::bindings::{bpf_sock_addr, BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC};
+use aya_ebpf::bindings::{bpf_sock_addr, BPF_F_NO_PREALLOC};
 use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns};
 use aya_ebpf::macros::{cgroup_sock_addr, map};
 use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray};
@@ -21,12 +21,13 @@ use ebpf_maps::{
 #[map(name = "TARTAN_SVC")]
 static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(SERVICES_MAX, BPF_F_NO_PREALLOC);
 
-// Written on every translated connect and datagram: per-CPU LRU lists keep those writes off a shared lock.
+// One LRU list for all CPUs: per-CPU lists would give each CPU only its share of the entries, and evict a
+// long-lived connection's entry while others sit unused.
 #[map(name = "TARTAN_REV")]
-static REVERSE: LruHashMap<ReverseKey, ReverseValue> = LruHashMap::pinned(REVERSE_MAX, BPF_F_NO_COMMON_LRU);
+static REVERSE: LruHashMap<ReverseKey, ReverseValue> = LruHashMap::pinned(REVERSE_MAX, 0);
 
 #[map(name = "TARTAN_AFF")]
-static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(AFFINITY_MAX, BPF_F_NO_COMMON_LRU);
+static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(AFFINITY_MAX, 0);
 
 #[map(name = "TARTAN_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
@@ -47,6 +48,7 @@ fn count(index: u32) {
 
 /// The destination the socket asks for: (address, port), both in network order. Every context field is read
 /// and written as one 4-byte access: the verifier refuses other widths on some of them.
+#[inline(always)]
 fn dest(sa: *const bpf_sock_addr, v6: bool) -> ([u8; 16], u16) {
     let mut addr = [0u8; 16];
     // SAFETY: the context pointer the kernel gave the program; plain 4-byte loads of its fields.
@@ -64,6 +66,7 @@ fn dest(sa: *const bpf_sock_addr, v6: bool) -> ([u8; 16], u16) {
     }
 }
 
+#[inline(always)]
 fn set_dest(sa: *mut bpf_sock_addr, v6: bool, addr: &[u8; 16], port: u16) {
     let word = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
     // SAFETY: as in dest, 4-byte stores.
@@ -79,7 +82,57 @@ fn set_dest(sa: *mut bpf_sock_addr, v6: bool, addr: &[u8; 16], port: u16) {
     }
 }
 
+/// Whether `addr` is IPv4-mapped (`::ffff:a.b.c.d`, what a dual-stack AF_INET6 socket uses for IPv4 peers).
+/// Byte by byte: wider comparisons become 128-bit operations BPF has no instructions for.
+#[inline(always)]
+fn is_mapped(addr: &[u8; 16]) -> bool {
+    let mut i = 0;
+    while i < 10 {
+        if addr[i] != 0 {
+            return false;
+        }
+        i += 1;
+    }
+    addr[10] == 0xff && addr[11] == 0xff
+}
+
+/// A mapped address in the maps' IPv4 form (the IPv4 address first, zeros after), and back.
+#[inline(always)]
+fn v4_form(addr: &[u8; 16]) -> [u8; 16] {
+    let mut v4 = [0u8; 16];
+    v4[0] = addr[12];
+    v4[1] = addr[13];
+    v4[2] = addr[14];
+    v4[3] = addr[15];
+    v4
+}
+
+#[inline(always)]
+fn mapped(v4: &[u8; 16]) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a[10] = 0xff;
+    a[11] = 0xff;
+    a[12] = v4[0];
+    a[13] = v4[1];
+    a[14] = v4[2];
+    a[15] = v4[3];
+    a
+}
+
+#[inline(always)]
+fn same(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let mut i = 0;
+    while i < 16 {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
 /// connect() and unconnected sendmsg(): a frontend becomes one of its backends.
+#[inline(always)]
 fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the kernel hands the program a valid bpf_sock_addr for the duration of the call.
@@ -87,15 +140,15 @@ fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return ALLOW;
     }
-    let (addr, port) = dest(sa, v6);
+    let (asked, port) = dest(sa, v6);
+    // A dual-stack socket reaching an IPv4 service: looked up (and remembered) in IPv4 form, written back mapped.
+    let v4_mapped = v6 && is_mapped(&asked);
+    let addr = if v4_mapped { v4_form(&asked) } else { asked };
     let front_key = ServiceKey { addr, port, slot: 0, proto: proto as u8, _pad: [0; 3] };
     // SAFETY: the value is copied out at once; userspace replaces values whole.
-    let Some(front) = (unsafe { SERVICES.get(&front_key) }).copied() else { return ALLOW };
+    let Some(mut front) = (unsafe { SERVICES.get(&front_key) }).copied() else { return ALLOW };
     if front.count == 0 {
-        count(stats::REFUSED);
-        // SAFETY: a plain helper call; it sets the errno the syscall returns when the program rejects.
-        unsafe { aya_ebpf::helpers::bpf_set_retval(-ECONNREFUSED) };
-        return REJECT;
+        return refuse();
     }
     let affinity = front.flags & flags::AFFINITY != 0;
     // SAFETY: helpers without side effects on memory.
@@ -116,7 +169,7 @@ fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
                 let k = ServiceKey { slot: a.slot, ..front_key };
                 // The backend must still be the one remembered: slots move when endpoints change.
                 if let Some(b) = unsafe { SERVICES.get(&k) }.copied() {
-                    if b.addr == a.addr && b.port == a.port {
+                    if b.port == a.port && same(&b.addr, &a.addr) {
                         chosen = Some((a.slot, b));
                     }
                 }
@@ -131,9 +184,19 @@ fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
             let k = ServiceKey { slot, ..front_key };
             match unsafe { SERVICES.get(&k) }.copied() {
                 Some(b) => (slot, b),
-                // Userspace writes backends before the count that refers to them; a missing slot is a race with
-                // a shrinking service: leave the socket alone rather than fail it.
-                None => return ALLOW,
+                None => {
+                    // Userspace shrinks a count before it deletes the slots beyond it: a missing slot means the
+                    // count read above was the old one. Read it again and choose once more among the new one.
+                    front = match unsafe { SERVICES.get(&front_key) }.copied() {
+                        Some(f) if f.count > 0 => f,
+                        _ => return refuse(),
+                    };
+                    let slot = (unsafe { bpf_get_prandom_u32() } % u32::from(front.count)) as u16 + 1;
+                    match unsafe { SERVICES.get(&ServiceKey { slot, ..front_key }) }.copied() {
+                        Some(b) => (slot, b),
+                        None => return refuse(),
+                    }
+                }
             }
         }
     };
@@ -144,23 +207,45 @@ fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
     // SAFETY: a helper reading the socket behind the context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let rk = ReverseKey { cookie, addr: backend.addr, port: backend.port, _pad: [0; 6] };
-    let _ = REVERSE.insert(&rk, &ReverseValue { addr, port, _pad: [0; 6] }, 0);
-    set_dest(sa, v6, &backend.addr, backend.port);
+    let rv = ReverseValue { addr, port, _pad: [0; 6] };
+    // Written only when new: an unconnected UDP socket sends many datagrams to the same backend.
+    let known = match unsafe { REVERSE.get(&rk) } {
+        Some(r) => r.port == rv.port && same(&r.addr, &rv.addr),
+        None => false,
+    };
+    if !known {
+        let _ = REVERSE.insert(&rk, &rv, 0);
+    }
+    let to = if v4_mapped { mapped(&backend.addr) } else { backend.addr };
+    set_dest(sa, v6, &to, backend.port);
     count(stats::TRANSLATED);
     ALLOW
 }
 
 /// recvmsg() and getpeername(): a backend this socket was sent to shows as the frontend it asked for.
+#[inline(always)]
 fn reverse(ctx: &SockAddrContext, v6: bool) -> i32 {
     let sa = ctx.sock_addr;
-    let (addr, port) = dest(sa, v6);
+    let (seen, port) = dest(sa, v6);
+    let v4_mapped = v6 && is_mapped(&seen);
+    let addr = if v4_mapped { v4_form(&seen) } else { seen };
+    // SAFETY: a helper reading the socket behind the context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let rk = ReverseKey { cookie, addr, port, _pad: [0; 6] };
     if let Some(r) = unsafe { REVERSE.get(&rk) }.copied() {
-        set_dest(sa, v6, &r.addr, r.port);
+        let to = if v4_mapped { mapped(&r.addr) } else { r.addr };
+        set_dest(sa, v6, &to, r.port);
         count(stats::REVERSED);
     }
     ALLOW
+}
+
+/// Fails the connect() (or sendmsg()) at once with ECONNREFUSED: the frontend has no usable backend.
+fn refuse() -> i32 {
+    count(stats::REFUSED);
+    // SAFETY: a plain helper call; it sets the errno the syscall returns when the program rejects.
+    unsafe { aya_ebpf::helpers::bpf_set_retval(-ECONNREFUSED) };
+    REJECT
 }
 
 #[cgroup_sock_addr(connect4)]

@@ -249,6 +249,13 @@ fn affinity_hairpin_and_metrics(mode: &'static str) {
     assert!(wait_for(Duration::from_secs(5), || c.connect(&web_a, "10.96.0.81", 80).is_ok()));
     let own = (0..40).filter_map(|_| c.connect(&web_a, "10.96.0.81", 80).ok()).any(|a| a.starts_with("web-a "));
     assert!(own, "web-a reached itself through 10.96.0.81");
+    // Pod status updates may still be on their way to a sync: wait until nothing is pending.
+    let settled = || {
+        let m = tartan_e2e::proxy_metrics(&c.lab, "n1");
+        tartan_e2e::metric(&m, "kubeproxy_sync_proxy_rules_service_changes_pending") == Some(0.0)
+            && tartan_e2e::metric(&m, "tartan_proxy_service_ports") == Some(2.0)
+    };
+    assert!(wait_for(Duration::from_secs(5), settled), "{}", tartan_e2e::proxy_metrics(&c.lab, "n1"));
     let m = tartan_e2e::proxy_metrics(&c.lab, "n1");
     let syncs = tartan_e2e::metric(&m, &format!("tartan_proxy_sync_total{{mode=\"{mode}\"}}")).unwrap();
     let timed =
@@ -835,6 +842,12 @@ fn ebpf_a_node_process_reaches_a_cluster_ip_without_any_route_to_it() {
         std::fs::read_to_string(c.lab.node("n1").unwrap().root.join("proxy.log")).unwrap_or_default()
     );
     assert!(c.connect(&n1, "10.96.0.92", 80).unwrap().starts_with("web-b "));
+    // A dual-stack (AF_INET6) socket reaching the IPv4 service through its IPv4-mapped address, as Java's do.
+    let out = c
+        .lab
+        .exec_status(&n1, &["socat", "-T", "2", "-u", "TCP6:[::ffff:10.96.0.92]:80,connect-timeout=2", "STDOUT"])
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("web-b "), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 every_dataplane!(

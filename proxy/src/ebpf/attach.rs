@@ -68,6 +68,7 @@ pub fn attach(cgroup: &Path, bpf_root: &Path) -> Result<Attached, DataplaneError
         return Err(prerequisite(format!("--cgroup-root {}", cgroup.display()), "not a cgroup v2 directory"));
     }
     let cg = std::fs::File::open(cgroup).map_err(|e| prerequisite(format!("opening {}", cgroup.display()), e))?;
+    drop_incompatible_pins(bpf_root);
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(bpf_root)
         .load(PROGRAMS)
@@ -96,6 +97,43 @@ pub fn attach(cgroup: &Path, bpf_root: &Path) -> Result<Attached, DataplaneError
         ebpf.take_map(names::SERVICES).ok_or_else(|| prerequisite("the service map", "not in the object"))?;
     let services = HashMap::try_from(services).map_err(|e| prerequisite("the service map", e))?;
     Ok(Attached { _ebpf: ebpf, services, links })
+}
+
+/// aya reuses a pinned map as it is. A pin left by another layout (an older Tartan: other key or value sizes,
+/// sizes or flags) would be used with the wrong shape, or fail every load: such pins are removed, and the map is
+/// made anew (the service map is refilled by the full sync that follows; reverse and affinity entries are lost).
+fn drop_incompatible_pins(bpf_root: &Path) {
+    use std::mem::size_of;
+    let want: [(&str, usize, usize, u32, u32); 4] = [
+        (names::SERVICES, size_of::<ServiceKey>(), size_of::<ServiceValue>(), ebpf_maps::SERVICES_MAX, 1),
+        (
+            names::REVERSE,
+            size_of::<ebpf_maps::ReverseKey>(),
+            size_of::<ebpf_maps::ReverseValue>(),
+            ebpf_maps::REVERSE_MAX,
+            0,
+        ),
+        (
+            names::AFFINITY,
+            size_of::<ebpf_maps::AffinityKey>(),
+            size_of::<ebpf_maps::AffinityValue>(),
+            ebpf_maps::AFFINITY_MAX,
+            0,
+        ),
+        (names::STATS, 4, 8, ebpf_maps::stats::COUNT, 0),
+    ];
+    for (name, key, value, max, flags) in want {
+        let pin = bpf_root.join(name);
+        let Ok(info) = aya::maps::MapInfo::from_pin(&pin) else { continue };
+        let same = info.key_size() as usize == key
+            && info.value_size() as usize == value
+            && info.max_entries() == max
+            && info.map_flags() == flags;
+        if !same {
+            tracing::warn!(pin = %pin.display(), "a pinned map of another layout; replacing it");
+            let _ = std::fs::remove_file(&pin);
+        }
+    }
 }
 
 /// Unpins the link at `pin`, if any, and drops it, which detaches its program.

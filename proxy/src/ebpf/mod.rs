@@ -70,6 +70,8 @@ impl EbpfDataplane {
         let mut out: Vec<IpAddr> = all
             .into_iter()
             .map(|(_, n)| n.addr())
+            // Not loopback: the programs run in every pod's namespace too, where localhost is the pod itself.
+            .filter(|a| !a.is_loopback())
             .filter(|a| !matches!(a, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80))
             .filter(|a| self.nodeport_addresses.is_empty() || self.nodeport_addresses.iter().any(|n| n.contains(a)))
             .collect();
@@ -114,9 +116,11 @@ impl EbpfDataplane {
     fn try_sync(&mut self, state: &State, full: bool) -> Result<SyncReport> {
         let mut repaired = None;
         if self.attached.is_some() && !attach::links_pinned(&self.opts.bpf_root) {
-            // Someone removed our pins: attach again (the programs in force stay until the new ones are in).
+            // Someone removed our pins: attach again. The running programs stay attached (our descriptors hold
+            // their links) until the new ones are in; replacing `attached` then drops the old links.
             repaired = Some("links");
-            self.attached = None;
+            self.attached = Some(attach::attach(&self.opts.cgroup_root, &self.opts.bpf_root)?);
+            self.held = None;
         }
         if self.attached.is_none() {
             self.attached = Some(attach::attach(&self.opts.cgroup_root, &self.opts.bpf_root)?);
@@ -165,9 +169,17 @@ impl EbpfDataplane {
             (changed, removed) = (ch, rm);
             (from, to)
         };
+        // Worked out before the map changes: a failure half-way must not lose the sockets to close (the read-back
+        // of the next sync would no longer show those backends).
+        let gone = frontends::removed_udp_backends(&from, &to);
         // Forgotten until the map holds the new state: a failure below leaves it unknown.
         let mut next = std::mem::take(&mut self.programmed);
-        let changed_entries = self.apply_map(&from, &to)?;
+        let applied = self.apply_map(&from, &to);
+        if !gone.is_empty() {
+            let failed = sockets::close_udp(&self.opts.run_dir, &gone);
+            tracing::debug!(backends = gone.len(), failed, "closed connected UDP sockets of removed backends");
+        }
+        let changed_entries = applied?;
         for id in &removed {
             next.remove(id);
         }
@@ -178,11 +190,6 @@ impl EbpfDataplane {
         }
         self.programmed = next;
         self.programmed_addrs = addrs;
-        let gone = frontends::removed_udp_backends(&from, &to);
-        if !gone.is_empty() {
-            let failed = sockets::close_udp(&self.opts.run_dir, &gone);
-            tracing::debug!(backends = gone.len(), failed, "closed connected UDP sockets of removed backends");
-        }
         let ipt = self.ipt.sync(state, full)?;
         self.rules = ipt.held;
         Ok(SyncReport {
