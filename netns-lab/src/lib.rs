@@ -27,9 +27,10 @@ pub use state::{LabState, NodeState, PodState};
 
 /// Where labs keep their state: volatile, like the namespaces themselves.
 pub const LAB_ROOT: &str = "/run/tartan-lab";
-/// Each lab node's cgroup (v2) is `<CGROUP_ROOT>/<prefix>-<node>`: every process the lab runs for the node (its
-/// daemons, host commands, pods) is placed in it, and the eBPF dataplane attaches there, never to a root.
-pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified/tartan-lab";
+/// Each lab node's cgroup (v2) is `<CGROUP_ROOT>/<prefix>-<node>` (the lab's namespace prefix, so `tl...`): every
+/// process the lab runs for the node (its daemons, host commands, pods) is placed in it, and the eBPF dataplane
+/// attaches there, never to a root. Directly under the v2 mount: no shared parent is left behind by anyone.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 /// Every lab namespace starts with this.
 pub const NS_PREFIX: &str = "tl";
 /// The underlay's first segment; nodes get .1, .2, ...; the outside host is .254.
@@ -468,16 +469,29 @@ fn remove_lab_kernel_state(dir: &Path, prefix: &str) {
     if is_bpffs(&bpf) {
         let _ = Command::new("umount").arg("-l").arg(&bpf).stderr(Stdio::null()).status();
     }
-    let Ok(entries) = fs::read_dir(CGROUP_ROOT) else { return };
-    for e in entries.flatten() {
-        if e.file_name().to_string_lossy().starts_with(&format!("{prefix}-")) {
-            // Killed processes leave the cgroup as they are reaped: try for a moment.
-            let _ = wait_for(Duration::from_secs(3), || {
-                let _ = fs::remove_dir(e.path());
-                !e.path().exists()
-            });
-        }
+    for cg in lab_cgroups().into_iter().filter(|n| n.starts_with(&format!("{prefix}-"))) {
+        remove_cgroup(&cg);
     }
+}
+
+/// The node cgroups labs made (named after their namespace prefix).
+fn lab_cgroups() -> Vec<String> {
+    let Ok(entries) = fs::read_dir(CGROUP_ROOT) else { return Vec::new() };
+    entries
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(NS_PREFIX))
+        .collect()
+}
+
+fn remove_cgroup(name: &str) {
+    let path = Path::new(CGROUP_ROOT).join(name);
+    // Killed processes leave the cgroup as they are reaped: try for a moment.
+    let _ = wait_for(Duration::from_secs(3), || {
+        let _ = fs::remove_dir(&path);
+        !path.exists()
+    });
 }
 
 impl Drop for Lab {
@@ -561,27 +575,34 @@ pub fn sweep(all: bool) -> Result<Vec<String>> {
             }
         }
     }
+    // Which lab owns a namespace or a node cgroup: the longest known prefix; one with no state dir at all is a dead
+    // run's unless its tl<pid>- owner is alive (still building its state dir).
+    let wanted = |name: &str| {
+        let owner = owners.iter().filter(|(p, _)| name.starts_with(&format!("{p}-"))).max_by_key(|(p, _)| p.len());
+        match owner {
+            Some((_, wanted)) => *wanted,
+            None => {
+                let pid = name[NS_PREFIX.len()..].split('-').next().and_then(|p| p.parse::<u32>().ok());
+                !all && pid.is_some_and(pid_alive)
+            }
+        }
+    };
     let listed = Command::new("ip").args(["netns", "list"]).output()?;
     for line in String::from_utf8_lossy(&listed.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
         if !name.starts_with(NS_PREFIX) {
             continue;
         }
-        // Which lab owns it: the longest known prefix; a namespace with no state dir at all is a dead run's.
-        let owner = owners.iter().filter(|(p, _)| name.starts_with(&format!("{p}-"))).max_by_key(|(p, _)| p.len());
-        let wanted = match owner {
-            Some((_, wanted)) => *wanted,
-            None => {
-                // tl<pid>-...: alive owner means another run is still building its state dir.
-                let pid = name[NS_PREFIX.len()..].split('-').next().and_then(|p| p.parse::<u32>().ok());
-                !all && pid.is_some_and(pid_alive)
-            }
-        };
-        if !wanted {
+        if !wanted(name) {
             kill_ns_processes(name);
             let _ = Command::new("ip").args(["netns", "del", name]).stderr(Stdio::null()).status();
             removed.push(name.to_string());
         }
+    }
+    // Node cgroups whose lab is gone (after the namespaces: their processes have been killed).
+    for cg in lab_cgroups().into_iter().filter(|n| !wanted(n)) {
+        remove_cgroup(&cg);
+        removed.push(Path::new(CGROUP_ROOT).join(&cg).display().to_string());
     }
     Ok(removed)
 }

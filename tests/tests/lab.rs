@@ -16,11 +16,15 @@ fn namespaces() -> Vec<String> {
 #[test]
 fn a_panicking_test_still_removes_its_namespaces_processes_and_files() {
     let mut made = (String::new(), String::new(), 0u32);
+    let mut cgroup = std::path::PathBuf::new();
     let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut lab = Lab::new("panic").unwrap();
         let node = lab.add_node("n1").unwrap();
         let pid = lab.spawn(&node.ns, &["sleep", "60"]).unwrap();
         made = (node.ns.clone(), lab.dir().display().to_string(), pid);
+        cgroup = lab.node_cgroup("n1");
+        let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap();
+        assert!(procs.lines().any(|p| p == pid.to_string()), "the node's process runs in the node's cgroup");
         assert!(namespaces().contains(&node.ns));
         panic!("a failing assertion");
     }));
@@ -29,6 +33,16 @@ fn a_panicking_test_still_removes_its_namespaces_processes_and_files() {
     assert!(!namespaces().contains(&ns), "namespace {ns} removed");
     assert!(!std::path::Path::new(&dir).exists(), "{dir} removed");
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "process {pid} stopped");
+    assert!(!cgroup.exists(), "{} removed", cgroup.display());
+    // Made right under the v2 mount: a shared parent directory would outlive every lab.
+    assert_eq!(cgroup.parent().unwrap(), std::path::Path::new("/sys/fs/cgroup/unified"));
+    let ours: Vec<String> = std::fs::read_dir(netns_lab::CGROUP_ROOT)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("-panic-"))
+        .collect();
+    assert!(ours.is_empty(), "no cgroup of this lab, nor a parent of them, is left: {ours:?}");
 }
 
 #[test]
@@ -41,6 +55,9 @@ fn sweep_removes_what_a_dead_run_left_and_spares_live_ones() {
     child.wait().unwrap();
     let orphan = format!("tl{dead_pid}-0000-orphan-n1");
     assert!(Command::new("ip").args(["netns", "add", &orphan]).status().unwrap().success());
+    // And its node's cgroup.
+    let orphan_cg = std::path::Path::new(netns_lab::CGROUP_ROOT).join(format!("tl{dead_pid}-0000-orphan-n1"));
+    std::fs::create_dir(&orphan_cg).unwrap();
 
     // A lab another thread is creating right now: its directory exists, its owner file is not written yet.
     // CI once swept such a directory from under a starting test.
@@ -52,6 +69,7 @@ fn sweep_removes_what_a_dead_run_left_and_spares_live_ones() {
     std::fs::remove_dir_all(&starting).unwrap();
     assert!(removed.contains(&orphan), "{removed:?}");
     assert!(!namespaces().contains(&orphan));
+    assert!(!orphan_cg.exists(), "the dead run's cgroup is removed: {removed:?}");
     assert!(namespaces().contains(&live_ns), "a live run's lab is not touched");
 }
 
