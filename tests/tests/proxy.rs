@@ -55,6 +55,21 @@ impl Cluster {
         self.lab.start_proxy(node, &flags).unwrap()
     }
 
+    /// Service `dns` at `vip` (UDP 53) over two pods answering their name, dns-a on n1 and dns-b on n2.
+    fn dns_service(&mut self, vip: &str) {
+        for (node, name) in [("n1", "dns-a"), ("n2", "dns-b")] {
+            self.apply(&format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: dns}}}}\nspec: {{containers: [{{name: c, ports: [{{name: dns, containerPort: 5353, protocol: UDP}}]}}]}}\n"
+            ));
+            self.lab.add_pod(node, name, "default").unwrap();
+            let ns = self.lab.pod(name).unwrap().ns.clone();
+            self.lab.spawn(&ns, &["socat", "UDP-RECVFROM:5353,fork", &format!("SYSTEM:echo {name}")]).unwrap();
+        }
+        self.apply(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: dns}}\nspec: {{clusterIP: {vip}, selector: {{app: dns}}, ports: [{{port: 53, protocol: UDP, targetPort: dns}}]}}\n"
+        ));
+    }
+
     /// `n` new TCP connections to vip:port from `ns`, one every 50 ms, by a shell loop running in the node's
     /// cgroup (as a pod's processes do); [`probe_failures`] collects the ones that failed.
     fn probe_loop(&self, ns: &str, vip: &str, port: u16, n: usize) -> std::process::Child {
@@ -268,15 +283,7 @@ fn affinity_hairpin_and_metrics(mode: &'static str) {
 
 fn a_udp_client_moves_to_a_live_endpoint_when_its_endpoint_goes(mode: &'static str) {
     let mut c = Cluster::in_mode("px-udp", mode);
-    for (node, name) in [("n1", "dns-a"), ("n2", "dns-b")] {
-        c.apply(&format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: dns}}}}\nspec: {{containers: [{{name: c, ports: [{{name: dns, containerPort: 5353, protocol: UDP}}]}}]}}\n"
-        ));
-        c.lab.add_pod(node, name, "default").unwrap();
-        let ns = c.lab.pod(name).unwrap().ns.clone();
-        c.lab.spawn(&ns, &["socat", "UDP-RECVFROM:5353,fork", &format!("SYSTEM:echo {name}")]).unwrap();
-    }
-    c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: dns}\nspec: {clusterIP: 10.96.0.53, selector: {app: dns}, ports: [{port: 53, protocol: UDP, targetPort: dns}]}\n");
+    c.dns_service("10.96.0.53");
     let client = c.client("n1", "client");
     // Always the same source port: one conntrack entry, as a long-lived UDP client has.
     let ask = |c: &Cluster| -> Option<String> {
@@ -769,15 +776,7 @@ fn a_kill_9_of_the_proxy_under_new_connections_loses_none_and_the_next_start_ado
 /// again: after its backend goes, it gets answers from a live one.
 fn a_connected_udp_client_gets_answers_from_a_live_backend_after_its_backend_goes(mode: &'static str) {
     let mut c = Cluster::in_mode("px-cudp", mode);
-    for (node, name) in [("n1", "dns-a"), ("n2", "dns-b")] {
-        c.apply(&format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: dns}}}}\nspec: {{containers: [{{name: c, ports: [{{name: dns, containerPort: 5353, protocol: UDP}}]}}]}}\n"
-        ));
-        c.lab.add_pod(node, name, "default").unwrap();
-        let ns = c.lab.pod(name).unwrap().ns.clone();
-        c.lab.spawn(&ns, &["socat", "UDP-RECVFROM:5353,fork", &format!("SYSTEM:echo {name}")]).unwrap();
-    }
-    c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: dns}\nspec: {clusterIP: 10.96.0.54, selector: {app: dns}, ports: [{port: 53, protocol: UDP, targetPort: dns}]}\n");
+    c.dns_service("10.96.0.54");
     let client = c.client("n1", "client");
     assert!(wait_for(Duration::from_secs(5), || c.programmed("n1", "10.96.0.54")));
     let script = r#"

@@ -128,19 +128,24 @@ impl EbpfDataplane {
         }
         let addrs = self.node_addresses()?;
         let whole = full || self.held.is_none() || addrs != self.programmed_addrs;
-        // The ports to (re)program and the ids to drop.
-        let (changed, removed): (Vec<&ServicePort>, Vec<String>);
-        let (from, to) = if whole {
+        // The ports to (re)program, each with its entries (computed once: they go to the map and to the cache), and
+        // the ids to drop.
+        let one = |sp: &ServicePort| {
+            let mut e = Entries::new();
+            frontends::entries_of(sp, &addrs, &mut e);
+            e
+        };
+        let mut from = Entries::new();
+        let mut changed: Vec<(&ServicePort, Entries)> = Vec::new();
+        let mut removed = Vec::new();
+        if whole {
             // Everything, against what the map holds now (read back: someone may have changed it).
             self.held = Some(Self::read_back(self.attached.as_ref().expect("attached"))?);
             self.programmed.clear();
-            changed = state.services.iter().collect();
-            removed = Vec::new();
-            (self.held.clone().unwrap_or_default(), frontends::entries(&state.services, &addrs))
+            from = self.held.clone().unwrap_or_default();
+            changed = state.services.iter().map(|sp| (sp, one(sp))).collect();
         } else {
             // Only the ports that changed since the last sync, removed ones included.
-            let (mut from, mut to) = (Entries::new(), Entries::new());
-            let mut ch = Vec::new();
             let mut found = 0;
             for sp in state.services.iter() {
                 match self.programmed.get(&sp.id) {
@@ -150,25 +155,22 @@ impl EbpfDataplane {
                             found += 1;
                             from.extend(e.iter().map(|(k, v)| (*k, *v)));
                         }
-                        frontends::entries_of(sp, &addrs, &mut to);
-                        ch.push(sp);
+                        changed.push((sp, one(sp)));
                     }
                 }
             }
             // Every id is unique: when each programmed port was found again, none was removed.
-            let mut rm = Vec::new();
             if found < self.programmed.len() {
                 let ids: HashSet<&str> = state.services.iter().map(|sp| sp.id.as_str()).collect();
                 for (id, (_, e)) in &self.programmed {
                     if !ids.contains(id.as_str()) {
                         from.extend(e.iter().map(|(k, v)| (*k, *v)));
-                        rm.push(id.clone());
+                        removed.push(id.clone());
                     }
                 }
             }
-            (changed, removed) = (ch, rm);
-            (from, to)
-        };
+        }
+        let to: Entries = changed.iter().flat_map(|(_, e)| e.iter().map(|(k, v)| (*k, *v))).collect();
         // Worked out before the map changes: a failure half-way must not lose the sockets to close (the read-back
         // of the next sync would no longer show those backends).
         let gone = frontends::removed_udp_backends(&from, &to);
@@ -183,9 +185,7 @@ impl EbpfDataplane {
         for id in &removed {
             next.remove(id);
         }
-        for sp in changed {
-            let mut e = Entries::new();
-            frontends::entries_of(sp, &addrs, &mut e);
+        for (sp, e) in changed {
             next.insert(sp.id.clone(), (sp.clone(), e));
         }
         self.programmed = next;

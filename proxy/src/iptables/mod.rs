@@ -167,12 +167,16 @@ impl IptablesDataplane {
         Ok(())
     }
 
-    /// (cluster IP or external IP, endpoint IP) pairs of UDP services.
-    fn udp_pairs(ports: &[ServicePort]) -> BTreeSet<(IpAddr, IpAddr)> {
+    /// (cluster IP or external IP, endpoint IP) pairs of UDP services: the flows these rules NAT. With socket load
+    /// balancing no packet to a UDP cluster IP is NATed here (its sockets are sent to the backend), so those pairs
+    /// are left out and cost no conntrack run.
+    fn udp_pairs(&self, ports: &[ServicePort]) -> BTreeSet<(IpAddr, IpAddr)> {
+        let by_socket = self.opts[0].socket_lb;
         let mut out = BTreeSet::new();
         for p in ports.iter().filter(|p| p.proto == Proto::Udp) {
+            let vips = (!by_socket).then_some(&p.cluster_ip).into_iter().chain(&p.external_ips);
             for e in &p.endpoints {
-                for vip in std::iter::once(&p.cluster_ip).chain(&p.external_ips) {
+                for vip in vips.clone() {
                     out.insert((*vip, e.ip));
                 }
             }
@@ -283,7 +287,7 @@ impl IptablesDataplane {
             _ => ipset::save(SET_PREFIX).map_err(err(ErrorKind::Readback, "reading the policy sets"))?,
         };
         let update = ipset::update_payload(&want_sets, &have);
-        let udp = Self::udp_pairs(ports);
+        let udp = self.udp_pairs(ports);
         if !full
             && update.is_empty()
             && self.last.as_ref() == Some(&desired)
