@@ -3,7 +3,8 @@
 //! wait on a slow iptables-restore. The dataplane thread coalesces changes (at most one sync per
 //! --min-sync-period), runs a full sync every --sync-period, checks for drift while idle (every second), and after
 //! a failed sync backs off (bounded, jittered) and makes the next sync full. Stopping leaves the kernel state in
-//! place, so a restart keeps connections.
+//! place, so a restart keeps connections. After each successful sync the dataplane thread also hands the load
+//! balancers' health check ports to the [`HealthCheckServer`], whose listeners run on the runtime.
 
 use std::path::PathBuf;
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -15,6 +16,7 @@ use proxy_state::{Dataplane, Tracker};
 use store::{Event, Informer, Tls, Update};
 use tracing::{debug, error, info, warn};
 
+use crate::health_check::{self, HealthCheckServer};
 use crate::metrics::Shared;
 
 pub struct Settings {
@@ -43,12 +45,17 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 pub async fn run(s: Settings, dp: Box<dyn Dataplane>, metrics: Shared) -> anyhow::Result<()> {
     let shared = Arc::new(Mutex::new(Follower { tracker: Tracker::new(&s.node), since: None }));
     let (poke, wake) = mpsc::channel::<()>();
+    // kube-proxy's serviceProxyHealthy: a node whose changes do not reach the kernel fails its health checks too.
+    let mut health_checks = {
+        let metrics = metrics.clone();
+        HealthCheckServer::new(tokio::runtime::Handle::current(), move || metrics.healthy().is_ok())
+    };
     {
         let (shared, metrics) = (shared.clone(), metrics.clone());
         let (run_dir, min_sync, full_sync) = (s.run_dir.clone(), s.min_sync, s.full_sync);
         std::thread::Builder::new().name("dataplane".into()).spawn(move || {
             let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                dataplane_loop(dp, &shared, &metrics, wake, &run_dir, min_sync, full_sync)
+                dataplane_loop(dp, &shared, &metrics, &mut health_checks, wake, &run_dir, min_sync, full_sync)
             }));
             // Only a panic ends the loop: this process must not carry on as if its rules were kept up to date.
             // Exit non-zero so that the node's supervisor (a DaemonSet) restarts it; the kernel keeps its state.
@@ -98,10 +105,12 @@ pub async fn run(s: Settings, dp: Box<dyn Dataplane>, metrics: Shared) -> anyhow
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn dataplane_loop(
     mut dp: Box<dyn Dataplane>,
     shared: &Mutex<Follower>,
     metrics: &Shared,
+    health_checks: &mut HealthCheckServer,
     wake: mpsc::Receiver<()>,
     run_dir: &std::path::Path,
     min_sync: Duration,
@@ -111,6 +120,8 @@ fn dataplane_loop(
     let mut last_sync: Option<Instant> = None;
     let mut failures = 0u32;
     let mut retry_at: Option<Instant> = None;
+    // The generation the health check ports were last computed from.
+    let mut health_checked: Option<u64> = None;
     loop {
         match wake.recv_timeout(IDLE) {
             Ok(()) | Err(RecvTimeoutError::Timeout) => {}
@@ -160,6 +171,12 @@ fn dataplane_loop(
                 metrics.held(r.held);
                 failures = 0;
                 retry_at = None;
+                // As kube-proxy: the ports follow what the kernel now holds. A port that could not be bound is
+                // retried at the next idle check even when nothing changed.
+                if health_checked != Some(state.generation) || health_checks.failing() {
+                    health_checks.update(health_check::desired(&state.services));
+                    health_checked = Some(state.generation);
+                }
                 let mut f = shared.lock().unwrap();
                 if let Some(t) = since.filter(|_| r.wrote) {
                     metrics.programming.observe(t.elapsed().as_secs_f64());

@@ -4,6 +4,7 @@
 
 pub mod daemon;
 pub mod ebpf;
+pub mod health_check;
 pub mod iptables;
 pub mod metrics;
 

@@ -33,6 +33,10 @@ struct Options {
     /// ebpf: where maps and program links are pinned (on a bpffs), so that they outlive a restart.
     #[arg(long, default_value = "/sys/fs/bpf/tartan")]
     bpf_root: std::path::PathBuf,
+    /// ebpf: flows from outside the node tracked at once (each of the conntrack and NAT maps holds this many; the
+    /// least recently used flow goes first when full).
+    #[arg(long, default_value_t = ebpf_maps::CONNTRACK_MAX, value_parser = clap::value_parser!(u32).range(1024..=1 << 24))]
+    conntrack_max: u32,
     /// The pod network, a range per family (comma-separated): traffic to a cluster IP from outside it is
     /// masqueraded.
     #[arg(long, value_delimiter = ',')]
@@ -69,6 +73,7 @@ fn main() -> Result<()> {
             cgroup_root: o.cgroup_root.clone(),
             bpf_root: o.bpf_root.clone(),
             run_dir: o.run_dir.clone(),
+            conntrack_max: o.conntrack_max,
         },
     };
     let mut dp = match tartan_proxy::dataplane(&o.mode, &opts) {

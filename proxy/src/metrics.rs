@@ -49,6 +49,8 @@ pub struct Metrics {
     pub entries: Gauge,
     pub sets: Gauge,
     pub set_entries: Gauge,
+    pub flows: Gauge,
+    pub flows_max: Gauge,
     pub service_ports: Gauge,
     pub programs: Gauge,
     pub store_changes: Counter,
@@ -84,6 +86,8 @@ impl Metrics {
             entries: Gauge::default(),
             sets: Gauge::default(),
             set_entries: Gauge::default(),
+            flows: Gauge::default(),
+            flows_max: Gauge::default(),
             service_ports: Gauge::default(),
             programs: Gauge::default(),
             store_changes: Counter::default(),
@@ -139,6 +143,16 @@ impl Metrics {
         reg.register("tartan_proxy_sets", "Address sets (ipsets or set maps) held", m.sets.clone());
         reg.register("tartan_proxy_set_entries", "Members of those sets", m.set_entries.clone());
         reg.register(
+            "tartan_proxy_conntrack_entries",
+            "Flows from outside the node tracked by the eBPF dataplane (counted at full syncs)",
+            m.flows.clone(),
+        );
+        reg.register(
+            "tartan_proxy_conntrack_max",
+            "The eBPF dataplane's conntrack capacity (--conntrack-max); beyond it the least recently used flow goes",
+            m.flows_max.clone(),
+        );
+        reg.register(
             "tartan_proxy_service_ports",
             "Service ports programmed (one per cluster IP)",
             m.service_ports.clone(),
@@ -166,6 +180,8 @@ impl Metrics {
         self.entries.set(h.entries as i64);
         self.sets.set(h.sets as i64);
         self.set_entries.set(h.set_entries as i64);
+        self.flows.set(h.flows as i64);
+        self.flows_max.set(h.flows_max as i64);
         self.programs.set(h.programs as i64);
     }
 

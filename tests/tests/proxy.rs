@@ -115,6 +115,36 @@ impl Cluster {
         }
     }
 
+    /// In ebpf mode not one iptables rule of ours serves a Service (IPv4 or IPv6): the only ones left are
+    /// NetworkPolicy's (TARTAN-POLICY and the per-pod TARTAN-PI/PE chains it jumps to).
+    fn assert_no_service_rules(&self, node: &str) {
+        let ns = self.lab.node(node).unwrap().ns.clone();
+        for tool in ["iptables-save", "ip6tables-save"] {
+            let save = String::from_utf8_lossy(&self.lab.exec(&ns, &[tool]).unwrap().stdout).into_owned();
+            let service: Vec<&str> = save
+                .lines()
+                .filter(|l| l.starts_with("-A ") && l.contains("TARTAN-"))
+                .filter(|l| {
+                    !["TARTAN-POLICY", "TARTAN-PI-", "TARTAN-PE-", "TARTAN-MASQ-"].iter().any(|p| l.contains(p))
+                })
+                .collect();
+            assert!(service.is_empty(), "{tool}: Service rules in ebpf mode: {service:?}");
+        }
+    }
+
+    /// The interfaces `node`'s tc programs are attached to (ebpf mode), from their pinned links.
+    fn tc_interfaces(&self, node: &str) -> Vec<String> {
+        let links = self.lab.node_bpf_root(node).join("links");
+        let mut out: Vec<String> = std::fs::read_dir(links)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix("tartan_from_outside@").map(|n| n.replace("%2E", ".")))
+            .collect();
+        out.sort();
+        out
+    }
+
     fn iptables_save(&self, node: &str) -> String {
         let ns = self.lab.node(node).unwrap().ns.clone();
         String::from_utf8_lossy(&self.lab.exec(&ns, &["iptables-save"]).unwrap().stdout).into_owned()
@@ -203,6 +233,130 @@ fn node_ports_reach_pods_from_outside_with_both_traffic_policies(mode: &'static 
     assert!(c.connect(&outside, "198.18.0.1", 30081).is_err(), "no local endpoint on n1: dropped");
 }
 
+/// A load balancer's health checks (kube-proxy's healthCheckNodePort): every node answers on the port, 200 where the
+/// Service has a local endpoint and 503 where it has none, so that the load balancer sends traffic only where
+/// externalTrafficPolicy Local can deliver it.
+fn health_check_node_ports_answer_with_the_local_endpoint_count(mode: &'static str) {
+    let mut c = Cluster::in_mode("px-hc", mode);
+    c.server("n2", "web-b", "web");
+    c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web-lb}\nspec: {type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 30086, selector: {app: web}, ports: [{port: 80, targetPort: 8080, nodePort: 30085}]}\nstatus: {loadBalancer: {ingress: [{ip: 198.18.6.7}]}}\n");
+    let outside = c.lab.ns_name("outside");
+    let probe = |c: &Cluster, node: &str| tartan_e2e::http_get(&c.lab, &outside, &format!("http://{node}:30086/"));
+    let body = |n: usize| {
+        format!(
+            r#"{{"service":{{"namespace":"default","name":"web-lb"}},"localEndpoints":{n},"serviceProxyHealthy":true}}"#
+        )
+    };
+    // n2 holds web-b; n1 has nothing of the Service's.
+    assert!(
+        wait_for(Duration::from_secs(5), || probe(&c, "198.18.0.2") == (200, body(1))),
+        "n2: {:?}",
+        probe(&c, "198.18.0.2")
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || probe(&c, "198.18.0.1") == (503, body(0))),
+        "n1: {:?}",
+        probe(&c, "198.18.0.1")
+    );
+    // The node port itself answers only where the endpoint is, which is what the health checks tell.
+    assert!(wait_for(Duration::from_secs(5), || c.connect(&outside, "198.18.0.2", 30085).is_ok()));
+    // The load-balancer IP, routed to n2 (as a load balancer that follows the health checks would): the server
+    // sees the client's own address (externalTrafficPolicy Local).
+    c.lab.exec(&outside, &["ip", "route", "add", "198.18.6.7", "via", "198.18.0.2"]).unwrap();
+    assert!(wait_for(Duration::from_secs(5), || c.connect(&outside, "198.18.6.7", 80).is_ok()));
+    assert_eq!(c.connect(&outside, "198.18.6.7", 80).unwrap(), "web-b 198.18.0.254");
+    // Its endpoint gone, n2 turns unhealthy too, on the port it keeps serving.
+    c.lab.del_pod("web-b").unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || probe(&c, "198.18.0.2") == (503, body(0))),
+        "n2 after the pod went: {:?}",
+        probe(&c, "198.18.0.2")
+    );
+}
+
+/// Traffic from the lab's outside host beyond TCP to a pod: UDP through a node port (to a pod on another node and
+/// to one on the node itself), a UDP flow moving when its endpoint goes, ICMP errors of translated flows reaching
+/// the client (a backend's "port unreachable", the node's "fragmentation needed" towards the vxlan MTU), a bulk
+/// TCP transfer through the tunnel, and a node port without endpoints refused.
+fn traffic_from_outside_udp_icmp_mtu_and_refusals(mode: &'static str) {
+    let mut c = Cluster::in_mode("px-out", mode);
+    c.dns_service("10.96.3.53");
+    // dns-b (n2) is also labelled side=far, and counts bytes on TCP 9000; nothing listens on UDP 5354 anywhere.
+    c.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: dns-b, labels: {app: dns, side: far}}\nspec: {containers: [{name: c, ports: [{name: dns, containerPort: 5353, protocol: UDP}]}]}\n");
+    let b = c.lab.pod("dns-b").unwrap().ns.clone();
+    c.lab.spawn(&b, &["socat", "TCP-LISTEN:9000,fork,reuseaddr", "SYSTEM:wc -c"]).unwrap();
+    c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: dns-np}\nspec: {type: NodePort, selector: {app: dns}, ports: [{name: dns, port: 53, protocol: UDP, targetPort: 5353, nodePort: 30053}, {name: closed, port: 54, protocol: UDP, targetPort: 5354, nodePort: 30054}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: far}\nspec: {type: NodePort, selector: {side: far}, ports: [{name: dns, port: 53, protocol: UDP, targetPort: 5353, nodePort: 30055}, {name: bulk, port: 9000, targetPort: 9000, nodePort: 30900}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: none}\nspec: {type: NodePort, selector: {app: nothing}, ports: [{port: 80, nodePort: 30099}]}\n");
+    let outside = c.lab.ns_name("outside");
+    // From one source port: one flow, as a long-lived UDP client has.
+    let ask_from = |c: &Cluster, node_port: u16, source: u16| -> Option<String> {
+        let cmd = format!("echo q | socat -T1 - UDP:198.18.0.1:{node_port},sourceport={source},reuseaddr");
+        let out = c.lab.exec_status(&outside, &["sh", "-c", &cmd]).unwrap();
+        let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (!s.is_empty()).then_some(s)
+    };
+    assert!(wait_for(Duration::from_secs(5), || ask_from(&c, 30053, 40053).is_some()), "UDP through the node port");
+    // Both endpoints answer across flows (n1's own and n2's).
+    let seen: BTreeSet<String> = (41000..41040).filter_map(|p| ask_from(&c, 30053, p)).collect();
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["dns-a", "dns-b"], "a local and a remote endpoint");
+    // A backend's ICMP port unreachable reaches the client's connected socket as ECONNREFUSED, and a datagram too
+    // big for the vxlan MTU (1450), fragmentation forbidden, has the client learn the path MTU from the node's
+    // "fragmentation needed": both ICMP errors translated back to the node port's flow.
+    let script = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, 10, 2)  # IP_MTU_DISCOVER = IP_PMTUDISC_DO
+s.connect(("198.18.0.1", int(sys.argv[1])))
+s.settimeout(0.3)
+for i in range(30):
+    try:
+        s.send(b"x" * int(sys.argv[2]))
+        s.recv(2000)
+    except socket.timeout:
+        pass
+    except OSError as e:
+        # EMSGSIZE: the path MTU learned is below this datagram.
+        if e.errno == 90:
+            print("mtu", s.getsockopt(socket.IPPROTO_IP, 14))
+        else:
+            print("errno", e.errno)
+        break
+    mtu = s.getsockopt(socket.IPPROTO_IP, 14)  # IP_MTU
+    if mtu < 1500:
+        print("mtu", mtu)
+        break
+"#;
+    let run = |port: &str, size: &str| {
+        let out = c.lab.exec_status(&outside, &["python3", "-c", script, port, size]).unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(run("30054", "10"), "errno 111", "port unreachable from the pod, translated back");
+    assert!(wait_for(Duration::from_secs(5), || ask_from(&c, 30055, 40055).is_some()));
+    assert_eq!(run("30055", "1472"), "mtu 1450", "fragmentation needed, translated back");
+    // A megabyte through the tunnel, both directions of the connection translated.
+    let bulk = "head -c 1000000 /dev/zero | socat -t 5 -T 5 - TCP:198.18.0.1:30900,connect-timeout=2";
+    let out = c.lab.exec_status(&outside, &["sh", "-c", bulk]).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1000000", "{}", String::from_utf8_lossy(&out.stderr));
+    // The flow keeps its endpoint, then moves when it goes.
+    let ask = |c: &Cluster| (0..3).find_map(|_| ask_from(c, 30053, 40053));
+    let first = ask(&c).unwrap();
+    assert_eq!(ask(&c).as_deref(), Some(first.as_str()), "one flow, one endpoint");
+    c.lab.del_pod(&first).unwrap();
+    let other = if first == "dns-a" { "dns-b" } else { "dns-a" };
+    assert!(
+        wait_for(Duration::from_secs(5), || ask_from(&c, 30053, 40053).as_deref() == Some(other)),
+        "the flow moved to {other}"
+    );
+    // A node port without endpoints is refused at once.
+    let t = std::time::Instant::now();
+    let err = c.connect(&outside, "198.18.0.1", 30099).unwrap_err();
+    assert!(err.contains("refused"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(1), "refused, not timed out: {:?}", t.elapsed());
+    if mode == "ebpf" {
+        c.assert_no_service_rules("n1");
+        c.assert_no_service_rules("n2");
+    }
+}
+
 fn cleanup_removes_every_rule_of_ours_and_nothing_else(mode: &'static str) {
     let mut c = Cluster::in_mode("px-clean", mode);
     c.server("n1", "web-a", "web");
@@ -259,11 +413,15 @@ fn affinity_hairpin_and_metrics(mode: &'static str) {
     }
     // Hairpin: a pod reaching itself through a service. Not through `sticky`: its affinity would pin web-a to
     // whichever endpoint it drew first. Through a service without affinity, try until it lands on itself.
-    c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: plain}\nspec: {clusterIP: 10.96.0.81, selector: {app: web}, ports: [{port: 80, targetPort: http}]}\n");
+    c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: plain}\nspec: {type: NodePort, clusterIP: 10.96.0.81, selector: {app: web}, ports: [{port: 80, targetPort: http, nodePort: 30082}]}\n");
     let web_a = c.lab.pod("web-a").unwrap().ns.clone();
     assert!(wait_for(Duration::from_secs(5), || c.connect(&web_a, "10.96.0.81", 80).is_ok()));
     let own = (0..40).filter_map(|_| c.connect(&web_a, "10.96.0.81", 80).ok()).any(|a| a.starts_with("web-a "));
     assert!(own, "web-a reached itself through 10.96.0.81");
+    // And through the node port on its own node's address.
+    assert!(wait_for(Duration::from_secs(5), || c.connect(&web_a, "198.18.0.1", 30082).is_ok()));
+    let own = (0..40).filter_map(|_| c.connect(&web_a, "198.18.0.1", 30082).ok()).any(|a| a.starts_with("web-a "));
+    assert!(own, "web-a reached itself through its node's port 30082");
     // Pod status updates may still be on their way to a sync: wait until nothing is pending.
     let settled = || {
         let m = tartan_e2e::proxy_metrics(&c.lab, "n1");
@@ -277,8 +435,14 @@ fn affinity_hairpin_and_metrics(mode: &'static str) {
         tartan_e2e::metric(&m, &format!("kubeproxy_sync_proxy_rules_duration_seconds_count{{mode=\"{mode}\"}}"))
             .unwrap();
     assert!(syncs >= 1.0 && timed == syncs, "{m}");
-    assert!(tartan_e2e::metric(&m, "tartan_proxy_dataplane_entries").unwrap() > 10.0, "{m}");
+    // At least a frontend and two backends per cluster IP (iptables: chains and rules, many more).
+    assert!(tartan_e2e::metric(&m, "tartan_proxy_dataplane_entries").unwrap() >= 6.0, "{m}");
     assert_eq!(tartan_e2e::metric(&m, "tartan_proxy_service_ports"), Some(2.0), "{m}");
+    if mode == "ebpf" {
+        // 8 socket programs, and ingress and egress on each interface with a node address (eth0, cni0, flannel.1).
+        assert_eq!(tartan_e2e::metric(&m, "tartan_proxy_bpf_programs"), Some(14.0), "{m}");
+        assert_eq!(tartan_e2e::metric(&m, "tartan_proxy_conntrack_max"), Some(262144.0), "{m}");
+    }
 }
 
 fn a_udp_client_moves_to_a_live_endpoint_when_its_endpoint_goes(mode: &'static str) {
@@ -418,7 +582,12 @@ fn services_work_with_the_agents_masquerade_on_every_backend(mode: &'static str)
         assert!(wait_for(Duration::from_secs(3), || c.connect(&client, "198.18.0.254", 9000).is_ok()));
         assert_eq!(c.connect(&client, "198.18.0.254", 9000).unwrap(), "outside 198.18.0.1", "{backend:?}");
         let save = c.iptables_save("n1");
-        assert!(save.contains("-A FLANNEL-POSTRTG") && save.contains("-A TARTAN-POSTROUTING"), "{backend:?}");
+        assert!(save.contains("-A FLANNEL-POSTRTG"), "{backend:?}");
+        if mode == "iptables" {
+            assert!(save.contains("-A TARTAN-POSTROUTING"), "{backend:?}");
+        } else {
+            c.assert_no_service_rules("n1");
+        }
     }
 }
 
@@ -429,7 +598,7 @@ fn headless_and_external_name_services_get_no_rules_and_node_ports_honour_nodepo
     let outside = c.lab.ns_name("outside");
     assert!(wait_for(Duration::from_secs(5), || c.connect(&outside, "198.18.0.1", 30030).is_ok()));
     let save = c.iptables_save("n1");
-    assert!(save.contains("default/web:") && c.programmed("n1", "10.96.0.30"), "the ordinary service is programmed");
+    assert!(c.programmed("n1", "10.96.0.30"), "the ordinary service is programmed");
     for name in ["default/hl", "default/ext", "db.example.com"] {
         assert!(!save.contains(name), "{name} has rules:\n{save}");
     }
@@ -438,10 +607,21 @@ fn headless_and_external_name_services_get_no_rules_and_node_ports_honour_nodepo
     let gw = c.lab.pod("web-a").unwrap().ip.rsplit_once('.').unwrap().0.to_string() + ".1";
     assert!(c.connect(&client, "198.18.0.1", 30030).is_ok(), "a pod reaches the node port on the node's address");
     assert!(c.connect(&client, &gw, 30030).is_err(), "but not on {gw}, outside --nodeport-addresses");
-    assert!(
-        save.lines().any(|l| l.contains("-d 198.18.0.0/24") && l.contains("--dst-type LOCAL -j TARTAN-NODEPORTS")),
-        "{save}"
-    );
+    if c.mode == "iptables" {
+        assert!(
+            save.lines().any(|l| l.contains("-d 198.18.0.0/24") && l.contains("--dst-type LOCAL -j TARTAN-NODEPORTS")),
+            "{save}"
+        );
+    } else {
+        // The tc programs sit on the underlay interface only (the one holding 198.18.0.1), not on cni0 or the
+        // vxlan device.
+        let on = c.tc_interfaces("n1");
+        assert_eq!(on.len(), 1, "{on:?}");
+        let n1 = c.lab.node("n1").unwrap().ns.clone();
+        let addr = c.lab.exec(&n1, &["ip", "-o", "-4", "addr", "show", "dev", &on[0]]).unwrap();
+        assert!(String::from_utf8_lossy(&addr.stdout).contains("198.18.0.1/"), "{on:?}");
+        c.assert_no_service_rules("n1");
+    }
 }
 
 /// n1's proxy metrics and one series of them.
@@ -855,6 +1035,8 @@ every_dataplane!(
     cluster_ip_balances_over_pods_on_both_nodes_and_keeps_the_client_address,
     a_service_without_endpoints_refuses_at_once,
     node_ports_reach_pods_from_outside_with_both_traffic_policies,
+    traffic_from_outside_udp_icmp_mtu_and_refusals,
+    health_check_node_ports_answer_with_the_local_endpoint_count,
     cleanup_removes_every_rule_of_ours_and_nothing_else,
     affinity_hairpin_and_metrics,
     a_udp_client_moves_to_a_live_endpoint_when_its_endpoint_goes,

@@ -1,5 +1,5 @@
-//! The socket load balancer's maps, shared by the eBPF programs (`ebpf/`) and tartan-proxy. Every type is
-//! `#[repr(C)]`, made of fixed-width integers with explicit padding (no bool, enum or Option), so that both sides
+//! The eBPF dataplane's maps (socket load balancing, and the tc programs for traffic from outside), shared by the
+//! eBPF programs (`ebpf/`) and tartan-proxy. Every type is `#[repr(C)]`, made of fixed-width integers with explicit padding (no bool, enum or Option), so that both sides
 //! agree on every byte and the verifier sees initialised keys. Addresses are 16 bytes in network order: an IPv4
 //! address sits in the first 4 bytes, the rest zero. Ports are in network order, as the kernel hands them over.
 #![no_std]
@@ -10,6 +10,10 @@ pub mod names {
     pub const REVERSE: &str = "TARTAN_REV";
     pub const AFFINITY: &str = "TARTAN_AFF";
     pub const STATS: &str = "TARTAN_STATS";
+    pub const CONNTRACK: &str = "TARTAN_CT";
+    pub const NAT: &str = "TARTAN_NAT";
+    pub const AFFINITY_EXT: &str = "TARTAN_AFF_EXT";
+    pub const IFADDR: &str = "TARTAN_IFADDR";
     /// The programs, in the order they are attached; each is also the name of its pinned link.
     pub const PROGRAMS: [&str; 8] = [
         "tartan_connect4",
@@ -21,6 +25,10 @@ pub mod names {
         "tartan_getpeername4",
         "tartan_getpeername6",
     ];
+    /// The tc programs, attached to every interface that carries a node address: `<name>@<interface>` names their
+    /// pinned links.
+    pub const TC_INGRESS: &str = "tartan_from_outside";
+    pub const TC_EGRESS: &str = "tartan_to_outside";
 }
 
 /// Map sizes. SERVICES holds a frontend slot plus one slot per backend for every (address, port, protocol): a
@@ -29,11 +37,40 @@ pub const SERVICES_MAX: u32 = 1 << 20;
 /// Connections (and unconnected UDP peers) whose reply addresses are translated back, least recently used first out.
 pub const REVERSE_MAX: u32 = 1 << 17;
 pub const AFFINITY_MAX: u32 = 1 << 16;
+/// Default sizes of the connection-tracking and NAT maps (tartan-proxy's --conntrack-max sets both at load time):
+/// one entry per flow from outside in each. At 112 and 88 bytes of key and value, 2^18 flows take about 50 MiB.
+pub const CONNTRACK_MAX: u32 = 1 << 18;
+/// Interfaces with a node address, per family (the address flows to remote endpoints are translated to).
+pub const IFADDR_MAX: u32 = 256;
+
+/// How long a flow from outside keeps its backend without a packet (Cilium's defaults: TCP 6 h, the rest 60 s).
+pub const CT_TCP_SECS: u64 = 21_600;
+pub const CT_OTHER_SECS: u64 = 60;
+/// NAT ports for flows sent to remote endpoints come from above the kernel's default ephemeral range
+/// (32768-60999), so that they do not collide with the node's own connections.
+pub const NAT_PORT_MIN: u16 = 61_000;
+pub const NAT_PORT_COUNT: u16 = 4_536;
 
 /// Frontend flags (slot 0's `flags`).
 pub mod flags {
     /// sessionAffinity ClientIP: `affinity_secs` holds the timeout.
     pub const AFFINITY: u16 = 1;
+    /// externalTrafficPolicy Local: traffic from outside goes to slots 1..=`local_count` only (local ones first).
+    pub const EXTERNAL_LOCAL: u16 = 2;
+    /// Without a usable endpoint, traffic from outside is dropped, not refused (eTP Local with remote endpoints).
+    pub const DROP_EMPTY: u16 = 4;
+    /// The frontend is a node address (a node port): the node's own stack refuses what has no endpoint.
+    pub const NODE_ADDR: u16 = 8;
+    /// On a backend slot: the endpoint is on this node (reached without source translation).
+    pub const LOCAL: u16 = 16;
+}
+
+/// Conntrack and NAT entry flags.
+pub mod ct {
+    /// The source was translated to a node address (remote endpoint): replies come back to the node and are
+    /// redirected to the client by the program; without it the kernel forwards both ways and the reply is only
+    /// given its frontend address on its way out.
+    pub const SNAT: u16 = 1;
 }
 
 /// STATS (per CPU) indexes.
@@ -44,7 +81,15 @@ pub mod stats {
     pub const REFUSED: u32 = 1;
     /// Replies translated back to the service address.
     pub const REVERSED: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// tc: packets from outside sent to a backend, replies translated back, ICMP errors translated.
+    pub const TC_FORWARD: u32 = 3;
+    pub const TC_REPLY: u32 = 4;
+    pub const TC_ICMP: u32 = 5;
+    /// tc: dropped (eTP Local without local endpoint, no route, no NAT port, too big for the path).
+    pub const TC_DROP: u32 = 6;
+    /// tc: refused (no endpoint at all).
+    pub const TC_REFUSED: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 /// A service frontend (address, port, protocol) and a slot: 0 is the frontend itself, 1..=count its backends.
@@ -58,7 +103,8 @@ pub struct ServiceKey {
     pub _pad: [u8; 3],
 }
 
-/// Slot 0: `count` backends, `flags`, `affinity_secs`. Slots 1..=count: a backend's `addr` and `port`.
+/// Slot 0: `count` backends (`local_count` of them on this node, in the first slots), `flags`, `affinity_secs`.
+/// Slots 1..=count: a backend's `addr`, `port` and flags ([`flags::LOCAL`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceValue {
@@ -66,7 +112,7 @@ pub struct ServiceValue {
     pub port: u16,
     pub count: u16,
     pub flags: u16,
-    pub _pad: u16,
+    pub local_count: u16,
     pub affinity_secs: u32,
 }
 
@@ -112,6 +158,64 @@ pub struct AffinityValue {
     pub last_ns: u64,
 }
 
+/// A flow as its packets carry it (addresses and ports in network order): the key of the conntrack map (a flow
+/// from outside as it arrives) and of the NAT map (its replies as they arrive).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Where a flow from outside goes: its backend, and (with [`ct::SNAT`]) the node address and port it comes from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtValue {
+    pub backend: [u8; 16],
+    pub nat_addr: [u8; 16],
+    pub backend_port: u16,
+    pub nat_port: u16,
+    pub flags: u16,
+    pub _pad: u16,
+    /// When a packet of the flow was last seen (bpf_ktime_get_ns).
+    pub last_ns: u64,
+}
+
+/// What a reply must carry: the frontend as source, the client as destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NatValue {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub flags: u16,
+    pub _pad: u16,
+}
+
+/// A client outside the node and a frontend, for sessionAffinity ClientIP of traffic from outside.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ExtAffinityKey {
+    pub client: [u8; 16],
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 5],
+}
+
+/// An interface (its index) and a family (4 or 6): the node address flows to remote endpoints leave with.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IfAddrKey {
+    pub ifindex: u32,
+    pub family: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -122,6 +226,11 @@ mod pod {
     unsafe impl aya::Pod for ReverseValue {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for NatValue {}
+    unsafe impl aya::Pod for ExtAffinityKey {}
+    unsafe impl aya::Pod for IfAddrKey {}
 }
 
 #[cfg(test)]
@@ -137,5 +246,10 @@ mod tests {
         assert_eq!(size_of::<ReverseValue>(), 24);
         assert_eq!(size_of::<AffinityKey>(), 32);
         assert_eq!(size_of::<AffinityValue>(), 32);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<CtValue>(), 48);
+        assert_eq!(size_of::<NatValue>(), 40);
+        assert_eq!(size_of::<ExtAffinityKey>(), 40);
+        assert_eq!(size_of::<IfAddrKey>(), 8);
     }
 }

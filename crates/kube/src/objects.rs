@@ -220,6 +220,10 @@ pub struct ServiceSpec {
     pub load_balancer_ip: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_traffic_policy: Option<String>,
+    /// type LoadBalancer with externalTrafficPolicy Local: the node port on which every node's proxy says whether
+    /// it has endpoints of the Service, so that the load balancer sends traffic only to nodes that do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check_node_port: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub internal_traffic_policy: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

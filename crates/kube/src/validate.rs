@@ -494,6 +494,7 @@ fn validate_service(e: &mut Errors, svc: &Service, service_cidr: &[IpNet], node_
     }
     session_affinity(e, spec);
     traffic_policies(e, spec, kind);
+    health_check_node_port(e, spec, kind, node_ports);
     for (i, ip) in spec.external_ips.iter().enumerate() {
         e.routable_ip(&format!("spec.externalIPs[{i}]"), ip);
     }
@@ -725,6 +726,28 @@ fn traffic_policies(e: &mut Errors, spec: &ServiceSpec, kind: &str) {
     }
     if let Some(policy) = spec.internal_traffic_policy.as_deref() {
         e.one_of("spec.internalTrafficPolicy", policy, TRAFFIC_POLICIES);
+    }
+}
+
+/// The node port a load balancer probes to learn which nodes have local endpoints. Only a load balancer that keeps
+/// traffic on the node it reaches (externalTrafficPolicy Local) needs one. The API server would allocate it when
+/// omitted; here one that is given is checked as the allocator checks a requested port.
+fn health_check_node_port(e: &mut Errors, spec: &ServiceSpec, kind: &str, (low, high): (u16, u16)) {
+    // 0 is how a client asks for one to be allocated.
+    let Some(port) = spec.health_check_node_port.filter(|&p| p != 0) else { return };
+    let field = "spec.healthCheckNodePort";
+    if kind != "LoadBalancer" || spec.external_traffic_policy.as_deref() != Some("Local") {
+        let reason = "may only be set when `type` is 'LoadBalancer' and `externalTrafficPolicy` is 'Local'";
+        return e.invalid(field, port, reason);
+    }
+    let failed = format!("failed to allocate requested HealthCheck NodePort {port}");
+    if !(i64::from(low)..=i64::from(high)).contains(&port) {
+        let reason =
+            format!("{failed}: provided port is not in the valid range. The range of valid ports is {low}-{high}");
+        e.invalid(field, port, &reason);
+    } else if spec.ports.iter().any(|p| p.node_port == Some(port)) {
+        // One allocator hands out node ports and health check ports alike, whatever the protocol.
+        e.invalid(field, port, &format!("{failed}: provided port is already allocated"));
     }
 }
 
@@ -1256,6 +1279,39 @@ mod tests {
             "spec.externalTrafficPolicy",
         );
         assert!(r.starts_with("Unsupported value"), "{r}");
+    }
+
+    #[test]
+    fn health_check_node_ports() {
+        let lb = |extra: Value| {
+            let mut spec = json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                                  "ports": [{"port": 80, "nodePort": 30085}]});
+            spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            service(spec)
+        };
+        assert_valid(lb(json!({"healthCheckNodePort": 30086})));
+        assert_valid(lb(json!({})));
+        assert_valid(lb(json!({"healthCheckNodePort": 0})));
+        let field = "spec.healthCheckNodePort";
+        assert_eq!(
+            reason_at(lb(json!({"healthCheckNodePort": 8080})), field),
+            "Invalid value: 8080: failed to allocate requested HealthCheck NodePort 8080: provided port is not in the \
+             valid range. The range of valid ports is 30000-32767"
+        );
+        assert_eq!(
+            reason_at(lb(json!({"healthCheckNodePort": 30085})), field),
+            "Invalid value: 30085: failed to allocate requested HealthCheck NodePort 30085: provided port is already \
+             allocated"
+        );
+        let only = "Invalid value: 30086: may only be set when `type` is 'LoadBalancer' and `externalTrafficPolicy` \
+                    is 'Local'";
+        let cluster_policy = lb(json!({"healthCheckNodePort": 30086, "externalTrafficPolicy": "Cluster"}));
+        assert_eq!(reason_at(cluster_policy, field), only);
+        let node_port = service(json!({"type": "NodePort", "externalTrafficPolicy": "Local",
+                                       "healthCheckNodePort": 30086, "ports": [{"port": 80}]}));
+        assert_eq!(reason_at(node_port, field), only);
+        let cluster_ip = service(json!({"healthCheckNodePort": 30086, "ports": [{"port": 80}]}));
+        assert_eq!(reason_at(cluster_ip, field), only);
     }
 
     #[test]

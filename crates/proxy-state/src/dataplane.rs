@@ -27,6 +27,10 @@ pub struct Held {
     pub set_entries: usize,
     /// eBPF programs attached (0 for iptables).
     pub programs: usize,
+    /// Flows from outside the dataplane tracks itself, and the most it can (eBPF; 0 for iptables, whose flows are
+    /// the kernel's conntrack).
+    pub flows: usize,
+    pub flows_max: usize,
 }
 
 /// What one call of [`Dataplane::sync`] did.

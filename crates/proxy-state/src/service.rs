@@ -87,6 +87,9 @@ pub struct ServicePort {
     pub cluster: Vec<Endpoint>,
     /// The same choice among this node's endpoints, for traffic under the Local policy.
     pub local: Vec<Endpoint>,
+    /// The Service's healthCheckNodePort (type LoadBalancer with externalTrafficPolicy Local only, as kube-proxy
+    /// reads it): where this node answers whether it has local endpoints. The same on every port of the Service.
+    pub health_check_node_port: Option<u16>,
 }
 
 /// kube-proxy's choice: ready endpoints, else serving terminating ones.
@@ -130,7 +133,16 @@ impl ServicePort {
             endpoints,
             cluster,
             local,
+            health_check_node_port: None,
         }
+    }
+
+    /// The Service's namespace and name, read from the id (`namespace/name:port-name/protocol`: neither a namespace
+    /// nor a Service name can hold '/' or ':'). None for an id not of that shape (hand-built in tests).
+    pub fn service(&self) -> Option<(&str, &str)> {
+        let (namespace, rest) = self.id.split_once('/')?;
+        let (name, _) = rest.split_once(':')?;
+        Some((namespace, name))
     }
 
     /// A plain ClusterIP TCP port (no node port, affinity or policies): what tests and benchmarks build on.
@@ -212,6 +224,13 @@ where
         spec.external_traffic_policy.as_deref() == Some("Local"),
         spec.internal_traffic_policy.as_deref() == Some("Local"),
     );
+    // kube-proxy ignores the field unless the Service needs a health check (a load balancer that must learn which
+    // nodes have local endpoints), whatever an older writer left in it.
+    let health_check_node_port = spec
+        .health_check_node_port
+        .filter(|_| kind == "LoadBalancer" && policies.0)
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p != 0);
     let mut out = Vec::new();
     for cluster_ip in cluster_ips {
         let family_ips: Vec<IpAddr> =
@@ -226,7 +245,7 @@ where
                 .iter()
                 .filter_map(|b| Some(Endpoint::ready(b.ip.parse().ok()?, b.port, b.node_name.as_deref() == Some(node))))
                 .collect();
-            out.push(ServicePort::new(
+            let mut sp = ServicePort::new(
                 format!("{ns}/{}:{}/{}{suffix}", svc.metadata.name, p.name.clone().unwrap_or_default(), proto.as_str()),
                 proto,
                 cluster_ip,
@@ -236,7 +255,9 @@ where
                 affinity,
                 policies,
                 endpoints,
-            ));
+            );
+            sp.health_check_node_port = health_check_node_port;
+            out.push(sp);
         }
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));
@@ -297,6 +318,22 @@ mod tests {
         assert!(ports[1].cluster_ip.is_ipv6() && ports[1].cluster[0].ip.is_ipv6());
         assert_eq!(ports[1].external_ips, ["2001:db8::5".parse::<IpAddr>().unwrap()]);
         assert_eq!(ports[0].external_ips, ["198.18.5.5".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn the_health_check_node_port_is_kept_for_local_load_balancers_only() {
+        let objs: Vec<kube_objects::Object> = crate::test_support::objects(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: lb, namespace: d}\nspec: {type: LoadBalancer, clusterIP: 10.96.0.6, externalTrafficPolicy: Local, healthCheckNodePort: 30086, selector: {app: web}, ports: [{name: a, port: 80, nodePort: 30085}, {name: b, port: 81, nodePort: 30087}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: np, namespace: d}\nspec: {type: NodePort, clusterIP: 10.96.0.7, externalTrafficPolicy: Local, healthCheckNodePort: 30088, selector: {app: web}, ports: [{port: 80}]}\n",
+        );
+        let (kube_objects::Object::Service(lb), kube_objects::Object::Service(np)) = (&objs[0], &objs[1]) else {
+            panic!()
+        };
+        let ports = ports_of(lb, std::iter::empty::<&Pod>(), None, "n1");
+        assert_eq!(ports.len(), 2);
+        assert!(ports.iter().all(|p| p.health_check_node_port == Some(30086)), "{ports:?}");
+        assert_eq!(ports[1].service(), Some(("d", "lb")));
+        let ports = ports_of(np, std::iter::empty::<&Pod>(), None, "n1");
+        assert_eq!(ports[0].health_check_node_port, None, "not a load balancer: no health check");
     }
 
     #[test]

@@ -1,30 +1,107 @@
-//! Loading the programs, attaching them to the node's cgroup, and pinning everything under `--bpf-root`: the maps
-//! (`TARTAN_*`, reused by the next start, which adopts what they hold) and one link per program (`links/<name>`),
-//! which keeps the program attached while no proxy runs. A new start attaches its programs next to the pinned
-//! ones, then unpins and drops the old links, so that there is no moment without translation (two programs in a
-//! row are harmless: the second sees a backend address, which is no frontend).
+//! Loading the programs, attaching them to the node's cgroup and to the interfaces that carry node addresses (tcx
+//! ingress and egress), and pinning everything under `--bpf-root`: the maps (`TARTAN_*`, reused by the next start,
+//! which adopts what they hold) and one link per program (`links/<name>`, `links/<name>@<interface>`), which keeps
+//! the program attached while no proxy runs. A new start attaches its programs next to the pinned ones, then
+//! unpins and drops the old links, so that there is no moment without translation (two programs in a row are
+//! harmless: the second sees a backend address, which is no frontend, and a tc program passes on what it does
+//! not translate).
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+
 use aya::maps::{HashMap, MapData};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
-use ebpf_maps::{names, ServiceKey, ServiceValue};
+use ebpf_maps::{names, CtValue, FlowKey, IfAddrKey, NatValue, ServiceKey, ServiceValue};
 use proxy_state::{DataplaneError, ErrorKind};
 
 /// The programs, built by build.rs.
-static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tartan-sock"));
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tartan-bpf"));
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 pub struct Attached {
     /// Keeps the loaded programs (and the maps' descriptors) for the life of the dataplane.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub conntrack: HashMap<MapData, FlowKey, CtValue>,
+    pub nat: HashMap<MapData, FlowKey, NatValue>,
+    pub ifaddr: HashMap<MapData, IfAddrKey, [u8; 16]>,
+    /// The cgroup programs' links.
     pub links: Vec<PinnedLink>,
+    /// Per interface name, its tc links (ingress, egress).
+    pub tc: BTreeMap<String, Vec<PinnedLink>>,
+    /// The size the conntrack and NAT maps were made with.
+    pub conntrack_max: u32,
+}
+
+/// The tc programs and where they attach.
+const TC: [(&str, TcAttachType); 2] =
+    [(names::TC_INGRESS, TcAttachType::Ingress), (names::TC_EGRESS, TcAttachType::Egress)];
+
+fn tc_pin(bpf_root: &Path, prog: &str, ifname: &str) -> PathBuf {
+    links_dir(bpf_root).join(format!("{prog}@{}", pin_escape(ifname)))
+}
+
+/// bpffs refuses names with a dot (`flannel.1`): `%` and `.` are escaped as in URLs.
+fn pin_escape(ifname: &str) -> String {
+    ifname.replace('%', "%25").replace('.', "%2E")
+}
+
+fn pin_unescape(pinned: &str) -> String {
+    pinned.replace("%2E", ".").replace("%25", "%")
+}
+
+impl Attached {
+    /// Attaches the tc programs to `ifname` (tcx: after whatever is there), replacing links a previous run pinned.
+    pub fn attach_tc(&mut self, bpf_root: &Path, ifname: &str) -> Result<(), DataplaneError> {
+        let mut links = Vec::new();
+        for (name, kind) in TC {
+            let what = |step: &str| format!("{step} {name} on {ifname}");
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| prerequisite(what("finding"), "not in the object"))?
+                .try_into()
+                .map_err(|e| prerequisite(what("typing"), e))?;
+            let id = prog.attach(ifname, kind).map_err(|e| prerequisite(what("attaching"), e))?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(|e| prerequisite(what("taking the link of"), e))?
+                .try_into()
+                .map_err(|e| prerequisite(what("the link of"), e))?;
+            let pin = tc_pin(bpf_root, name, ifname);
+            release(&pin).map_err(|e| prerequisite(what("replacing the pinned link of"), e))?;
+            links.push(link.pin(&pin).map_err(|e| prerequisite(what("pinning the link of"), e))?);
+        }
+        self.tc.insert(ifname.to_string(), links);
+        Ok(())
+    }
+
+    /// Detaches the tc programs from `ifname` (gone from the node's addresses, or gone altogether).
+    pub fn detach_tc(&mut self, bpf_root: &Path, ifname: &str) {
+        self.tc.remove(ifname);
+        for (name, _) in TC {
+            let _ = release(&tc_pin(bpf_root, name, ifname));
+        }
+    }
+}
+
+/// Interfaces a previous run pinned tc links for.
+pub fn pinned_tc_interfaces(bpf_root: &Path) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(links_dir(bpf_root))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.split_once('@')).map(|(_, i)| pin_unescape(i)))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// The error with its whole chain of causes (aya's say "`bpf_link_create` failed" and keep the errno below).
@@ -55,7 +132,7 @@ pub fn links_dir(bpf_root: &Path) -> PathBuf {
 
 /// Loads the programs (adopting pinned maps), attaches them to `cgroup` and pins their links, replacing links a
 /// previous run pinned.
-pub fn attach(cgroup: &Path, bpf_root: &Path) -> Result<Attached, DataplaneError> {
+pub fn attach(cgroup: &Path, bpf_root: &Path, conntrack_max: u32) -> Result<Attached, DataplaneError> {
     std::fs::create_dir_all(links_dir(bpf_root))
         .map_err(|e| prerequisite(format!("creating {}", links_dir(bpf_root).display()), e))?;
     if fs_type(bpf_root).map_err(|e| prerequisite(format!("statfs {}", bpf_root.display()), e))? != BPF_FS_MAGIC {
@@ -68,9 +145,11 @@ pub fn attach(cgroup: &Path, bpf_root: &Path) -> Result<Attached, DataplaneError
         return Err(prerequisite(format!("--cgroup-root {}", cgroup.display()), "not a cgroup v2 directory"));
     }
     let cg = std::fs::File::open(cgroup).map_err(|e| prerequisite(format!("opening {}", cgroup.display()), e))?;
-    drop_incompatible_pins(bpf_root);
+    drop_incompatible_pins(bpf_root, conntrack_max);
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(bpf_root)
+        .map_max_entries(names::CONNTRACK, conntrack_max)
+        .map_max_entries(names::NAT, conntrack_max)
         .load(PROGRAMS)
         .map_err(|e| prerequisite("loading the eBPF programs", e))?;
     let mut links = Vec::new();
@@ -93,18 +172,31 @@ pub fn attach(cgroup: &Path, bpf_root: &Path) -> Result<Attached, DataplaneError
         release(&pin).map_err(|e| prerequisite(what("replacing the pinned link of"), e))?;
         links.push(link.pin(&pin).map_err(|e| prerequisite(what("pinning the link of"), e))?);
     }
-    let services =
-        ebpf.take_map(names::SERVICES).ok_or_else(|| prerequisite("the service map", "not in the object"))?;
-    let services = HashMap::try_from(services).map_err(|e| prerequisite("the service map", e))?;
-    Ok(Attached { _ebpf: ebpf, services, links })
+    for (name, _) in TC {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| prerequisite(format!("finding {name}"), "not in the object"))?
+            .try_into()
+            .map_err(|e| prerequisite(format!("typing {name}"), e))?;
+        prog.load().map_err(|e| prerequisite(format!("loading {name}"), e))?;
+    }
+    fn map<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &str) -> Result<HashMap<MapData, K, V>, DataplaneError> {
+        let m = ebpf.take_map(name).ok_or_else(|| prerequisite(format!("the map {name}"), "not in the object"))?;
+        HashMap::try_from(m).map_err(|e| prerequisite(format!("the map {name}"), e))
+    }
+    let services = map(&mut ebpf, names::SERVICES)?;
+    let conntrack = map(&mut ebpf, names::CONNTRACK)?;
+    let nat = map(&mut ebpf, names::NAT)?;
+    let ifaddr = map(&mut ebpf, names::IFADDR)?;
+    Ok(Attached { ebpf, services, conntrack, nat, ifaddr, links, tc: BTreeMap::new(), conntrack_max })
 }
 
 /// aya reuses a pinned map as it is. A pin left by another layout (an older Tartan: other key or value sizes,
 /// sizes or flags) would be used with the wrong shape, or fail every load: such pins are removed, and the map is
 /// made anew (the service map is refilled by the full sync that follows; reverse and affinity entries are lost).
-fn drop_incompatible_pins(bpf_root: &Path) {
+fn drop_incompatible_pins(bpf_root: &Path, conntrack_max: u32) {
     use std::mem::size_of;
-    let want: [(&str, usize, usize, u32, u32); 4] = [
+    let want: [(&str, usize, usize, u32, u32); 8] = [
         (names::SERVICES, size_of::<ServiceKey>(), size_of::<ServiceValue>(), ebpf_maps::SERVICES_MAX, 1),
         (
             names::REVERSE,
@@ -121,6 +213,16 @@ fn drop_incompatible_pins(bpf_root: &Path) {
             0,
         ),
         (names::STATS, 4, 8, ebpf_maps::stats::COUNT, 0),
+        (names::CONNTRACK, size_of::<FlowKey>(), size_of::<CtValue>(), conntrack_max, 0),
+        (names::NAT, size_of::<FlowKey>(), size_of::<NatValue>(), conntrack_max, 0),
+        (
+            names::AFFINITY_EXT,
+            size_of::<ebpf_maps::ExtAffinityKey>(),
+            size_of::<ebpf_maps::AffinityValue>(),
+            ebpf_maps::AFFINITY_MAX,
+            0,
+        ),
+        (names::IFADDR, size_of::<IfAddrKey>(), 16, ebpf_maps::IFADDR_MAX, 0),
     ];
     for (name, key, value, max, flags) in want {
         let pin = bpf_root.join(name);
@@ -149,21 +251,36 @@ fn release(pin: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Whether every program's link is still pinned (someone may remove pins by hand).
-pub fn links_pinned(bpf_root: &Path) -> bool {
+/// Whether every program's link is still pinned, the tc ones on `interfaces` included (someone may remove pins by
+/// hand).
+pub fn links_pinned<'a>(bpf_root: &Path, interfaces: impl IntoIterator<Item = &'a String>) -> bool {
     names::PROGRAMS.iter().all(|n| links_dir(bpf_root).join(n).exists())
+        && interfaces.into_iter().all(|i| TC.iter().all(|(n, _)| tc_pin(bpf_root, n, i).exists()))
 }
 
 /// Detaches every program (unpinning their links) and removes the pinned maps and the directory: what
 /// `--cleanup` does. Missing pieces are fine; the first real failure is returned after trying the rest.
 pub fn remove_all(bpf_root: &Path) -> std::io::Result<()> {
     let mut first = None;
-    for name in names::PROGRAMS {
+    let tc = pinned_tc_interfaces(bpf_root)
+        .into_iter()
+        .flat_map(|i| TC.iter().map(move |(n, _)| format!("{n}@{}", pin_escape(&i))))
+        .collect::<Vec<_>>();
+    for name in names::PROGRAMS.iter().map(|n| n.to_string()).chain(tc) {
         if let Err(e) = release(&links_dir(bpf_root).join(name)) {
             first.get_or_insert(e);
         }
     }
-    for map in [names::SERVICES, names::REVERSE, names::AFFINITY, names::STATS] {
+    for map in [
+        names::SERVICES,
+        names::REVERSE,
+        names::AFFINITY,
+        names::STATS,
+        names::CONNTRACK,
+        names::NAT,
+        names::AFFINITY_EXT,
+        names::IFADDR,
+    ] {
         match std::fs::remove_file(bpf_root.join(map)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 first.get_or_insert(e);
@@ -180,4 +297,18 @@ pub fn remove_all(bpf_root: &Path) -> std::io::Result<()> {
         }
     }
     first.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_names_are_escaped_for_bpffs_and_back() {
+        for name in ["eth0", "flannel.1", "a%2Eb", "vlan.10%x"] {
+            let e = pin_escape(name);
+            assert!(!e.contains('.'), "{e}");
+            assert_eq!(pin_unescape(&e), name);
+        }
+    }
 }

@@ -25,26 +25,57 @@ pub fn key(ip: IpAddr, port: u16, proto: Proto, slot: u16) -> ServiceKey {
     ServiceKey { addr: addr_bytes(ip), port: port.to_be(), slot, proto: proto.number(), _pad: [0; 3] }
 }
 
-/// Whether socket load balancing serves this port: TCP and UDP (SCTP stays with the iptables rules).
+/// Whether the eBPF programs serve this port: every protocol they translate (TCP, UDP, SCTP).
 pub fn by_socket(sp: &ServicePort) -> bool {
-    matches!(sp.proto, Proto::Tcp | Proto::Udp)
+    matches!(sp.proto, Proto::Tcp | Proto::Udp | Proto::Sctp)
 }
 
-fn frontend(out: &mut Entries, ip: IpAddr, port: u16, sp: &ServicePort, backends: &[Endpoint]) {
+/// What a frontend reachable from outside the node is (the tc programs read it; socket load balancing does not).
+#[derive(Clone, Copy)]
+enum Reach {
+    /// The cluster IP: in-cluster clients only.
+    Cluster,
+    /// An external or load-balancer IP.
+    External,
+    /// A node address with the node port.
+    NodePort,
+}
+
+fn frontend(out: &mut Entries, ip: IpAddr, port: u16, sp: &ServicePort, backends: &[Endpoint], reach: Reach) {
     let n = backends.len().min(u16::MAX as usize - 1);
-    let (flags, affinity_secs) = match sp.affinity {
-        Some(secs) => (flags::AFFINITY, secs),
-        None => (0, 0),
+    let mut order: Vec<&Endpoint> = backends.iter().take(n).collect();
+    let mut flags = 0;
+    if !matches!(reach, Reach::Cluster) {
+        // This node's endpoints first (a stable sort: sorted order otherwise), so that externalTrafficPolicy Local
+        // chooses among the first `local_count` slots.
+        order.sort_by_key(|e| !e.local);
+        if sp.external_local {
+            flags |= flags::EXTERNAL_LOCAL;
+            if sp.has_any_endpoint() {
+                flags |= flags::DROP_EMPTY;
+            }
+        }
+        if matches!(reach, Reach::NodePort) {
+            flags |= flags::NODE_ADDR;
+        }
+    }
+    let affinity_secs = match sp.affinity {
+        Some(secs) => {
+            flags |= flags::AFFINITY;
+            secs
+        }
+        None => 0,
     };
-    let front = ServiceValue { addr: [0; 16], port: 0, count: n as u16, flags, _pad: 0, affinity_secs };
+    let local_count = order.iter().filter(|e| e.local).count() as u16;
+    let front = ServiceValue { addr: [0; 16], port: 0, count: n as u16, flags, local_count, affinity_secs };
     out.insert(key(ip, port, sp.proto, 0), front);
-    for (i, e) in backends.iter().take(n).enumerate() {
+    for (i, e) in order.into_iter().enumerate() {
         let v = ServiceValue {
             addr: addr_bytes(e.ip),
             port: e.port.to_be(),
             count: 0,
-            flags: 0,
-            _pad: 0,
+            flags: if e.local { flags::LOCAL } else { 0 },
+            local_count: 0,
             affinity_secs: 0,
         };
         out.insert(key(ip, port, sp.proto, i as u16 + 1), v);
@@ -60,20 +91,21 @@ pub fn entries(services: &[ServicePort], node_addrs: &[IpAddr]) -> Entries {
     out
 }
 
-/// One Service port's entries (none for a port socket load balancing does not serve).
+/// One Service port's entries (none for a port the programs do not serve).
 pub fn entries_of(sp: &ServicePort, node_addrs: &[IpAddr], out: &mut Entries) {
     if by_socket(sp) {
         // The node and its pods are in-cluster clients: the internal policy for the cluster IP; for external
         // addresses every endpoint (kube-proxy sends local traffic for them to the cluster-wide chain), unless
-        // the external policy leaves none, in which case they are refused as from anywhere else.
-        frontend(out, sp.cluster_ip, sp.port, sp, sp.internal());
+        // the external policy leaves none, in which case they are refused as from anywhere else. Traffic from
+        // outside (the tc programs) honours the external policy through `local_count`.
+        frontend(out, sp.cluster_ip, sp.port, sp, sp.internal(), Reach::Cluster);
         let external: &[Endpoint] = if sp.external().is_empty() { &[] } else { &sp.cluster };
         for ip in &sp.external_ips {
-            frontend(out, *ip, sp.port, sp, external);
+            frontend(out, *ip, sp.port, sp, external, Reach::External);
         }
         if let Some(np) = sp.node_port {
             for ip in node_addrs.iter().filter(|a| a.is_ipv4() == sp.cluster_ip.is_ipv4()) {
-                frontend(out, *ip, np, sp, external);
+                frontend(out, *ip, np, sp, external, Reach::NodePort);
             }
         }
     }
@@ -146,6 +178,22 @@ pub fn removed_udp_backends(held: &Entries, want: &Entries) -> Vec<(IpAddr, u16)
     out
 }
 
+/// Backends (protocol, address, port as the maps hold them) some frontend no longer has: flows from outside
+/// pinned to them may have to end.
+pub fn removed_backends(held: &Entries, want: &Entries) -> std::collections::HashSet<(u8, [u8; 16], u16)> {
+    held.iter()
+        .filter(|(k, _)| k.slot > 0)
+        .filter(|(k, v)| {
+            let front = ServiceKey { slot: 0, ..**k };
+            let n = want.get(&front).map_or(0, |f| f.count);
+            !(1..=n).any(|s| {
+                want.get(&ServiceKey { slot: s, ..front }).is_some_and(|w| w.addr == v.addr && w.port == v.port)
+            })
+        })
+        .map(|(k, v)| (k.proto, v.addr, v.port))
+        .collect()
+}
+
 /// A backend address, in the family of the frontend it belongs to.
 fn ip_of(addr: &[u8; 16], frontend: [u8; 16]) -> IpAddr {
     let v4 = frontend[4..].iter().all(|b| *b == 0) && !frontend[..4].iter().all(|b| *b == 0);
@@ -184,6 +232,26 @@ mod tests {
         let b = e[&key("198.18.0.1".parse().unwrap(), 30080, Proto::Tcp, 2)];
         assert_eq!(&b.addr[..4], &[10, 244, 2, 2]);
         assert_eq!(b.port.to_ne_bytes(), [0x1f, 0x90]);
+    }
+
+    #[test]
+    fn frontends_from_outside_put_local_endpoints_first_and_carry_the_external_policy() {
+        let mut s = sp(vec![ep("10.244.1.2", false), ep("10.244.2.2", true)]);
+        s.external_local = true;
+        let node: Vec<IpAddr> = vec!["198.18.0.1".parse().unwrap()];
+        let e = entries(std::slice::from_ref(&s), &node);
+        let np = key("198.18.0.1".parse().unwrap(), 30080, Proto::Tcp, 0);
+        let f = e[&np];
+        assert_eq!((f.count, f.local_count), (2, 1));
+        assert_eq!(f.flags, flags::EXTERNAL_LOCAL | flags::DROP_EMPTY | flags::NODE_ADDR);
+        let first = e[&ServiceKey { slot: 1, ..np }];
+        assert_eq!((&first.addr[..4], first.flags), (&[10u8, 244, 2, 2][..], flags::LOCAL));
+        // The cluster IP keeps the sorted order and no outside flags.
+        let c = e[&key(s.cluster_ip, 80, Proto::Tcp, 0)];
+        assert_eq!(c.flags, 0);
+        assert_eq!(&e[&key(s.cluster_ip, 80, Proto::Tcp, 1)].addr[..4], &[10, 244, 1, 2]);
+        let ext = e[&key("192.0.2.7".parse().unwrap(), 80, Proto::Tcp, 0)];
+        assert_eq!(ext.flags, flags::EXTERNAL_LOCAL | flags::DROP_EMPTY);
     }
 
     #[test]

@@ -1,9 +1,10 @@
-//! The eBPF dataplane (`--mode ebpf`), part 1: socket load balancing. The node's clients (its processes and its
-//! pods, all in the cgroup given by `--cgroup-root`) have their TCP connects and UDP datagrams to a frontend sent
-//! straight to a backend by cgroup/sock_addr programs ([`attach`]); the service map they read is brought to the
-//! desired [`frontends::entries`] by difference, one map update per changed entry. What socket load balancing
-//! cannot serve (traffic arriving from other hosts for node ports and external IPs, SCTP) and NetworkPolicy stay on
-//! the iptables dataplane, told to leave TCP and UDP cluster IPs alone.
+//! The eBPF dataplane (`--mode ebpf`). The node's clients (its processes and its pods, all in the cgroup given by
+//! `--cgroup-root`) have their connects and datagrams to a frontend sent straight to a backend by cgroup/sock_addr
+//! programs; traffic from other hosts to node ports, external and load-balancer IPs is translated by tc programs
+//! on every interface holding a node address, which keep their own conntrack and NAT maps ([`attach`], and
+//! `ebpf/src/nodeport.rs`). The service map both read is brought to the desired [`frontends::entries`] by
+//! difference, one map update per changed entry; flows pinned to an endpoint that left are removed from the
+//! conntrack map after it. Not one iptables rule serves a Service: only NetworkPolicy stays on iptables.
 //!
 //! Transactional as the iptables dataplane is: `held` (what the map holds) changes entry by entry as the kernel
 //! accepts each update; a failed update forgets it, and the next sync reads the map back and diffs against that.
@@ -12,10 +13,11 @@ pub mod attach;
 pub mod frontends;
 pub mod sockets;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 
+use ebpf_maps::{FlowKey, IfAddrKey, ServiceKey};
 use ipnet::IpNet;
 use proxy_state::{Dataplane, DataplaneError, ErrorKind, Held, ServicePort, State, SyncReport};
 
@@ -31,6 +33,15 @@ pub struct EbpfOptions {
     pub bpf_root: PathBuf,
     /// The CNI plugin's run directory (pods' namespaces, for closing stale UDP sockets).
     pub run_dir: PathBuf,
+    /// The size of the conntrack and NAT maps (flows from outside).
+    pub conntrack_max: u32,
+}
+
+/// The node's addresses node ports answer on, and the interfaces holding them (by name: index and addresses).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct NodeAddrs {
+    addrs: Vec<IpAddr>,
+    interfaces: BTreeMap<String, (u32, Vec<IpAddr>)>,
 }
 
 pub struct EbpfDataplane {
@@ -45,6 +56,8 @@ pub struct EbpfDataplane {
     programmed: HashMap<String, (ServicePort, Entries)>,
     programmed_addrs: Vec<IpAddr>,
     rules: Held,
+    /// Flows from outside tracked, as last counted.
+    flows: usize,
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
@@ -60,24 +73,118 @@ impl EbpfDataplane {
             programmed: HashMap::new(),
             programmed_addrs: Vec::new(),
             rules: Held::default(),
+            flows: 0,
         }
     }
 
-    /// The node's addresses node ports answer on (all but IPv6 link-local, within --nodeport-addresses if given).
-    fn node_addresses(&self) -> Result<Vec<IpAddr>> {
+    /// The node's addresses node ports answer on (all but loopback and IPv6 link-local, within
+    /// --nodeport-addresses if given), and the interfaces that hold them: where the tc programs attach.
+    fn node_addresses(&self) -> Result<NodeAddrs> {
         let mut rt = rtnl::Rtnl::new().map_err(|e| DataplaneError::new(ErrorKind::Readback, "netlink", e))?;
         let all = rt.addresses(None).map_err(|e| DataplaneError::new(ErrorKind::Readback, "listing addresses", e))?;
-        let mut out: Vec<IpAddr> = all
-            .into_iter()
-            .map(|(_, n)| n.addr())
+        let links = rt.links().map_err(|e| DataplaneError::new(ErrorKind::Readback, "listing links", e))?;
+        let names: HashMap<u32, String> = links.into_iter().map(|l| (l.index, l.name)).collect();
+        let mut out = NodeAddrs::default();
+        for (index, net) in all {
+            let a = net.addr();
             // Not loopback: the programs run in every pod's namespace too, where localhost is the pod itself.
-            .filter(|a| !a.is_loopback())
-            .filter(|a| !matches!(a, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80))
-            .filter(|a| self.nodeport_addresses.is_empty() || self.nodeport_addresses.iter().any(|n| n.contains(a)))
-            .collect();
-        out.sort();
-        out.dedup();
+            let usable = !a.is_loopback()
+                && !matches!(a, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80)
+                && (self.nodeport_addresses.is_empty() || self.nodeport_addresses.iter().any(|n| n.contains(&a)));
+            if !usable {
+                continue;
+            }
+            out.addrs.push(a);
+            if let Some(name) = names.get(&index) {
+                out.interfaces.entry(name.clone()).or_insert((index, Vec::new())).1.push(a);
+            }
+        }
+        out.addrs.sort();
+        out.addrs.dedup();
+        for (_, addrs) in out.interfaces.values_mut() {
+            addrs.sort();
+        }
         Ok(out)
+    }
+
+    /// The tc programs on exactly the interfaces holding node addresses, and the address per interface and family
+    /// that flows to remote endpoints leave with. Returns whether a link had to be attached again.
+    fn sync_interfaces(&mut self, node: &NodeAddrs) -> Result<()> {
+        let root = self.opts.bpf_root.clone();
+        let a = self.attached.as_mut().expect("attached");
+        for name in node.interfaces.keys() {
+            if !a.tc.contains_key(name) {
+                a.attach_tc(&root, name)?;
+            }
+        }
+        let mut stale: BTreeSet<String> = a.tc.keys().filter(|n| !node.interfaces.contains_key(*n)).cloned().collect();
+        stale.extend(attach::pinned_tc_interfaces(&root).into_iter().filter(|n| !node.interfaces.contains_key(n)));
+        for name in stale {
+            tracing::info!(interface = %name, "no node address any more: tc programs detached");
+            a.detach_tc(&root, &name);
+        }
+        let mut want: BTreeMap<(u32, u32), [u8; 16]> = BTreeMap::new();
+        for (index, addrs) in node.interfaces.values() {
+            for ip in addrs {
+                let family = if ip.is_ipv4() { 4 } else { 6 };
+                want.entry((*index, family)).or_insert_with(|| frontends::addr_bytes(*ip));
+            }
+        }
+        let failed = |e| DataplaneError::new(ErrorKind::Sets, "updating the interface address map", e);
+        let mut have: BTreeMap<(u32, u32), [u8; 16]> = BTreeMap::new();
+        for kv in a.ifaddr.iter() {
+            let (k, v) =
+                kv.map_err(|e| DataplaneError::new(ErrorKind::Readback, "reading the interface addresses", e))?;
+            have.insert((k.ifindex, k.family), v);
+        }
+        for (&(ifindex, family), v) in &want {
+            if have.get(&(ifindex, family)) != Some(v) {
+                a.ifaddr.insert(IfAddrKey { ifindex, family }, v, 0).map_err(failed)?;
+            }
+        }
+        for &(ifindex, family) in have.keys().filter(|k| !want.contains_key(k)) {
+            let _ = a.ifaddr.remove(&IfAddrKey { ifindex, family });
+        }
+        Ok(())
+    }
+
+    /// Ends the flows from outside pinned to a backend their frontend no longer has (`held` is the whole service
+    /// map now): their conntrack and NAT entries go, and their next packet chooses again. What kube-proxy's
+    /// conntrack cleanup does for UDP, for every protocol.
+    fn end_stale_flows(&mut self, gone: &HashSet<(u8, [u8; 16], u16)>) -> usize {
+        let (Some(a), Some(held)) = (self.attached.as_mut(), self.held.as_ref()) else { return 0 };
+        let mut stale = Vec::new();
+        for (k, v) in a.conntrack.iter().flatten() {
+            if !gone.contains(&(k.proto, v.backend, v.backend_port)) {
+                continue;
+            }
+            let front = ServiceKey { addr: k.daddr, port: k.dport, slot: 0, proto: k.proto, _pad: [0; 3] };
+            let n = held.get(&front).map_or(0, |f| f.count);
+            let kept = (1..=n).any(|slot| {
+                held.get(&ServiceKey { slot, ..front }).is_some_and(|b| b.addr == v.backend && b.port == v.backend_port)
+            });
+            if !kept {
+                stale.push((k, v));
+            }
+        }
+        for (k, v) in &stale {
+            let _ = a.conntrack.remove(k);
+            let reply = if v.flags & ebpf_maps::ct::SNAT != 0 {
+                FlowKey { saddr: v.backend, daddr: v.nat_addr, sport: v.backend_port, dport: v.nat_port, ..*k }
+            } else {
+                FlowKey { saddr: v.backend, daddr: k.saddr, sport: v.backend_port, dport: k.sport, ..*k }
+            };
+            let _ = a.nat.remove(&reply);
+        }
+        stale.len()
+    }
+
+    fn conntrack_max(&self) -> u32 {
+        if self.opts.conntrack_max == 0 {
+            ebpf_maps::CONNTRACK_MAX
+        } else {
+            self.opts.conntrack_max
+        }
     }
 
     fn read_back(a: &attach::Attached) -> Result<Entries> {
@@ -115,18 +222,21 @@ impl EbpfDataplane {
 
     fn try_sync(&mut self, state: &State, full: bool) -> Result<SyncReport> {
         let mut repaired = None;
-        if self.attached.is_some() && !attach::links_pinned(&self.opts.bpf_root) {
+        let tc_ifaces: Vec<String> = self.attached.as_ref().map(|a| a.tc.keys().cloned().collect()).unwrap_or_default();
+        if self.attached.is_some() && !attach::links_pinned(&self.opts.bpf_root, &tc_ifaces) {
             // Someone removed our pins: attach again. The running programs stay attached (our descriptors hold
             // their links) until the new ones are in; replacing `attached` then drops the old links.
             repaired = Some("links");
-            self.attached = Some(attach::attach(&self.opts.cgroup_root, &self.opts.bpf_root)?);
+            self.attached = Some(attach::attach(&self.opts.cgroup_root, &self.opts.bpf_root, self.conntrack_max())?);
             self.held = None;
         }
         if self.attached.is_none() {
-            self.attached = Some(attach::attach(&self.opts.cgroup_root, &self.opts.bpf_root)?);
+            self.attached = Some(attach::attach(&self.opts.cgroup_root, &self.opts.bpf_root, self.conntrack_max())?);
             self.held = None;
         }
-        let addrs = self.node_addresses()?;
+        let node = self.node_addresses()?;
+        self.sync_interfaces(&node)?;
+        let addrs = node.addrs;
         let whole = full || self.held.is_none() || addrs != self.programmed_addrs;
         // The ports to (re)program, each with its entries (computed once: they go to the map and to the cache), and
         // the ids to drop.
@@ -174,6 +284,7 @@ impl EbpfDataplane {
         // Worked out before the map changes: a failure half-way must not lose the sockets to close (the read-back
         // of the next sync would no longer show those backends).
         let gone = frontends::removed_udp_backends(&from, &to);
+        let gone_any = frontends::removed_backends(&from, &to);
         // Forgotten until the map holds the new state: a failure below leaves it unknown.
         let mut next = std::mem::take(&mut self.programmed);
         let applied = self.apply_map(&from, &to);
@@ -182,6 +293,14 @@ impl EbpfDataplane {
             tracing::debug!(backends = gone.len(), failed, "closed connected UDP sockets of removed backends");
         }
         let changed_entries = applied?;
+        if !gone_any.is_empty() {
+            let ended = self.end_stale_flows(&gone_any);
+            tracing::debug!(backends = gone_any.len(), flows = ended, "ended flows from outside to removed backends");
+        }
+        if whole {
+            // Counted at full syncs only: a walk of the whole map.
+            self.flows = self.attached.as_ref().map_or(0, |a| a.conntrack.keys().flatten().count());
+        }
         for id in &removed {
             next.remove(id);
         }
@@ -215,8 +334,14 @@ impl Dataplane for EbpfDataplane {
 
     fn held(&self) -> Held {
         let map = self.held.as_ref().map_or(0, |h| h.len());
-        let programs = self.attached.as_ref().map_or(0, |a| a.links.len());
-        Held { entries: self.rules.entries + map, programs, ..self.rules }
+        let programs = self.attached.as_ref().map_or(0, |a| a.links.len() + a.tc.values().map(Vec::len).sum::<usize>());
+        Held {
+            entries: self.rules.entries + map,
+            programs,
+            flows: self.flows,
+            flows_max: self.conntrack_max() as usize,
+            ..self.rules
+        }
     }
 
     fn cleanup(&mut self) -> Result<()> {

@@ -26,6 +26,41 @@ use policy_rules::{render_policy, POLICY};
 use rules::{Rules, CANARY};
 use sets::SET_PREFIX;
 
+/// A UDP frontend: a service address and port, or a node port (of a family).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum UdpFront {
+    Address(IpAddr, u16),
+    NodePort(u16, bool),
+}
+
+impl UdpFront {
+    /// The frontends of a UDP Service port.
+    fn of(p: &ServicePort) -> impl Iterator<Item = UdpFront> + '_ {
+        let addrs = std::iter::once(&p.cluster_ip).chain(&p.external_ips).map(|ip| UdpFront::Address(*ip, p.port));
+        addrs.chain(p.node_port.map(|np| UdpFront::NodePort(np, p.cluster_ip.is_ipv6())))
+    }
+
+    /// `conntrack` arguments selecting the UDP flows sent to this frontend.
+    fn selector(&self) -> Vec<String> {
+        let (v6, mut sel) = match self {
+            UdpFront::Address(ip, port) => (
+                ip.is_ipv6(),
+                vec!["--orig-dst".to_string(), ip.to_string(), "--orig-port-dst".into(), port.to_string()],
+            ),
+            UdpFront::NodePort(port, v6) => (*v6, vec!["--orig-port-dst".to_string(), port.to_string()]),
+        };
+        let head = ["-D", "-f", if v6 { "ipv6" } else { "ipv4" }, "-p", "udp"];
+        sel.splice(0..0, head.iter().map(|s| s.to_string()));
+        sel
+    }
+}
+
+/// Deletes conntrack entries. Best effort: conntrack exits 1 when there is nothing to delete, and a stale entry
+/// that survives only delays one UDP client; it must not fail (and so fully repeat) a sync.
+fn conntrack_delete(args: Vec<String>) {
+    let _ = child_process::run(Command::new("conntrack").args(&args), None, Duration::from_secs(10));
+}
+
 /// The bridge netfilter switches NetworkPolicy and anti-spoofing depend on: without them, traffic between two pods
 /// on one bridge never meets FORWARD and policy silently fails open.
 const BRIDGE_NF: [&str; 2] =
@@ -45,7 +80,9 @@ pub struct IptablesDataplane {
     /// The kernel's own rendering (`iptables -S`) of TARTAN-POLICY after the last sync, per family: what the idle
     /// check compares the chain's content with.
     policy_text: [Option<String>; 2],
-    last_udp: BTreeSet<(IpAddr, IpAddr)>,
+    last_udp: BTreeSet<(UdpFront, IpAddr)>,
+    /// UDP frontends with endpoints as of the last sync (None: the first sync of this run).
+    last_udp_fronts: Option<BTreeSet<UdpFront>>,
     /// The state generation the kernel holds.
     applied: Option<u64>,
     held: Held,
@@ -90,12 +127,13 @@ impl IptablesDataplane {
             last_sets: None,
             policy_text: [None, None],
             last_udp: BTreeSet::new(),
+            last_udp_fronts: None,
             applied: None,
             held: Held::default(),
         }
     }
 
-    /// For the eBPF dataplane: TCP and UDP cluster IPs are left to socket load balancing (see [`rules::Options`]).
+    /// For the eBPF dataplane: Services are left to its programs, only NetworkPolicy stays (see [`rules::Options`]).
     pub fn with_socket_lb(mut self) -> IptablesDataplane {
         for o in &mut self.opts {
             o.socket_lb = true;
@@ -167,19 +205,32 @@ impl IptablesDataplane {
         Ok(())
     }
 
-    /// (cluster IP or external IP, endpoint IP) pairs of UDP services: the flows these rules NAT. With socket load
-    /// balancing no packet to a UDP cluster IP is NATed here (its sockets are sent to the backend), so those pairs
-    /// are left out and cost no conntrack run.
-    fn udp_pairs(&self, ports: &[ServicePort]) -> BTreeSet<(IpAddr, IpAddr)> {
-        let by_socket = self.opts[0].socket_lb;
+    /// (frontend, endpoint IP) pairs of UDP services: the flows these rules NAT. The eBPF dataplane NATs nothing
+    /// through conntrack (its programs keep their own flow state): none then.
+    fn udp_pairs(&self, ports: &[ServicePort]) -> BTreeSet<(UdpFront, IpAddr)> {
         let mut out = BTreeSet::new();
+        if self.opts[0].socket_lb {
+            return out;
+        }
         for p in ports.iter().filter(|p| p.proto == Proto::Udp) {
-            let vips = (!by_socket).then_some(&p.cluster_ip).into_iter().chain(&p.external_ips);
-            for e in &p.endpoints {
-                for vip in vips.clone() {
-                    out.insert((*vip, e.ip));
+            for f in UdpFront::of(p) {
+                for e in &p.endpoints {
+                    out.insert((f, e.ip));
                 }
             }
+        }
+        out
+    }
+
+    /// UDP frontends that have endpoints: where a datagram that arrived while there were none left a conntrack
+    /// entry without NAT (to the node itself, or dropped), which the flow's later datagrams would keep following.
+    fn udp_fronts(&self, ports: &[ServicePort]) -> BTreeSet<UdpFront> {
+        let mut out = BTreeSet::new();
+        if self.opts[0].socket_lb {
+            return out;
+        }
+        for p in ports.iter().filter(|p| p.proto == Proto::Udp && !p.cluster.is_empty()) {
+            out.extend(UdpFront::of(p));
         }
         out
     }
@@ -253,17 +304,20 @@ impl IptablesDataplane {
 
     /// Deletes the conntrack entries of UDP flows to endpoints that left (else a UDP client keeps talking to a dead
     /// pod), and remembers `udp` as what is programmed.
-    fn clear_udp(&mut self, udp: &BTreeSet<(IpAddr, IpAddr)>) {
-        for (vip, ep) in self.last_udp.difference(udp) {
-            // Best effort: conntrack exits 1 when there is nothing to delete, and a stale entry that survives
-            // only delays one UDP client; it must not fail (and so fully repeat) a sync.
-            let family = if vip.is_ipv6() { "ipv6" } else { "ipv4" };
-            let (vip, ep) = (vip.to_string(), ep.to_string());
-            let _ = child_process::run(
-                Command::new("conntrack").args(["-D", "-f", family, "-p", "udp", "--orig-dst", &vip, "--dst-nat", &ep]),
-                None,
-                Duration::from_secs(10),
-            );
+    fn clear_udp(&mut self, udp: &BTreeSet<(UdpFront, IpAddr)>, fronts: BTreeSet<UdpFront>) {
+        // Frontends that gained endpoints in this run: their flows' entries without NAT go (kube-proxy does the
+        // same), so that a client sending from one port all along reaches an endpoint now. Not at a run's first
+        // sync: what changed before it is unknown, and the entries then are live flows.
+        if let Some(last) = &self.last_udp_fronts {
+            for f in fronts.difference(last) {
+                conntrack_delete(f.selector());
+            }
+        }
+        self.last_udp_fronts = Some(fronts);
+        for (f, ep) in self.last_udp.difference(udp) {
+            let mut sel = f.selector();
+            sel.extend(["--dst-nat".to_string(), ep.to_string()]);
+            conntrack_delete(sel);
         }
         self.last_udp = udp.clone();
     }
@@ -288,6 +342,7 @@ impl IptablesDataplane {
         };
         let update = ipset::update_payload(&want_sets, &have);
         let udp = self.udp_pairs(ports);
+        let fronts = self.udp_fronts(ports);
         if !full
             && update.is_empty()
             && self.last.as_ref() == Some(&desired)
@@ -304,7 +359,7 @@ impl IptablesDataplane {
                 }
             };
             if v6_same {
-                self.clear_udp(&udp);
+                self.clear_udp(&udp, fronts);
                 self.applied = Some(state.generation);
                 return Ok(SyncReport { wrote: false, full, repaired: None, held: self.held });
             }
@@ -318,7 +373,7 @@ impl IptablesDataplane {
         }
         let text4 = Self::write(&self.ipt, &desired, if full { None } else { previous.as_ref() })?;
         if full {
-            Self::ensure_jumps(&self.ipt, &rules::jumps())?;
+            Self::ensure_jumps(&self.ipt, &rules::jumps_for(self.opts[0].socket_lb))?;
         }
         // IPv6 only once the node has IPv6 pods or Services (a node without IPv6 need not have ip6tables).
         let v6_pods = policy.pods.iter().any(|p| p.ip.is_ipv6());
@@ -330,7 +385,7 @@ impl IptablesDataplane {
             let full6 = full || previous6.is_none();
             text6 = Some(Self::write(&self.ipt6, &desired6, if full6 { None } else { previous6.as_ref() })?);
             if full6 {
-                Self::ensure_jumps(&self.ipt6, &rules::jumps())?;
+                Self::ensure_jumps(&self.ipt6, &rules::jumps_for(self.opts[0].socket_lb))?;
             }
             last6 = Some(desired6);
         }
@@ -338,14 +393,14 @@ impl IptablesDataplane {
         if !destroy.is_empty() {
             ipset::restore(&destroy).map_err(err(ErrorKind::Sets, "destroying unused policy sets"))?;
         }
-        self.clear_udp(&udp);
+        self.clear_udp(&udp, fronts);
         // Every step succeeded: the kernel holds `desired`.
         let entries = desired.rule_count() + last6.as_ref().map_or(0, Rules::rule_count);
         self.held = Held {
             entries,
             sets: want_sets.len(),
             set_entries: want_sets.values().map(|s| s.members.len()).sum(),
-            programs: 0,
+            ..Held::default()
         };
         self.last = Some(desired);
         self.last6 = last6;

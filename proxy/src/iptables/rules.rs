@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 
 use ipnet::IpNet;
 
-use proxy_state::{Endpoint, Proto, ServicePort};
+use proxy_state::{Endpoint, ServicePort};
 
 use super::policy_rules::POLICY;
 
@@ -43,6 +43,15 @@ impl Rules {
 /// Top-level chains: rewritten on every sync (they list every service).
 const TOP_NAT: [&str; 5] = ["TARTAN-SERVICES", "TARTAN-NODEPORTS", "TARTAN-MARK-MASQ", "TARTAN-POSTROUTING", CANARY];
 const TOP_FILTER: [&str; 5] = ["TARTAN-SERVICES", "TARTAN-EXTERNAL-SERVICES", "TARTAN-FORWARD", POLICY, CANARY];
+
+/// The jumps a dataplane needs: all of them, or with the eBPF dataplane serving Services only NetworkPolicy's.
+pub fn jumps_for(socket_lb: bool) -> Vec<(&'static str, &'static str, Vec<String>)> {
+    let mut j = jumps();
+    if socket_lb {
+        j.retain(|(_, _, r)| r.last().is_some_and(|t| t == POLICY));
+    }
+    j
+}
 
 /// Where the built-in chains jump into ours: (table, built-in chain, rule).
 pub fn jumps() -> Vec<(&'static str, &'static str, Vec<String>)> {
@@ -103,8 +112,8 @@ pub struct Options {
     pub cluster_cidr: Option<IpNet>,
     /// Node ports answer only on local addresses within these (kube-proxy's --nodeport-addresses); empty: all.
     pub nodeport_addresses: Vec<IpNet>,
-    /// TCP and UDP cluster IPs are served by socket load balancing (the eBPF dataplane): only what arrives from
-    /// outside the node (node ports, external IPs) and other protocols stay here.
+    /// Services are the eBPF dataplane's (socket load balancing for the node's clients, tc programs for traffic
+    /// from outside): not one rule for them here, only NetworkPolicy's.
     pub socket_lb: bool,
 }
 
@@ -112,6 +121,13 @@ pub struct Options {
 pub fn render<'a>(ports: impl IntoIterator<Item = &'a ServicePort>, opts: &Options) -> Rules {
     let cluster_cidr = opts.cluster_cidr;
     let mut r = Rules::default();
+    if opts.socket_lb {
+        // The eBPF dataplane serves every Service: only the canaries (drift detection) and the policy chain.
+        r.nat.insert(CANARY.into(), Vec::new());
+        r.filter.insert(CANARY.into(), Vec::new());
+        r.filter.insert(POLICY.into(), Vec::new());
+        return r;
+    }
     let mark = mark();
     for t in TOP_NAT {
         r.nat.insert(t.into(), Vec::new());
@@ -136,11 +152,6 @@ pub fn render<'a>(ports: impl IntoIterator<Item = &'a ServicePort>, opts: &Optio
     ]);
 
     for sp in ports {
-        let by_socket = opts.socket_lb && matches!(sp.proto, Proto::Tcp | Proto::Udp);
-        if by_socket && !sp.has_external() {
-            // Socket load balancing serves it whole: not a rule (nor a chain name hashed) for it.
-            continue;
-        }
         let p = sp.proto.as_str();
         let dport = |port: u16| format!("-p {p} -m {p} --dport {port}");
         let (svc, svl, ext) = (chain("SVC", &sp.id), chain("SVL", &sp.id), chain("EXT", &sp.id));
@@ -150,9 +161,7 @@ pub fn render<'a>(ports: impl IntoIterator<Item = &'a ServicePort>, opts: &Optio
         let external = sp.external();
         let vip = sp.cluster_ip;
         let cid = comment(&format!("{} cluster IP", sp.id));
-        if by_socket {
-            // The node's clients never send a packet to the cluster IP: their sockets are sent to a backend.
-        } else if internal.is_empty() {
+        if internal.is_empty() {
             let why = if sp.has_any_endpoint() { "has no local endpoints" } else { "has no endpoints" };
             let target = if sp.has_any_endpoint() { "DROP" } else { reject(vip) };
             r.filter.get_mut("TARTAN-SERVICES").unwrap().push(format!(
@@ -224,7 +233,7 @@ pub fn render<'a>(ports: impl IntoIterator<Item = &'a ServicePort>, opts: &Optio
         }
         // The balancing chains: the Cluster policy's endpoints (SVC) and, where a policy asks for it, the Local
         // one's (SVL). EXT sends pods and the node to SVC even under externalTrafficPolicy Local.
-        let want_svc = !sp.cluster.is_empty() && (has_external || (!by_socket && !sp.internal_local));
+        let want_svc = !sp.cluster.is_empty() && (has_external || !sp.internal_local);
         if want_svc {
             let mut v = Vec::new();
             if let Some(cidr) = cluster_cidr {
@@ -233,8 +242,7 @@ pub fn render<'a>(ports: impl IntoIterator<Item = &'a ServicePort>, opts: &Optio
             v.extend(balance(sp, &sp.cluster));
             r.nat.insert(svc.clone(), v);
         }
-        let want_svl = !sp.local.is_empty()
-            && if by_socket { sp.external_local && has_external } else { sp.internal_local || sp.external_local };
+        let want_svl = !sp.local.is_empty() && (sp.internal_local || sp.external_local);
         if want_svl {
             r.nat.insert(svl.clone(), balance(sp, &sp.local));
         }

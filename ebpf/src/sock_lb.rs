@@ -4,47 +4,23 @@
 //! client's namespace had within the session-affinity timeout). recvmsg() and getpeername() translate the backend
 //! back to the frontend, so that applications see the address they asked for. A frontend without a usable backend
 //! fails connect() with ECONNREFUSED at once. Packets never need rewriting: the socket talks to the backend.
-#![no_std]
-#![no_main]
 
-use aya_ebpf::bindings::{bpf_sock_addr, BPF_F_NO_PREALLOC};
+use aya_ebpf::bindings::bpf_sock_addr;
 use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns};
-use aya_ebpf::macros::{cgroup_sock_addr, map};
-use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray};
+use aya_ebpf::macros::cgroup_sock_addr;
 use aya_ebpf::programs::SockAddrContext;
 use aya_ebpf::EbpfContext;
-use ebpf_maps::{
-    flags, stats, AffinityKey, AffinityValue, ReverseKey, ReverseValue, ServiceKey, ServiceValue, AFFINITY_MAX,
-    REVERSE_MAX, SERVICES_MAX,
-};
+use ebpf_maps::{flags, stats, AffinityKey, AffinityValue, ReverseKey, ReverseValue, ServiceKey, ServiceValue};
 
-#[map(name = "TARTAN_SVC")]
-static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(SERVICES_MAX, BPF_F_NO_PREALLOC);
-
-// One LRU list for all CPUs: per-CPU lists would give each CPU only its share of the entries, and evict a
-// long-lived connection's entry while others sit unused.
-#[map(name = "TARTAN_REV")]
-static REVERSE: LruHashMap<ReverseKey, ReverseValue> = LruHashMap::pinned(REVERSE_MAX, 0);
-
-#[map(name = "TARTAN_AFF")]
-static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(AFFINITY_MAX, 0);
-
-#[map(name = "TARTAN_STATS")]
-static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
+use crate::{count, same, AFFINITY, REVERSE, SERVICES};
 
 /// The cgroup verdicts.
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
+const IPPROTO_SCTP: u32 = 132;
 const ECONNREFUSED: i32 = 111;
-
-fn count(index: u32) {
-    if let Some(p) = STATS.get_ptr_mut(index) {
-        // SAFETY: a per-CPU slot of our own map; no other CPU writes it.
-        unsafe { *p += 1 };
-    }
-}
 
 /// The destination the socket asks for: (address, port), both in network order. Every context field is read
 /// and written as one 4-byte access: the verifier refuses other widths on some of them.
@@ -119,25 +95,13 @@ fn mapped(v4: &[u8; 16]) -> [u8; 16] {
     a
 }
 
-#[inline(always)]
-fn same(a: &[u8; 16], b: &[u8; 16]) -> bool {
-    let mut i = 0;
-    while i < 16 {
-        if a[i] != b[i] {
-            return false;
-        }
-        i += 1;
-    }
-    true
-}
-
 /// connect() and unconnected sendmsg(): a frontend becomes one of its backends.
 #[inline(always)]
 fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the kernel hands the program a valid bpf_sock_addr for the duration of the call.
     let proto = unsafe { core::ptr::read_volatile(&(*sa).protocol) };
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_SCTP {
         return ALLOW;
     }
     let (asked, port) = dest(sa, v6);
@@ -287,13 +251,3 @@ pub fn tartan_getpeername4(ctx: SockAddrContext) -> i32 {
 pub fn tartan_getpeername6(ctx: SockAddrContext) -> i32 {
     reverse(&ctx, true)
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
