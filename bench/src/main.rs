@@ -2,6 +2,7 @@
 
 mod agent;
 mod cni;
+mod nodeport;
 mod policy;
 mod programming;
 mod proxy;
@@ -50,6 +51,22 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         connects: usize,
     },
+    /// Node ports from outside the cluster: throughput and connect latency per dataplane, against the pod directly.
+    Nodeport {
+        /// The dataplanes, comma-separated (one lab cluster each, measured in interleaved rounds).
+        #[arg(long, value_delimiter = ',', default_value = "iptables,ebpf")]
+        mode: Vec<String>,
+        /// Other services programmed first (cluster IPs with one endpoint each).
+        #[arg(long, default_value_t = 1000)]
+        services: usize,
+        #[arg(long, default_value_t = 5)]
+        secs: u32,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// New connections measured per path, over all rounds.
+        #[arg(long, default_value_t = 1500)]
+        connects: usize,
+    },
     /// tartan-proxy NetworkPolicy at scale: sync times, rules, ipsets and connect latency for N policies.
     Policy {
         /// The dataplane (tartan-proxy's --mode).
@@ -95,6 +112,9 @@ fn main() -> Result<()> {
                 proxy::run(m, &services, endpoints, connects)?;
             }
             Ok(())
+        }
+        Cmd::Nodeport { mode, services, secs, rounds, connects } => {
+            nodeport::run(&mode, services, secs, rounds, connects)
         }
         Cmd::Policy { mode, policies, connects } => policy::run(&mode, &policies, connects),
         Cmd::Programming { mode, services, probes } => programming::run(&mode, &services, probes),

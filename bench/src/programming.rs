@@ -17,7 +17,7 @@ use crate::proxy::accept_forever;
 use crate::stats::{ms, percentile};
 
 /// Puts `values` into etcd from inside the lab's etcd namespace, 64 keys per transaction.
-fn etcd_put_all(lab: &Lab, values: Vec<(String, String)>) -> Result<()> {
+pub(crate) fn etcd_put_all(lab: &Lab, values: Vec<(String, String)>) -> Result<()> {
     let ns = netns::NetNs::named(&lab.ns_name("etcd"))?;
     ns.run(move || -> Result<()> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -34,7 +34,7 @@ fn etcd_put_all(lab: &Lab, values: Vec<(String, String)>) -> Result<()> {
 }
 
 /// A selector-less Service `name` at `vip` and its hand-written Endpoints pointing at `backend`.
-fn service(name: &str, vip: &str, backend: &str) -> Vec<(String, String)> {
+pub(crate) fn service(name: &str, vip: &str, backend: &str) -> Vec<(String, String)> {
     let svc = json!({"kind": "Service", "apiVersion": "v1", "metadata": {"name": name, "namespace": "bench"},
         "spec": {"type": "ClusterIP", "clusterIP": vip, "ports": [{"port": 80, "protocol": "TCP", "targetPort": 8080}],
                  "sessionAffinity": "None"}});
@@ -46,7 +46,7 @@ fn service(name: &str, vip: &str, backend: &str) -> Vec<(String, String)> {
     ]
 }
 
-fn vip(i: usize) -> String {
+pub(crate) fn vip(i: usize) -> String {
     format!("10.{}.{}.{}", 97 + i / 65536, (i / 256) % 256, i % 256)
 }
 

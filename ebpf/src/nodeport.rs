@@ -16,7 +16,8 @@
 //! (fragmentation not allowed) is handed to the kernel with its destination translated only: the kernel
 //! answers with the ICMP error, which the egress program translates.
 //!
-//! Not translated: IP fragments after the first (they carry no ports), IPv6 extension headers.
+//! Not translated: IP fragments (the first one too: the rest, without ports, could not follow it), IPv6 extension
+//! headers, and SCTP flows whose ports would change (its CRC32c covers them and cannot be recomputed here).
 
 use aya_ebpf::bindings::{
     __sk_buff, bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
@@ -29,7 +30,7 @@ use aya_ebpf::programs::TcContext;
 use aya_ebpf::EbpfContext;
 use ebpf_maps::{
     ct, flags, stats, AffinityValue, CtValue, ExtAffinityKey, FlowKey, IfAddrKey, NatValue, ServiceKey, ServiceValue,
-    CT_OTHER_SECS, CT_TCP_SECS, NAT_PORT_COUNT, NAT_PORT_MIN,
+    CT_CLOSING_SECS, CT_OTHER_SECS, CT_TCP_SECS, NAT_PORT_COUNT, NAT_PORT_MIN,
 };
 
 use crate::{count, same, AFFINITY_EXT, CONNTRACK, IFADDR, NAT, SERVICES};
@@ -76,7 +77,8 @@ struct Pkt {
     proto: u8,
     /// IPv4 "don't fragment" (always set for IPv6: routers never fragment it).
     df: u8,
-    _pad: u8,
+    /// TCP's flags byte (FIN 0x01, RST 0x04), 0 for other protocols.
+    tcp_flags: u8,
 }
 
 /// The addresses and ports a packet is given.
@@ -158,10 +160,13 @@ fn parse(ctx: &TcContext, p: &mut Pkt) -> Option<()> {
     } else {
         return None;
     }
-    p._pad = 0;
+    p.tcp_flags = 0;
     if p.proto == TCP || p.proto == UDP || p.proto == SCTP {
         p.sport = ctx.load::<u16>(p.l4 as usize).ok()?;
         p.dport = ctx.load::<u16>(p.l4 as usize + 2).ok()?;
+        if p.proto == TCP {
+            p.tcp_flags = ctx.load::<u8>(p.l4 as usize + 13).ok()?;
+        }
     } else {
         p.sport = 0;
         p.dport = 0;
@@ -200,7 +205,8 @@ fn set_addr(
         let diff = unsafe { bpf_csum_diff(old.as_ptr() as *mut u32, 16, new.as_ptr() as *mut u32, 16, 0) };
         if l4 != 0 {
             // Size 0: `diff` is a checksum difference, not a value.
-            ctx.l4_csum_replace(l4, 0, diff as u64, l4_flags).ok()?;
+            let ipv6 = if l4_flags & BPF_F_PSEUDO_HDR as u64 != 0 { BPF_F_IPV6 } else { 0 };
+            ctx.l4_csum_replace(l4, 0, diff as u64, l4_flags | ipv6).ok()?;
         }
     } else {
         let o = u32::from_ne_bytes([old[0], old[1], old[2], old[3]]);
@@ -248,6 +254,10 @@ fn rewrite(ctx: &TcContext, p: &Pkt, t: &Tuple) -> Option<()> {
     Some(())
 }
 
+/// bpf_l4_csum_replace: the pseudo-header is IPv6's, whose address changes leave skb->csum alone (kernel 6.16; not
+/// in aya's bindings yet). Without it a CHECKSUM_COMPLETE packet's csum is corrupted (cilium's kernel fix).
+const BPF_F_IPV6: u64 = 1 << 7;
+
 /// What `redirect` returns for a packet too big for its route (not a TC verdict).
 const TOO_BIG: i32 = -1000;
 
@@ -276,7 +286,8 @@ fn redirect(ctx: &TcContext, s: &mut Scratch, may_fragment: bool) -> i32 {
     let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), fib, core::mem::size_of::<FibParams>() as i32, 0) } as u32;
     let ok = rc == BPF_FIB_LKUP_RET_SUCCESS
         || rc == BPF_FIB_LKUP_RET_NO_NEIGH
-        // Too big for the route, but fragmentation is allowed: the tunnel or the stack below fragments it.
+        // Too big for the route, but fragmentation is allowed: a tunnel device fragments its outer packet (a
+        // physical device would drop it, as a router without fragmentation would).
         || (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && may_fragment);
     if !ok {
         return if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED { TOO_BIG } else { drop() };
@@ -297,10 +308,23 @@ fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
+/// Whether a flow last seen at `last_ns` (with conntrack `flags`) still lives.
 #[inline(always)]
-fn fresh(c: &CtValue, proto: u8, now: u64) -> bool {
-    let secs = if proto == TCP { CT_TCP_SECS } else { CT_OTHER_SECS };
-    now.wrapping_sub(c.last_ns) < secs * 1_000_000_000
+fn alive(last_ns: u64, flags: u16, proto: u8, now: u64) -> bool {
+    let secs = if flags & ct::CLOSING != 0 {
+        CT_CLOSING_SECS
+    } else if proto == TCP {
+        CT_TCP_SECS
+    } else {
+        CT_OTHER_SECS
+    };
+    now.wrapping_sub(last_ns) < secs * 1_000_000_000
+}
+
+/// A TCP FIN or RST: the flow is ending.
+#[inline(always)]
+fn ending(p: &Pkt) -> bool {
+    p.tcp_flags & 0x05 != 0
 }
 
 #[inline(always)]
@@ -323,23 +347,28 @@ pub fn tartan_from_outside(ctx: TcContext) -> i32 {
         return NEXT;
     }
     flow_key(&s.pkt, &mut s.key);
+    let now = now();
     // A reply from a remote backend, to the node address and port its flow was given.
-    // SAFETY: the value is read at once (LRU entries may be replaced under us).
-    if let Some(n) = unsafe { NAT.get(&s.key) } {
-        if n.flags & ct::SNAT != 0 {
-            s.t = Tuple { saddr: n.saddr, daddr: n.daddr, sport: n.sport, dport: n.dport };
-            return reply(skb, s);
+    if let Some(n) = NAT.get_ptr_mut(&s.key) {
+        // SAFETY: a pointer into the map's value: read once; its timestamp and flags written (a race only loses
+        // a refresh).
+        s.nat = unsafe { *n };
+        if s.nat.flags & ct::SNAT != 0 {
+            touch(&mut unsafe { &mut *n }.last_ns, now);
+            if ending(&s.pkt) {
+                unsafe { (*n).flags |= ct::CLOSING };
+            }
+            return reply(skb, s, now);
         }
     }
-    let now = now();
     // A flow seen before keeps its backend while it lives.
     if let Some(c) = CONNTRACK.get_ptr_mut(&s.key) {
-        // SAFETY: a pointer into the map's value; read once, and its timestamp written (a race only loses a
-        // refresh).
+        // SAFETY: as above.
         s.ct = unsafe { *c };
-        if fresh(&s.ct, proto, now) {
-            if now.wrapping_sub(s.ct.last_ns) > 1_000_000_000 {
-                unsafe { (*c).last_ns = now };
+        if alive(s.ct.last_ns, s.ct.flags, proto, now) && nat_holds(s, now) {
+            touch(&mut unsafe { &mut *c }.last_ns, now);
+            if ending(&s.pkt) {
+                unsafe { (*c).flags |= ct::CLOSING };
             }
             return forward(skb, s);
         }
@@ -350,13 +379,70 @@ pub fn tartan_from_outside(ctx: TcContext) -> i32 {
     }
 }
 
+/// Refreshes a timestamp, at most once a second (a write per packet would bounce the cache line between CPUs).
+#[inline(always)]
+fn touch(last_ns: &mut u64, now: u64) {
+    if now.wrapping_sub(*last_ns) > 1_000_000_000 {
+        *last_ns = now;
+    }
+}
+
+/// For a flow sent to a remote backend (`s.ct`): whether its NAT entry still maps its port back to this client
+/// (the LRU may have evicted it, and its port been claimed by another flow since). Refreshes the entry, and marks
+/// it closing with the flow.
+#[inline(always)]
+fn nat_holds(s: &mut Scratch, now: u64) -> bool {
+    if s.ct.flags & ct::SNAT == 0 {
+        return true;
+    }
+    s.rkey = FlowKey {
+        saddr: s.ct.backend,
+        daddr: s.ct.nat_addr,
+        sport: s.ct.backend_port,
+        dport: s.ct.nat_port,
+        proto: s.pkt.proto,
+        _pad: [0; 3],
+    };
+    let Some(n) = NAT.get_ptr_mut(&s.rkey) else { return false };
+    // SAFETY: a pointer into the map's value, as in the program.
+    let n = unsafe { &mut *n };
+    if !(same(&n.daddr, &s.pkt.saddr) && n.dport == s.pkt.sport) {
+        return false;
+    }
+    touch(&mut n.last_ns, now);
+    if ending(&s.pkt) {
+        n.flags |= ct::CLOSING;
+    }
+    true
+}
+
 /// `new_flow`'s "recorded, now forward it" (not a TC verdict).
 const CONTINUE: i32 = -2000;
 
-/// A remote backend's reply: given `s.t` (from the frontend to the client) and redirected towards the client.
+/// A remote backend's reply (its NAT entry in `s.nat`): from the frontend to the client, redirected towards the
+/// client.
 #[inline(never)]
-fn reply(skb: *mut __sk_buff, s: &mut Scratch) -> i32 {
+fn reply(skb: *mut __sk_buff, s: &mut Scratch, now: u64) -> i32 {
     let ctx = &TcContext::new(skb);
+    s.t = Tuple { saddr: s.nat.saddr, daddr: s.nat.daddr, sport: s.nat.sport, dport: s.nat.dport };
+    if ending(&s.pkt) {
+        // The flow's conntrack entry ends with it too.
+        s.rkey = FlowKey {
+            saddr: s.nat.daddr,
+            daddr: s.nat.saddr,
+            sport: s.nat.dport,
+            dport: s.nat.sport,
+            proto: s.pkt.proto,
+            _pad: [0; 3],
+        };
+        if let Some(c) = CONNTRACK.get_ptr_mut(&s.rkey) {
+            // SAFETY: a pointer into the map's value.
+            unsafe {
+                (*c).flags |= ct::CLOSING;
+                (*c).last_ns = now;
+            }
+        }
+    }
     if rewrite(ctx, &s.pkt, &s.t).is_none() {
         return drop();
     }
@@ -398,7 +484,14 @@ fn new_flow(skb: *mut __sk_buff, s: &mut Scratch, now: u64) -> i32 {
         _pad: 0,
         last_ns: now,
     };
-    s.nat = NatValue { saddr: p.daddr, daddr: p.saddr, sport: p.dport, dport: p.sport, flags: 0, _pad: 0 };
+    s.nat =
+        NatValue { saddr: p.daddr, daddr: p.saddr, sport: p.dport, dport: p.sport, flags: 0, _pad: 0, last_ns: now };
+    // SCTP's checksum (a CRC32c over the packet, ports included) cannot be recomputed here: only flows whose ports
+    // stay as they are are translated (addresses are not under the CRC).
+    let sctp = p.proto == SCTP;
+    if sctp && backend.port != p.dport {
+        return drop();
+    }
     if backend.flags & flags::LOCAL != 0 {
         // The reply as it will leave: from the backend to the client.
         s.rkey = FlowKey {
@@ -419,22 +512,35 @@ fn new_flow(skb: *mut __sk_buff, s: &mut Scratch, now: u64) -> i32 {
         s.ct.nat_addr = *addr;
         s.ct.flags = ct::SNAT;
         s.nat.flags = ct::SNAT;
-        // A port of our own for this (backend, node address) pair: a few random tries, each claimed atomically
-        // (BPF_NOEXIST) so that two CPUs never share one.
+        // A port of our own for this (backend, node address) pair: a few random tries (SCTP: the client's own),
+        // each claimed atomically (BPF_NOEXIST) so that two CPUs never share one, or taken over from a flow idle
+        // past its lifetime.
         let mut i = 0;
         while i < 8 {
             // SAFETY: a helper without side effects on memory.
-            let port = NAT_PORT_MIN + (unsafe { bpf_get_prandom_u32() } % NAT_PORT_COUNT as u32) as u16;
+            let random = NAT_PORT_MIN + (unsafe { bpf_get_prandom_u32() } % NAT_PORT_COUNT as u32) as u16;
+            let port = if sctp { s.pkt.sport } else { random.to_be() };
             s.rkey = FlowKey {
                 saddr: backend.addr,
                 daddr: s.ct.nat_addr,
                 sport: backend.port,
-                dport: port.to_be(),
+                dport: port,
                 proto: s.pkt.proto,
                 _pad: [0; 3],
             };
-            if NAT.insert(&s.rkey, &s.nat, BPF_NOEXIST as u64).is_ok() {
-                s.ct.nat_port = port.to_be();
+            let claimed = NAT.insert(&s.rkey, &s.nat, BPF_NOEXIST as u64).is_ok()
+                || match unsafe { NAT.get(&s.rkey) } {
+                    // SAFETY: read at once.
+                    Some(old) if !alive(old.last_ns, old.flags, s.pkt.proto, now) => {
+                        NAT.insert(&s.rkey, &s.nat, 0).is_ok()
+                    }
+                    _ => false,
+                };
+            if claimed {
+                s.ct.nat_port = port;
+                break;
+            }
+            if sctp {
                 break;
             }
             i += 1;
@@ -520,8 +626,15 @@ fn forward(skb: *mut __sk_buff, s: &mut Scratch) -> i32 {
         proto: s.pkt.proto,
         _pad: [0; 3],
     };
-    s.nat =
-        NatValue { saddr: s.pkt.daddr, daddr: s.pkt.saddr, sport: s.pkt.dport, dport: s.pkt.sport, flags: 0, _pad: 0 };
+    s.nat = NatValue {
+        saddr: s.pkt.daddr,
+        daddr: s.pkt.saddr,
+        sport: s.pkt.dport,
+        dport: s.pkt.sport,
+        flags: 0,
+        _pad: 0,
+        last_ns: s.ct.last_ns,
+    };
     let _ = NAT.insert(&s.rkey, &s.nat, 0);
     OK
 }

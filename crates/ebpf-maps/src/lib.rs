@@ -38,7 +38,8 @@ pub const SERVICES_MAX: u32 = 1 << 20;
 pub const REVERSE_MAX: u32 = 1 << 17;
 pub const AFFINITY_MAX: u32 = 1 << 16;
 /// Default sizes of the connection-tracking and NAT maps (tartan-proxy's --conntrack-max sets both at load time):
-/// one entry per flow from outside in each. At 112 and 88 bytes of key and value, 2^18 flows take about 50 MiB.
+/// one entry per flow from outside in each. At 88 bytes of key and value each (and the kernel's per-entry
+/// overhead), 2^18 flows take about 60 MiB.
 pub const CONNTRACK_MAX: u32 = 1 << 18;
 /// Interfaces with a node address, per family (the address flows to remote endpoints are translated to).
 pub const IFADDR_MAX: u32 = 256;
@@ -46,6 +47,8 @@ pub const IFADDR_MAX: u32 = 256;
 /// How long a flow from outside keeps its backend without a packet (Cilium's defaults: TCP 6 h, the rest 60 s).
 pub const CT_TCP_SECS: u64 = 21_600;
 pub const CT_OTHER_SECS: u64 = 60;
+/// ... and a TCP flow once a FIN or RST was seen (its NAT port free again soon).
+pub const CT_CLOSING_SECS: u64 = 10;
 /// NAT ports for flows sent to remote endpoints come from above the kernel's default ephemeral range
 /// (32768-60999), so that they do not collide with the node's own connections.
 pub const NAT_PORT_MIN: u16 = 61_000;
@@ -71,6 +74,8 @@ pub mod ct {
     /// redirected to the client by the program; without it the kernel forwards both ways and the reply is only
     /// given its frontend address on its way out.
     pub const SNAT: u16 = 1;
+    /// A TCP FIN or RST was seen: the flow ends within CT_CLOSING_SECS.
+    pub const CLOSING: u16 = 2;
 }
 
 /// STATS (per CPU) indexes.
@@ -195,6 +200,8 @@ pub struct NatValue {
     pub dport: u16,
     pub flags: u16,
     pub _pad: u16,
+    /// When a packet of the flow was last seen: an idle entry's NAT port may be claimed again.
+    pub last_ns: u64,
 }
 
 /// A client outside the node and a frontend, for sessionAffinity ClientIP of traffic from outside.
@@ -248,7 +255,7 @@ mod tests {
         assert_eq!(size_of::<AffinityValue>(), 32);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<CtValue>(), 48);
-        assert_eq!(size_of::<NatValue>(), 40);
+        assert_eq!(size_of::<NatValue>(), 48);
         assert_eq!(size_of::<ExtAffinityKey>(), 40);
         assert_eq!(size_of::<IfAddrKey>(), 8);
     }

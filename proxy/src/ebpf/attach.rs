@@ -33,8 +33,8 @@ pub struct Attached {
     pub ifaddr: HashMap<MapData, IfAddrKey, [u8; 16]>,
     /// The cgroup programs' links.
     pub links: Vec<PinnedLink>,
-    /// Per interface name, its tc links (ingress, egress).
-    pub tc: BTreeMap<String, Vec<PinnedLink>>,
+    /// Per interface name, its index when attached and its tc links (ingress, egress).
+    pub tc: BTreeMap<String, (u32, Vec<PinnedLink>)>,
     /// The size the conntrack and NAT maps were made with.
     pub conntrack_max: u32,
 }
@@ -58,7 +58,7 @@ fn pin_unescape(pinned: &str) -> String {
 
 impl Attached {
     /// Attaches the tc programs to `ifname` (tcx: after whatever is there), replacing links a previous run pinned.
-    pub fn attach_tc(&mut self, bpf_root: &Path, ifname: &str) -> Result<(), DataplaneError> {
+    pub fn attach_tc(&mut self, bpf_root: &Path, ifname: &str, index: u32) -> Result<(), DataplaneError> {
         let mut links = Vec::new();
         for (name, kind) in TC {
             let what = |step: &str| format!("{step} {name} on {ifname}");
@@ -78,7 +78,7 @@ impl Attached {
             release(&pin).map_err(|e| prerequisite(what("replacing the pinned link of"), e))?;
             links.push(link.pin(&pin).map_err(|e| prerequisite(what("pinning the link of"), e))?);
         }
-        self.tc.insert(ifname.to_string(), links);
+        self.tc.insert(ifname.to_string(), (index, links));
         Ok(())
     }
 

@@ -99,13 +99,21 @@ pub fn entries_of(sp: &ServicePort, node_addrs: &[IpAddr], out: &mut Entries) {
         // the external policy leaves none, in which case they are refused as from anywhere else. Traffic from
         // outside (the tc programs) honours the external policy through `local_count`.
         frontend(out, sp.cluster_ip, sp.port, sp, sp.internal(), Reach::Cluster);
-        let external: &[Endpoint] = if sp.external().is_empty() { &[] } else { &sp.cluster };
+        let external: Vec<Endpoint> = if sp.external().is_empty() {
+            Vec::new()
+        } else if sp.external_local {
+            // The Local policy's own choice among this node's endpoints (serving terminating ones when none is
+            // ready), then the other nodes' for the node's own clients.
+            sp.local.iter().chain(sp.cluster.iter().filter(|e| !e.local)).cloned().collect()
+        } else {
+            sp.cluster.clone()
+        };
         for ip in &sp.external_ips {
-            frontend(out, *ip, sp.port, sp, external, Reach::External);
+            frontend(out, *ip, sp.port, sp, &external, Reach::External);
         }
         if let Some(np) = sp.node_port {
             for ip in node_addrs.iter().filter(|a| a.is_ipv4() == sp.cluster_ip.is_ipv4()) {
-                frontend(out, *ip, np, sp, external, Reach::NodePort);
+                frontend(out, *ip, np, sp, &external, Reach::NodePort);
             }
         }
     }

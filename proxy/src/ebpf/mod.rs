@@ -83,7 +83,10 @@ impl EbpfDataplane {
         let mut rt = rtnl::Rtnl::new().map_err(|e| DataplaneError::new(ErrorKind::Readback, "netlink", e))?;
         let all = rt.addresses(None).map_err(|e| DataplaneError::new(ErrorKind::Readback, "listing addresses", e))?;
         let links = rt.links().map_err(|e| DataplaneError::new(ErrorKind::Readback, "listing links", e))?;
-        let names: HashMap<u32, String> = links.into_iter().map(|l| (l.index, l.name)).collect();
+        // Only interfaces with a link-layer address: the programs parse Ethernet frames (an L3 device such as
+        // flannel's udp-backend TUN carries bare IP packets).
+        let names: HashMap<u32, String> =
+            links.into_iter().filter(|l| l.mac.is_some()).map(|l| (l.index, l.name)).collect();
         let mut out = NodeAddrs::default();
         for (index, net) in all {
             let a = net.addr();
@@ -108,21 +111,10 @@ impl EbpfDataplane {
     }
 
     /// The tc programs on exactly the interfaces holding node addresses, and the address per interface and family
-    /// that flows to remote endpoints leave with. Returns whether a link had to be attached again.
+    /// that flows to remote endpoints leave with (written first: the programs read it from their first packet).
     fn sync_interfaces(&mut self, node: &NodeAddrs) -> Result<()> {
         let root = self.opts.bpf_root.clone();
         let a = self.attached.as_mut().expect("attached");
-        for name in node.interfaces.keys() {
-            if !a.tc.contains_key(name) {
-                a.attach_tc(&root, name)?;
-            }
-        }
-        let mut stale: BTreeSet<String> = a.tc.keys().filter(|n| !node.interfaces.contains_key(*n)).cloned().collect();
-        stale.extend(attach::pinned_tc_interfaces(&root).into_iter().filter(|n| !node.interfaces.contains_key(n)));
-        for name in stale {
-            tracing::info!(interface = %name, "no node address any more: tc programs detached");
-            a.detach_tc(&root, &name);
-        }
         let mut want: BTreeMap<(u32, u32), [u8; 16]> = BTreeMap::new();
         for (index, addrs) in node.interfaces.values() {
             for ip in addrs {
@@ -144,6 +136,19 @@ impl EbpfDataplane {
         }
         for &(ifindex, family) in have.keys().filter(|k| !want.contains_key(k)) {
             let _ = a.ifaddr.remove(&IfAddrKey { ifindex, family });
+        }
+        for (name, (index, _)) in &node.interfaces {
+            // Attached under another index: the interface was deleted (which detached the programs) and made
+            // again under the same name.
+            if a.tc.get(name).map(|(i, _)| i) != Some(index) {
+                a.attach_tc(&root, name, *index)?;
+            }
+        }
+        let mut stale: BTreeSet<String> = a.tc.keys().filter(|n| !node.interfaces.contains_key(*n)).cloned().collect();
+        stale.extend(attach::pinned_tc_interfaces(&root).into_iter().filter(|n| !node.interfaces.contains_key(n)));
+        for name in stale {
+            tracing::info!(interface = %name, "no node address any more: tc programs detached");
+            a.detach_tc(&root, &name);
         }
         Ok(())
     }
@@ -292,11 +297,13 @@ impl EbpfDataplane {
             let failed = sockets::close_udp(&self.opts.run_dir, &gone);
             tracing::debug!(backends = gone.len(), failed, "closed connected UDP sockets of removed backends");
         }
-        let changed_entries = applied?;
         if !gone_any.is_empty() {
+            // Even after a failed update: `held` has exactly what the map accepted, and the next sync's read-back
+            // would no longer show the backends that went.
             let ended = self.end_stale_flows(&gone_any);
             tracing::debug!(backends = gone_any.len(), flows = ended, "ended flows from outside to removed backends");
         }
+        let changed_entries = applied?;
         if whole {
             // Counted at full syncs only: a walk of the whole map.
             self.flows = self.attached.as_ref().map_or(0, |a| a.conntrack.keys().flatten().count());
@@ -334,7 +341,8 @@ impl Dataplane for EbpfDataplane {
 
     fn held(&self) -> Held {
         let map = self.held.as_ref().map_or(0, |h| h.len());
-        let programs = self.attached.as_ref().map_or(0, |a| a.links.len() + a.tc.values().map(Vec::len).sum::<usize>());
+        let programs =
+            self.attached.as_ref().map_or(0, |a| a.links.len() + a.tc.values().map(|(_, l)| l.len()).sum::<usize>());
         Held {
             entries: self.rules.entries + map,
             programs,
