@@ -1,8 +1,9 @@
 //! The README's demo: a three-node cluster (a real etcd, a tartan-agent per node with the vxlan backend), two pods
 //! per node wired by `tartan` from the agent's subnet.env, a connectivity matrix across all of them and out of the
 //! cluster, one packet captured on the underlay showing the VXLAN encapsulation, and the nodes and pods as the
-//! cluster store (`tartanctl`) shows them; then Services with tartan-proxy's eBPF dataplane (socket load balancing):
-//! a ClusterIP balanced across pods on two nodes, a NodePort reached from the outside host.
+//! cluster store (`tartanctl`) shows them; then Services with tartan-proxy's eBPF dataplane (socket load balancing
+//! and tc): a ClusterIP balanced across pods on two nodes, a NodePort reached from the outside host through a node
+//! without an endpoint, and not one iptables rule for Services.
 
 use anyhow::{bail, Result};
 use netns_lab::cluster::Backend;
@@ -82,7 +83,10 @@ pub fn run() -> Result<()> {
 /// tartan-proxy `--mode ebpf` on every node; a1 (n1) and b1 (n2) serve TCP 8080; one Service, ClusterIP and
 /// NodePort. Returns the number of failed checks.
 fn services(lab: &mut Lab) -> Result<usize> {
-    println!("\n== Services: tartan-proxy --mode ebpf (socket load balancing) on every node");
+    println!(
+        "\n== Services: tartan-proxy --mode ebpf on every node (socket load balancing for the nodes and their pods, tc \
+         programs for traffic from outside; not one iptables rule for Services)"
+    );
     for n in ["n1", "n2", "n3"] {
         lab.start_proxy(n, &["--mode", "ebpf"])?;
     }
@@ -120,7 +124,19 @@ fn services(lab: &mut Lab) -> Result<usize> {
     }
     let outside = lab.ns_name("outside");
     let np = ask(lab, &outside, "198.18.0.3:30080");
-    println!("the outside host to NodePort 198.18.0.3:30080: {}", np.as_deref().unwrap_or("FAIL"));
+    println!(
+        "the outside host to NodePort 198.18.0.3:30080 (n3 has no endpoint: its tc program sends it on from n3's \
+         address): {}",
+        np.as_deref().unwrap_or("FAIL")
+    );
     failures += usize::from(np.is_none());
+    let n3 = lab.node("n3")?.ns.clone();
+    let save = lab.exec(&n3, &["iptables-save"])?;
+    let ours = String::from_utf8_lossy(&save.stdout)
+        .lines()
+        .filter(|l| l.starts_with("-A ") && l.contains("TARTAN-") && !l.contains("TARTAN-POLICY"))
+        .count();
+    println!("n3's iptables rules of tartan-proxy for Services: {ours}");
+    failures += usize::from(ours != 0);
     Ok(failures)
 }

@@ -185,10 +185,7 @@ impl Drop for HealthCheckServer {
 fn listen(port: u16) -> io::Result<TcpListener> {
     match listen_dual_stack(port) {
         Ok(listener) => Ok(listener),
-        Err(v6) => listen_v4(port).map_err(|v4| {
-            debug!(port, error = %v6, "no dual-stack listener either");
-            v4
-        }),
+        Err(v6) => listen_v4(port).inspect_err(|_| debug!(port, error = %v6, "no dual-stack listener either")),
     }
 }
 

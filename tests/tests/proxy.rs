@@ -404,12 +404,19 @@ fn affinity_hairpin_and_metrics(mode: &'static str) {
     let mut c = Cluster::in_mode("px-aff", mode);
     c.server("n1", "web-a", "web");
     c.server("n2", "web-b", "web");
-    c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: sticky}\nspec: {clusterIP: 10.96.0.80, sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}, selector: {app: web}, ports: [{port: 80, targetPort: http}]}\n");
+    c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: sticky}\nspec: {type: NodePort, clusterIP: 10.96.0.80, sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}, selector: {app: web}, ports: [{port: 80, targetPort: http, nodePort: 30083}]}\n");
     let client = c.client("n1", "client");
     assert!(wait_for(Duration::from_secs(5), || c.connect(&client, "10.96.0.80", 80).is_ok()));
     let first = c.connect(&client, "10.96.0.80", 80).unwrap();
     for _ in 0..10 {
         assert_eq!(c.connect(&client, "10.96.0.80", 80).unwrap(), first, "ClientIP affinity keeps the endpoint");
+    }
+    // The same for a client outside the cluster, through a node port.
+    let outside = c.lab.ns_name("outside");
+    assert!(wait_for(Duration::from_secs(5), || c.connect(&outside, "198.18.0.1", 30083).is_ok()));
+    let first = c.connect(&outside, "198.18.0.1", 30083).unwrap();
+    for _ in 0..10 {
+        assert_eq!(c.connect(&outside, "198.18.0.1", 30083).unwrap(), first, "affinity from outside");
     }
     // Hairpin: a pod reaching itself through a service. Not through `sticky`: its affinity would pin web-a to
     // whichever endpoint it drew first. Through a service without affinity, try until it lands on itself.
@@ -522,16 +529,22 @@ fn the_node_itself_external_ips_load_balancer_ips_and_internal_local_policy(mode
 fn a_proxy_restart_does_not_interrupt_service_traffic(mode: &'static str) {
     let mut c = Cluster::in_mode("px-restart", mode);
     c.server("n2", "web-b", "web");
-    c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.95, selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}\n");
+    c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {type: NodePort, clusterIP: 10.96.0.95, selector: {app: web}, ports: [{port: 80, targetPort: 8080, nodePort: 30095}]}\n");
     let client = c.client("n1", "client");
+    let outside = c.lab.ns_name("outside");
     assert!(wait_for(Duration::from_secs(5), || c.connect(&client, "10.96.0.95", 80).is_ok()));
-    // A new connection every 50 ms across the restart.
+    assert!(wait_for(Duration::from_secs(5), || c.connect(&outside, "198.18.0.1", 30095).is_ok()));
+    // A new connection every 50 ms across the restart, from a pod to the cluster IP and from outside to n1's node
+    // port (its endpoint on n2: translated both ways by n1).
     let prober = c.probe_loop(&client, "10.96.0.95", 80, 40);
+    let from_outside = c.probe_loop(&outside, "198.18.0.1", 30095, 40);
     std::thread::sleep(Duration::from_millis(500));
     c.lab.stop(c.proxies[0]);
     c.proxies[0] = c.start_proxy("n1", &[]);
     let failures = probe_failures(prober);
     assert!(failures.is_empty(), "{failures:?}");
+    let failures = probe_failures(from_outside);
+    assert!(failures.is_empty(), "from outside: {failures:?}");
     let log = std::fs::read_to_string(c.lab.node("n1").unwrap().root.join("proxy.log")).unwrap();
     assert!(!log.contains("sync failed"), "no failed sync: {log}");
 }
