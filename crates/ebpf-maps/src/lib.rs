@@ -47,12 +47,15 @@ pub const IFADDR_MAX: u32 = 256;
 /// How long a flow from outside keeps its backend without a packet (Cilium's defaults: TCP 6 h, the rest 60 s).
 pub const CT_TCP_SECS: u64 = 21_600;
 pub const CT_OTHER_SECS: u64 = 60;
-/// ... and a TCP flow once a FIN or RST was seen (its NAT port free again soon).
-pub const CT_CLOSING_SECS: u64 = 10;
-/// NAT ports for flows sent to remote endpoints come from above the kernel's default ephemeral range
-/// (32768-60999), so that they do not collide with the node's own connections.
-pub const NAT_PORT_MIN: u16 = 61_000;
-pub const NAT_PORT_COUNT: u16 = 4_536;
+/// ... and a TCP flow once a FIN or RST was seen: as long as the server's TIME_WAIT (60 s), so that its NAT port is
+/// not given to a new connection the server would take for an old duplicate.
+pub const CT_CLOSING_SECS: u64 = 60;
+/// NAT ports for flows sent to remote endpoints: below the kernel's default ephemeral range (32768-60999), which
+/// the node's own connections take their ports from, and above the ports services commonly listen on. A port is
+/// unique per (backend address and port, node address): 16 384 flows to one backend at once, and new ones at up to
+/// 270 a second when each closes (their ports wait CT_CLOSING_SECS).
+pub const NAT_PORT_MIN: u16 = 16_384;
+pub const NAT_PORT_COUNT: u16 = 16_384;
 
 /// Frontend flags (slot 0's `flags`).
 pub mod flags {
