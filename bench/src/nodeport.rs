@@ -81,16 +81,21 @@ pub fn run(modes: &[String], services: usize, secs: u32, rounds: usize, count: u
     // [cluster][path] -> samples.
     let mut gbps = vec![vec![Vec::new(); n_paths]; clusters.len()];
     let mut lat = vec![vec![Vec::new(); n_paths]; clusters.len()];
+    let mut failures = vec![vec![0usize; n_paths]; clusters.len()];
     for round in 0..rounds {
         eprintln!("round {}/{rounds}", round + 1);
         for (ci, c) in clusters.iter_mut().enumerate() {
             let outside = c.lab.ns_name("outside");
             for (pi, (_, addr, iperf, accept)) in paths(c).into_iter().enumerate() {
                 let server_ns = c.server_ns.clone();
-                let g = iperf_to(&mut c.lab, &server_ns, &outside, &addr, iperf, secs)?;
+                let g = iperf_to(&mut c.lab, &server_ns, &outside, &addr, iperf, secs)
+                    .with_context(|| format!("{}: iperf3 to {addr}:{iperf}, round {}", c.mode, round + 1))?;
                 gbps[ci][pi].push(g);
                 let to: SocketAddr = format!("{addr}:{accept}").parse()?;
-                lat[ci][pi].extend(connects(&outside, to, count / rounds.max(1))?);
+                let (took, failed) = connects_counting(&outside, to, count / rounds.max(1))
+                    .with_context(|| format!("{}: connections to {to}, round {}", c.mode, round + 1))?;
+                lat[ci][pi].extend(took);
+                failures[ci][pi] += failed;
             }
         }
     }
@@ -99,8 +104,10 @@ pub fn run(modes: &[String], services: usize, secs: u32, rounds: usize, count: u
          services programmed): TCP throughput (iperf3, 1 stream, {secs} s, median of {rounds} interleaved rounds) \
          and new-connection latency ({count} connections per path)\n"
     );
-    println!("| mode | path | Gbit/s | vs the pod directly | connect p50 | vs directly | connect p99 | vs directly |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| mode | path | Gbit/s | vs the pod directly | connect p50 | vs directly | connect p99 | vs directly | failed (2 s) |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
     let mut summary = Vec::new();
     for (ci, c) in clusters.iter().enumerate() {
         let (mut g0, mut l0) = (gbps[ci][0].clone(), lat[ci][0].clone());
@@ -109,11 +116,12 @@ pub fn run(modes: &[String], services: usize, secs: u32, rounds: usize, count: u
             let g = percentile(&mut gbps[ci][pi], 0.5);
             let (p50, p99) = (percentile(&mut lat[ci][pi], 0.5), percentile(&mut lat[ci][pi], 0.99));
             println!(
-                "| {} | {name} | {g:.2} | {:.2}x | {p50:.3} ms | {:.2}x | {p99:.3} ms | {:.2}x |",
+                "| {} | {name} | {g:.2} | {:.2}x | {p50:.3} ms | {:.2}x | {p99:.3} ms | {:.2}x | {} |",
                 c.mode,
                 g / d_g,
                 p50 / d_50,
-                p99 / d_99
+                p99 / d_99,
+                failures[ci][pi]
             );
             summary.push((c.mode.clone(), name, g, p50, p99));
         }
@@ -131,6 +139,28 @@ pub fn run(modes: &[String], services: usize, secs: u32, rounds: usize, count: u
         c.lab.teardown();
     }
     Ok(())
+}
+
+/// Connect latencies (ms) of `count` new connections from `ns` to `dst`, and how many failed (a 2 s timeout: counted,
+/// not measured, so that one lost SYN does not end the run).
+fn connects_counting(ns: &str, dst: SocketAddr, count: usize) -> Result<(Vec<f64>, usize)> {
+    let ns = netns::NetNs::named(ns)?;
+    ns.run(|| {
+        let mut v = Vec::with_capacity(count);
+        let mut failed = 0;
+        for _ in 0..count {
+            let t = std::time::Instant::now();
+            match std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(2)) {
+                Ok(s) => {
+                    v.push(crate::stats::ms(t.elapsed()));
+                    drop(s);
+                }
+                Err(_) => failed += 1,
+            }
+        }
+        (v, failed)
+    })
+    .map_err(Into::into)
 }
 
 /// iperf3 from the outside host to `addr:port`, the server in the pod listening on 5201.
