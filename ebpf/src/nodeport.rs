@@ -43,9 +43,7 @@ const SHOT: i32 = TC_ACT_SHOT as i32;
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
-const TCP: u8 = 6;
-const UDP: u8 = 17;
-const SCTP: u8 = 132;
+use ebpf_maps::proto::{translated, SCTP, TCP, UDP};
 const ICMP: u8 = 1;
 const ICMPV6: u8 = 58;
 const AF_INET: u8 = 2;
@@ -161,7 +159,7 @@ fn parse(ctx: &TcContext, p: &mut Pkt) -> Option<()> {
         return None;
     }
     p.tcp_flags = 0;
-    if p.proto == TCP || p.proto == UDP || p.proto == SCTP {
+    if translated(p.proto) {
         p.sport = ctx.load::<u16>(p.l4 as usize).ok()?;
         p.dport = ctx.load::<u16>(p.l4 as usize + 2).ok()?;
         if p.proto == TCP {
@@ -343,7 +341,7 @@ pub fn tartan_from_outside(ctx: TcContext) -> i32 {
     if proto == ICMP || proto == ICMPV6 {
         return icmp_error(skb, s, true);
     }
-    if proto != TCP && proto != UDP && proto != SCTP {
+    if !translated(proto) {
         return NEXT;
     }
     flow_key(&s.pkt, &mut s.key);
@@ -665,7 +663,7 @@ pub fn tartan_to_outside(ctx: TcContext) -> i32 {
     if proto == ICMP || proto == ICMPV6 {
         return icmp_error(ctx.skb.skb, s, false);
     }
-    if proto != TCP && proto != UDP && proto != SCTP {
+    if !translated(proto) {
         return NEXT;
     }
     flow_key(&s.pkt, &mut s.key);
@@ -710,7 +708,7 @@ fn icmp_error(skb: *mut __sk_buff, s: &mut Scratch, ingress: bool) -> i32 {
         let Ok(proto) = ctx.load::<u8>(inner + 9) else { return NEXT };
         (proto, inner + ihl, inner + 12, inner + 16)
     };
-    if iproto != TCP && iproto != UDP && iproto != SCTP {
+    if !translated(iproto) {
         return NEXT;
     }
     // The quoted packet went to the backend; its reply would carry the swapped tuple, which is what the NAT map

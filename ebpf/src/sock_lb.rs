@@ -17,9 +17,6 @@ use crate::{count, same, AFFINITY, REVERSE, SERVICES};
 /// The cgroup verdicts.
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
-const IPPROTO_TCP: u32 = 6;
-const IPPROTO_UDP: u32 = 17;
-const IPPROTO_SCTP: u32 = 132;
 const ECONNREFUSED: i32 = 111;
 
 /// The destination the socket asks for: (address, port), both in network order. Every context field is read
@@ -101,7 +98,7 @@ fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the kernel hands the program a valid bpf_sock_addr for the duration of the call.
     let proto = unsafe { core::ptr::read_volatile(&(*sa).protocol) };
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_SCTP {
+    if proto > u8::MAX as u32 || !ebpf_maps::proto::translated(proto as u8) {
         return ALLOW;
     }
     let (asked, port) = dest(sa, v6);

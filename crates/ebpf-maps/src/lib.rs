@@ -57,6 +57,18 @@ pub const CT_CLOSING_SECS: u64 = 60;
 pub const NAT_PORT_MIN: u16 = 16_384;
 pub const NAT_PORT_COUNT: u16 = 16_384;
 
+/// IP protocol numbers the programs translate (a frontend key's `proto`).
+pub mod proto {
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const SCTP: u8 = 132;
+
+    /// Whether the programs serve this protocol.
+    pub const fn translated(p: u8) -> bool {
+        p == TCP || p == UDP || p == SCTP
+    }
+}
+
 /// Frontend flags (slot 0's `flags`).
 pub mod flags {
     /// sessionAffinity ClientIP: `affinity_secs` holds the timeout.

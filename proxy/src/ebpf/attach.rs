@@ -69,14 +69,8 @@ impl Attached {
                 .try_into()
                 .map_err(|e| prerequisite(what("typing"), e))?;
             let id = prog.attach(ifname, kind).map_err(|e| prerequisite(what("attaching"), e))?;
-            let link: FdLink = prog
-                .take_link(id)
-                .map_err(|e| prerequisite(what("taking the link of"), e))?
-                .try_into()
-                .map_err(|e| prerequisite(what("the link of"), e))?;
-            let pin = tc_pin(bpf_root, name, ifname);
-            release(&pin).map_err(|e| prerequisite(what("replacing the pinned link of"), e))?;
-            links.push(link.pin(&pin).map_err(|e| prerequisite(what("pinning the link of"), e))?);
+            let link = prog.take_link(id).map_err(|e| prerequisite(what("taking the link of"), e))?;
+            links.push(pin_link(link, &tc_pin(bpf_root, name, ifname), what)?);
         }
         self.tc.insert(ifname.to_string(), (index, links));
         Ok(())
@@ -163,14 +157,8 @@ pub fn attach(cgroup: &Path, bpf_root: &Path, conntrack_max: u32) -> Result<Atta
         prog.load().map_err(|e| prerequisite(what("loading"), e))?;
         // A link-based cgroup attachment is always one of many (the kernel takes no ALLOW_MULTI flag with it).
         let id = prog.attach(cg.as_fd(), CgroupAttachMode::Single).map_err(|e| prerequisite(what("attaching"), e))?;
-        let link: FdLink = prog
-            .take_link(id)
-            .map_err(|e| prerequisite(what("taking the link of"), e))?
-            .try_into()
-            .map_err(|e| prerequisite(what("the link of"), e))?;
-        let pin = links_dir(bpf_root).join(name);
-        release(&pin).map_err(|e| prerequisite(what("replacing the pinned link of"), e))?;
-        links.push(link.pin(&pin).map_err(|e| prerequisite(what("pinning the link of"), e))?);
+        let link = prog.take_link(id).map_err(|e| prerequisite(what("taking the link of"), e))?;
+        links.push(pin_link(link, &links_dir(bpf_root).join(name), what)?);
     }
     for (name, _) in TC {
         let prog: &mut SchedClassifier = ebpf
@@ -236,6 +224,21 @@ fn drop_incompatible_pins(bpf_root: &Path, conntrack_max: u32) {
             let _ = std::fs::remove_file(&pin);
         }
     }
+}
+
+/// Pins a program's new link at `pin`, in place of the link a previous run pinned there (released only now, once
+/// the new one is attached).
+fn pin_link<L: TryInto<FdLink>>(
+    link: L,
+    pin: &Path,
+    what: impl Fn(&str) -> String,
+) -> Result<PinnedLink, DataplaneError>
+where
+    L::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let link: FdLink = link.try_into().map_err(|e| prerequisite(what("the link of"), e))?;
+    release(pin).map_err(|e| prerequisite(what("replacing the pinned link of"), e))?;
+    link.pin(pin).map_err(|e| prerequisite(what("pinning the link of"), e))
 }
 
 /// Unpins the link at `pin`, if any, and drops it, which detaches its program.

@@ -166,19 +166,21 @@ pub fn diff(held: &Entries, want: &Entries) -> Diff {
     d
 }
 
+/// Whether the frontend `front` (a slot-0 key) has the backend `addr`:`port` among its slots in `entries`.
+pub fn has_backend(entries: &Entries, front: &ServiceKey, addr: &[u8; 16], port: u16) -> bool {
+    let n = entries.get(front).map_or(0, |f| f.count);
+    (1..=n).any(|slot| entries.get(&ServiceKey { slot, ..*front }).is_some_and(|b| b.addr == *addr && b.port == port))
+}
+
+/// The backend slots of `held` whose frontend no longer has that backend in `want`.
+fn removed<'a>(held: &'a Entries, want: &'a Entries) -> impl Iterator<Item = (&'a ServiceKey, &'a ServiceValue)> {
+    held.iter().filter(|(k, v)| k.slot > 0 && !has_backend(want, &ServiceKey { slot: 0, ..**k }, &v.addr, v.port))
+}
+
 /// UDP backends a frontend no longer has: connected sockets still talking to them must be closed.
 pub fn removed_udp_backends(held: &Entries, want: &Entries) -> Vec<(IpAddr, u16)> {
-    let mut out: Vec<(IpAddr, u16)> = held
-        .iter()
-        .filter(|(k, _)| k.slot > 0 && k.proto == Proto::Udp.number())
-        .filter(|(k, v)| {
-            // Gone if no slot of the same frontend in `want` holds this backend.
-            let front = ServiceKey { slot: 0, ..**k };
-            let n = want.get(&front).map_or(0, |f| f.count);
-            !(1..=n).any(|s| {
-                want.get(&ServiceKey { slot: s, ..front }).is_some_and(|w| w.addr == v.addr && w.port == v.port)
-            })
-        })
+    let mut out: Vec<(IpAddr, u16)> = removed(held, want)
+        .filter(|(k, _)| k.proto == Proto::Udp.number())
         .map(|(k, v)| (ip_of(&v.addr, k.addr), u16::from_be(v.port)))
         .collect();
     out.sort();
@@ -189,17 +191,7 @@ pub fn removed_udp_backends(held: &Entries, want: &Entries) -> Vec<(IpAddr, u16)
 /// Backends (protocol, address, port as the maps hold them) some frontend no longer has: flows from outside
 /// pinned to them may have to end.
 pub fn removed_backends(held: &Entries, want: &Entries) -> std::collections::HashSet<(u8, [u8; 16], u16)> {
-    held.iter()
-        .filter(|(k, _)| k.slot > 0)
-        .filter(|(k, v)| {
-            let front = ServiceKey { slot: 0, ..**k };
-            let n = want.get(&front).map_or(0, |f| f.count);
-            !(1..=n).any(|s| {
-                want.get(&ServiceKey { slot: s, ..front }).is_some_and(|w| w.addr == v.addr && w.port == v.port)
-            })
-        })
-        .map(|(k, v)| (k.proto, v.addr, v.port))
-        .collect()
+    removed(held, want).map(|(k, v)| (k.proto, v.addr, v.port)).collect()
 }
 
 /// A backend address, in the family of the frontend it belongs to.

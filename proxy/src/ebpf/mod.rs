@@ -164,11 +164,7 @@ impl EbpfDataplane {
                 continue;
             }
             let front = ServiceKey { addr: k.daddr, port: k.dport, slot: 0, proto: k.proto, _pad: [0; 3] };
-            let n = held.get(&front).map_or(0, |f| f.count);
-            let kept = (1..=n).any(|slot| {
-                held.get(&ServiceKey { slot, ..front }).is_some_and(|b| b.addr == v.backend && b.port == v.backend_port)
-            });
-            if !kept {
+            if !frontends::has_backend(held, &front, &v.backend, v.backend_port) {
                 stale.push((k, v));
             }
         }
