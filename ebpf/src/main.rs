@@ -1,17 +1,21 @@
 //! Tartan's eBPF programs, in one object so that they share their maps: socket load balancing for the node's own
-//! clients ([`sock_lb`], cgroup/sock_addr) and the translation of traffic from outside the node ([`nodeport`], tc).
+//! clients ([`sock_lb`], cgroup/sock_addr), the translation of traffic from outside the node ([`nodeport`], tc)
+//! and NetworkPolicy at each pod's veth ([`policy`], tc).
 #![no_std]
 #![no_main]
 
 mod nodeport;
+mod policy;
 mod sock_lb;
 
 use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::macros::map;
-use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray};
+use aya_ebpf::maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray};
 use ebpf_maps::{
-    stats, AffinityKey, AffinityValue, CtValue, ExtAffinityKey, FlowKey, IfAddrKey, NatValue, ReverseKey, ReverseValue,
-    ServiceKey, ServiceValue, AFFINITY_MAX, CONNTRACK_MAX, IFADDR_MAX, REVERSE_MAX, SERVICES_MAX,
+    stats, AffinityKey, AffinityValue, CtValue, ExtAffinityKey, FlowKey, IfAddrKey, NamedKey, NatValue, PeerKey,
+    PodValue, PolicyFlowKey, PolicyFlowValue, PortKey, ReverseKey, ReverseValue, ServiceKey, ServiceValue,
+    AFFINITY_MAX, CONNTRACK_MAX, HOST_ADDRS_MAX, IFADDR_MAX, POLICY_CT_MAX, POLICY_PODS_MAX, POLICY_RULES_MAX,
+    REVERSE_MAX, SERVICES_MAX,
 };
 
 #[map(name = "TARTAN_SVC")]
@@ -41,6 +45,24 @@ static AFFINITY_EXT: LruHashMap<ExtAffinityKey, AffinityValue> = LruHashMap::pin
 
 #[map(name = "TARTAN_IFADDR")]
 static IFADDR: HashMap<IfAddrKey, [u8; 16]> = HashMap::pinned(IFADDR_MAX, 0);
+
+#[map(name = "TARTAN_POL_POD")]
+static POLICY_PODS: HashMap<u32, PodValue> = HashMap::pinned(POLICY_PODS_MAX, 0);
+
+#[map(name = "TARTAN_POL_PEER")]
+static POLICY_PEERS: LpmTrie<PeerKey, u64> = LpmTrie::pinned(POLICY_RULES_MAX, 0);
+
+#[map(name = "TARTAN_POL_PORT")]
+static POLICY_PORTS: LpmTrie<PortKey, u64> = LpmTrie::pinned(POLICY_RULES_MAX, 0);
+
+#[map(name = "TARTAN_POL_NAMED")]
+static POLICY_NAMED: HashMap<NamedKey, u64> = HashMap::pinned(POLICY_RULES_MAX, BPF_F_NO_PREALLOC);
+
+#[map(name = "TARTAN_POL_CT")]
+static POLICY_CT: LruHashMap<PolicyFlowKey, PolicyFlowValue> = LruHashMap::pinned(POLICY_CT_MAX, 0);
+
+#[map(name = "TARTAN_HOST")]
+static HOST_ADDRS: HashMap<[u8; 16], u8> = HashMap::pinned(HOST_ADDRS_MAX, 0);
 
 #[inline(always)]
 fn count(index: u32) {

@@ -36,21 +36,21 @@ use ebpf_maps::{
 use crate::{count, same, AFFINITY_EXT, CONNTRACK, IFADDR, NAT, SERVICES};
 
 /// tcx: not ours, on to the next program (then the kernel).
-const NEXT: i32 = -1;
+pub(crate) const NEXT: i32 = -1;
 const OK: i32 = TC_ACT_OK as i32;
-const SHOT: i32 = TC_ACT_SHOT as i32;
+pub(crate) const SHOT: i32 = TC_ACT_SHOT as i32;
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
+pub(crate) const ETH_HLEN: usize = 14;
+pub(crate) const ETH_P_IP: u16 = 0x0800;
+pub(crate) const ETH_P_IPV6: u16 = 0x86dd;
 use ebpf_maps::proto::{translated, SCTP, TCP, UDP};
-const ICMP: u8 = 1;
-const ICMPV6: u8 = 58;
+pub(crate) const ICMP: u8 = 1;
+pub(crate) const ICMPV6: u8 = 58;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
 /// Offsets in the IPv4 header (after the Ethernet header).
-const V4_FRAG: usize = ETH_HLEN + 6;
+pub(crate) const V4_FRAG: usize = ETH_HLEN + 6;
 const V4_PROTO: usize = ETH_HLEN + 9;
 const V4_CSUM: usize = ETH_HLEN + 10;
 const V4_SADDR: usize = ETH_HLEN + 12;
@@ -64,19 +64,19 @@ const V6_HLEN: usize = 40;
 /// A parsed packet: addresses in the maps' 16-byte form, ports as they sit in the packet.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Pkt {
-    saddr: [u8; 16],
-    daddr: [u8; 16],
+pub(crate) struct Pkt {
+    pub(crate) saddr: [u8; 16],
+    pub(crate) daddr: [u8; 16],
     /// Where the transport (or ICMP) header starts.
-    l4: u32,
-    sport: u16,
-    dport: u16,
-    v6: u8,
-    proto: u8,
+    pub(crate) l4: u32,
+    pub(crate) sport: u16,
+    pub(crate) dport: u16,
+    pub(crate) v6: u8,
+    pub(crate) proto: u8,
     /// IPv4 "don't fragment" (always set for IPv6: routers never fragment it).
-    df: u8,
+    pub(crate) df: u8,
     /// TCP's flags byte (FIN 0x01, RST 0x04), 0 for other protocols.
-    tcp_flags: u8,
+    pub(crate) tcp_flags: u8,
 }
 
 /// The addresses and ports a packet is given.
@@ -129,7 +129,7 @@ fn load_addr(ctx: &TcContext, off: usize, v6: bool, to: &mut [u8; 16]) -> Option
 }
 
 #[inline(always)]
-fn parse(ctx: &TcContext, p: &mut Pkt) -> Option<()> {
+pub(crate) fn parse(ctx: &TcContext, p: &mut Pkt) -> Option<()> {
     let eth_proto = u16::from_be(ctx.load::<u16>(12).ok()?);
     if eth_proto == ETH_P_IP {
         let vihl = ctx.load::<u8>(ETH_HLEN).ok()?;
@@ -301,7 +301,7 @@ fn drop() -> i32 {
 }
 
 #[inline(always)]
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     // SAFETY: a helper without side effects on memory.
     unsafe { bpf_ktime_get_ns() }
 }
@@ -321,7 +321,7 @@ fn alive(last_ns: u64, flags: u16, proto: u8, now: u64) -> bool {
 
 /// A TCP FIN or RST: the flow is ending.
 #[inline(always)]
-fn ending(p: &Pkt) -> bool {
+pub(crate) fn ending(p: &Pkt) -> bool {
     p.tcp_flags & 0x05 != 0
 }
 

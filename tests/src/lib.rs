@@ -7,6 +7,19 @@ use netns_lab::cni::{exec_raw, PluginRun};
 use netns_lab::{Lab, NodeState};
 use serde_json::{json, Value};
 
+/// Runs each named test once per dataplane: `iptables::name` and `ebpf::name`, one suite for both.
+#[macro_export]
+macro_rules! every_dataplane {
+    ($($name:ident),* $(,)?) => {
+        mod iptables {
+            $( #[test] fn $name() { super::$name("iptables") } )*
+        }
+        mod ebpf {
+            $( #[test] fn $name() { super::$name("ebpf") } )*
+        }
+    };
+}
+
 /// A lab with one node `n1` (on the underlay, with an outside host) and nothing else.
 pub struct OneNode {
     pub lab: Lab,

@@ -1,4 +1,5 @@
-//! NetworkPolicy through tartan-proxy (iptables), on the conformance topology (netns_lab::reachability): namespaces
+//! NetworkPolicy through tartan-proxy, each test once per dataplane (`iptables::`, `ebpf::`), on the conformance
+//! topology (netns_lab::reachability): namespaces
 //! x, y, z with pods a, b, c over two nodes, each serving TCP and UDP on 80 and 81. A case is a set of policies
 //! (and label changes) and the matrix it should give; the expected matrix comes from [`reference`], a deliberately
 //! plain evaluator written from the Kubernetes documentation, not from the proxy's code.
@@ -180,6 +181,7 @@ struct Env {
     ns_labels: BTreeMap<String, reference::Labels>,
     /// The proxies' PIDs by node.
     proxies: BTreeMap<String, u32>,
+    mode: &'static str,
 }
 
 fn labels(pairs: &[(&str, &str)]) -> reference::Labels {
@@ -187,17 +189,17 @@ fn labels(pairs: &[(&str, &str)]) -> reference::Labels {
 }
 
 impl Env {
-    fn new(tag: &str) -> Env {
+    fn new(tag: &str, mode: &'static str) -> Env {
         let mut lab = Lab::new(tag).expect("lab");
         lab.build_cluster(2, Backend::Vxlan, 1).expect("cluster");
-        let proxies = ["n1", "n2"].map(|n| (n.to_string(), lab.start_proxy(n, &[]).unwrap())).into();
+        let proxies = ["n1", "n2"].map(|n| (n.to_string(), lab.start_proxy(n, &["--mode", mode]).unwrap())).into();
         let topo = Topology::build(&mut lab, &["n1", "n2"]).expect("topology");
         let pod_labels = topo.pods.iter().map(|p| (p.id.clone(), labels(&[("pod", &p.name)]))).collect();
         let ns_labels = ["x", "y", "z"]
             .iter()
             .map(|ns| (ns.to_string(), labels(&[("ns", ns), ("kubernetes.io/metadata.name", ns)])))
             .collect();
-        Env { lab, topo, pod_labels, ns_labels, proxies }
+        Env { lab, topo, pod_labels, ns_labels, proxies, mode }
     }
 
     fn apply(&self, yaml: &str) {
@@ -322,9 +324,8 @@ fn reference_evaluator_agrees_with_hand_checked_cases() {
 }
 
 /// Every rule family of networking.k8s.io/v1, one case each, on one topology.
-#[test]
-fn conformance_cases_match_the_reference_evaluator() {
-    let mut env = Env::new("np-cases");
+fn conformance_cases_match_the_reference_evaluator(mode: &'static str) {
+    let mut env = Env::new("np-cases", mode);
     let ip = |id: &str| env.topo.pod(id).ip;
     let (yb, zc) = (ip("y/b"), ip("z/c"));
     let seeds = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/netpol.yaml")).unwrap();
@@ -386,9 +387,8 @@ fn conformance_cases_match_the_reference_evaluator() {
 }
 
 /// Pod and namespace label changes, and policy updates, take effect for new connections within 1 s.
-#[test]
-fn label_changes_and_policy_updates_take_effect_within_a_second() {
-    let mut env = Env::new("np-change");
+fn label_changes_and_policy_updates_take_effect_within_a_second(mode: &'static str) {
+    let mut env = Env::new("np-change", mode);
     let tcp80 = Probe { proto: Proto::Tcp, port: 80 };
     let reach = |env: &Env, s: &str, d: &str| {
         let m = env.topo.probe(Duration::from_millis(500));
@@ -500,20 +500,46 @@ fn send_sctp_init(netns: &str, ip: std::net::IpAddr, port: u16) {
     .unwrap();
 }
 
-/// Policy meets the rest of the node: Service DNAT (policy sees the real pod and port), the node's own traffic
-/// (exempt), a pod forging another pod's address (dropped at its veth), and SCTP (programmed, checked with crafted
+/// The packets a node's dataplane counted as sent with another pod's address: the anti-spoofing rules' counters
+/// (iptables), or the programs' counter (eBPF, read from the pinned stats map).
+fn forged_drops(env: &Env, node: &str, pod: &str) -> u64 {
+    if env.mode == "ebpf" {
+        let map = env.lab.node_bpf_root(node).join(ebpf_maps::names::STATS);
+        let out =
+            std::process::Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(&map).output().unwrap();
+        let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        // Without BTF, bpftool prints keys and values as arrays of hex bytes (little endian here).
+        let le = |v: &serde_json::Value| -> u64 {
+            v.as_array().into_iter().flatten().rev().fold(0u64, |n, b| {
+                (n << 8) | u64::from_str_radix(b.as_str().unwrap_or("0").trim_start_matches("0x"), 16).unwrap_or(0)
+            })
+        };
+        let entry =
+            dump.as_array().into_iter().flatten().find(|e| le(&e["key"]) == ebpf_maps::stats::POLICY_SPOOFED as u64);
+        return entry.map_or(0, |e| e["values"].as_array().into_iter().flatten().map(|v| le(&v["value"])).sum::<u64>());
+    }
+    let ns = env.lab.node(node).unwrap().ns.clone();
+    let out = env.lab.exec(&ns, &["iptables", "-w", "-t", "filter", "-L", "TARTAN-POLICY", "-v", "-n", "-x"]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .filter(|l| l.contains(&format!("{pod}: not its address")))
+        .map(|l| l.split_whitespace().next().unwrap().parse::<u64>().unwrap())
+        .sum::<u64>()
+}
+
+/// Policy meets the rest of the node: Service translation (policy sees the real pod and port), the node's own
+/// traffic (exempt), a pod forging another pod's address (dropped at its veth), and SCTP (checked with crafted
 /// INIT chunks captured at the destination).
-#[test]
-fn policy_composes_with_services_host_traffic_forged_sources_and_sctp() {
-    let mut env = Env::new("np-misc");
+fn policy_composes_with_services_host_traffic_forged_sources_and_sctp(mode: &'static str) {
+    let env = Env::new("np-misc", mode);
     let xa = env.topo.pod("x/a").clone();
     // x/a takes TCP 80 from namespace y only; a Service in x maps 8080 to x/a's serve-80-tcp.
     env.apply(&policy("x", "only-y", "  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}], ports: [{port: 80}]}]"));
     env.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: x}\nspec: {clusterIP: 10.96.0.20, selector: {pod: a}, ports: [{port: 8080, targetPort: serve-80-tcp}]}\n");
+    // A client process in the node's cgroup (the eBPF dataplane translates Service addresses at connect()).
     let connect = |from: &str, ip: &str, port: u16| {
-        let ns = netns::NetNs::named(from).unwrap();
-        let to = std::net::SocketAddr::new(ip.parse().unwrap(), port);
-        ns.run(|| std::net::TcpStream::connect_timeout(&to, Duration::from_millis(500)).is_ok()).unwrap()
+        let to = format!("TCP:{ip}:{port},connect-timeout=0.5");
+        env.lab.exec_status(from, &["socat", "-u", "/dev/null", &to]).unwrap().status.success()
     };
     let (yb, zb) = (env.topo.pod("y/b").netns.clone(), env.topo.pod("z/b").netns.clone());
     assert!(wait_for(Duration::from_secs(5), || !connect(&zb, &xa.ip.to_string(), 80)), "the policy is in place");
@@ -565,17 +591,7 @@ fn policy_composes_with_services_host_traffic_forged_sources_and_sctp() {
     let from_yb = lines.iter().filter(|l| l.contains(&format!("{yb_ip}."))).count();
     assert_eq!(from_yb, 1, "the genuine y/b datagram arrives, the forged one does not: {lines:?}");
     assert!(!lines.iter().any(|l| l.contains(&zb_ip)), "{lines:?}");
-    let n_forged = |node: &str| {
-        let ns = env.lab.node(node).unwrap().ns.clone();
-        let out =
-            env.lab.exec(&ns, &["iptables", "-w", "-t", "filter", "-L", "TARTAN-POLICY", "-v", "-n", "-x"]).unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.lines()
-            .filter(|l| l.contains("z/b: not its address"))
-            .map(|l| l.split_whitespace().next().unwrap().parse::<u64>().unwrap())
-            .sum::<u64>()
-    };
-    assert!(n_forged(&env.topo.pod("z/b").node) >= 1, "dropped by z/b's anti-spoofing rule");
+    assert!(forged_drops(&env, &env.topo.pod("z/b").node, "z/b") >= 1, "dropped by z/b's anti-spoofing check");
 
     // SCTP: y/a takes SCTP on port 80 only. Crafted INITs from x/b: port 80 arrives, port 81 does not.
     env.apply(&policy(
@@ -584,19 +600,53 @@ fn policy_composes_with_services_host_traffic_forged_sources_and_sctp() {
         "  podSelector: {matchLabels: {pod: a}}\n  ingress: [{ports: [{protocol: SCTP, port: 80}]}]",
     ));
     let ya = env.topo.pod("y/a").clone();
-    let node = env.lab.node(&ya.node).unwrap().ns.clone();
-    let save = || {
-        String::from_utf8_lossy(&env.lab.exec(&node, &["iptables-save", "-t", "filter"]).unwrap().stdout).into_owned()
-    };
-    assert!(wait_for(Duration::from_secs(5), || save().contains("-p sctp -m sctp --dport 80")), "{}", save());
-    let cap = netns_lab::Capture::start(&ya.netns, "eth0", "ip proto 132").unwrap();
+    // In place once TCP to y/a is refused (the policy lets SCTP only in).
     let xb = env.topo.pod("x/b").netns.clone();
+    assert!(wait_for(Duration::from_secs(5), || !connect(&xb, &ya.ip.to_string(), 80)), "the SCTP-only policy");
+    let cap = netns_lab::Capture::start(&ya.netns, "eth0", "ip proto 132").unwrap();
     send_sctp_init(&xb, ya.ip, 80);
     send_sctp_init(&xb, ya.ip, 81);
     std::thread::sleep(Duration::from_millis(300));
     let lines = cap.stop().unwrap();
     assert_eq!(lines.len(), 1, "only the INIT to port 80 arrives: {lines:?}");
     assert!(lines[0].contains(".80:") || lines[0].contains(".http:"), "{lines:?}");
+
+    if mode == "ebpf" {
+        // Each pod's veth carries the policy programs (pinned links), and nothing of policy is left in iptables.
+        for n in ["n1", "n2"] {
+            let links: Vec<String> = std::fs::read_dir(env.lab.node_bpf_root(n).join("links"))
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            let pods = env.topo.pods.iter().filter(|p| p.node == n).count();
+            let from_pod = links.iter().filter(|l| l.starts_with("tartan_from_pod@")).count();
+            let to_pod = links.iter().filter(|l| l.starts_with("tartan_to_pod@")).count();
+            assert_eq!((from_pod, to_pod), (pods, pods), "{n}: {links:?}");
+            let ns = env.lab.node(n).unwrap().ns.clone();
+            let save = env.lab.exec(&ns, &["iptables-save", "-t", "filter"]).unwrap();
+            let save = String::from_utf8_lossy(&save.stdout);
+            assert!(!save.contains("TARTAN-PI-") && !save.contains("TARTAN-PE-"), "{save}");
+        }
+    }
+}
+
+/// iptables only: the policy chains and sets are repaired when changed by hand, the idle check finds no drift
+/// where there is none, and --cleanup removes them.
+#[test]
+fn iptables_policy_chains_and_sets_are_repaired_and_cleaned_up() {
+    let mut env = Env::new("np-repair", "iptables");
+    let ya = env.topo.pod("y/a").clone();
+    let node = env.lab.node(&ya.node).unwrap().ns.clone();
+    env.apply(&policy(
+        "y",
+        "sctp",
+        "  podSelector: {matchLabels: {pod: a}}\n  ingress: [{ports: [{protocol: SCTP, port: 80}]}]",
+    ));
+    let save = || {
+        String::from_utf8_lossy(&env.lab.exec(&node, &["iptables-save", "-t", "filter"]).unwrap().stdout).into_owned()
+    };
+    assert!(wait_for(Duration::from_secs(5), || save().contains("-p sctp -m sctp --dport 80")), "{}", save());
 
     // A rule taken out of TARTAN-POLICY by hand (a revert, as seen once in the lab) is put back by the idle check.
     let policy_rules = || {
@@ -661,13 +711,19 @@ fn policy_composes_with_services_host_traffic_forged_sources_and_sctp() {
     assert!(!String::from_utf8_lossy(&sets.stdout).contains("TARTAN-"), "sets left behind");
 }
 
-/// Dual stack: a pod's IPv6 address is policed like its IPv4 one (ip6tables chains and inet6 sets).
-#[test]
-fn ipv6_traffic_of_dual_stack_pods_is_policed_too() {
+tartan_e2e::every_dataplane!(
+    conformance_cases_match_the_reference_evaluator,
+    label_changes_and_policy_updates_take_effect_within_a_second,
+    policy_composes_with_services_host_traffic_forged_sources_and_sctp,
+    ipv6_traffic_of_dual_stack_pods_is_policed_too,
+);
+
+/// Dual stack: a pod's IPv6 address is policed like its IPv4 one (iptables: ip6tables chains and inet6 sets).
+fn ipv6_traffic_of_dual_stack_pods_is_policed_too(mode: &'static str) {
     let mut lab = Lab::new("np-v6").expect("lab");
     lab.build_cluster_with(2, &Backend::Vxlan.dual_stack_config(), 1).expect("cluster");
     for n in ["n1", "n2"] {
-        lab.start_proxy(n, &[]).unwrap();
+        lab.start_proxy(n, &["--mode", mode]).unwrap();
     }
     let docs = [namespace_manifest("x", &[("ns", "x")]), namespace_manifest("y", &[("ns", "y")])]
         .into_iter()
@@ -706,6 +762,9 @@ fn ipv6_traffic_of_dual_stack_pods_is_policed_too() {
     assert!(out.status.success());
     assert!(wait_for(Duration::from_secs(5), || !connect("x/b", "x/a")), "x/b is refused over IPv6");
     assert!(connect("y/b", "x/a"), "y/b is let in over IPv6");
+    if mode != "iptables" {
+        return;
+    }
     let n1 = lab.node("n1").unwrap().ns.clone();
     let save =
         String::from_utf8_lossy(&lab.exec(&n1, &["ip6tables-save", "-t", "filter"]).unwrap().stdout).into_owned();

@@ -20,18 +20,6 @@ fn probe_failures(child: std::process::Child) -> Vec<String> {
     String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect()
 }
 
-/// Runs each named test once per dataplane: `iptables::name` and `ebpf::name`, one suite for both.
-macro_rules! every_dataplane {
-    ($($name:ident),* $(,)?) => {
-        mod iptables {
-            $( #[test] fn $name() { super::$name("iptables") } )*
-        }
-        mod ebpf {
-            $( #[test] fn $name() { super::$name("ebpf") } )*
-        }
-    };
-}
-
 impl Cluster {
     fn new(tag: &str) -> Cluster {
         Cluster::with(tag, "iptables", Backend::Vxlan, &[])
@@ -1042,7 +1030,7 @@ fn ebpf_a_node_process_reaches_a_cluster_ip_without_any_route_to_it() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("web-b "), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
-every_dataplane!(
+tartan_e2e::every_dataplane!(
     a_kill_9_of_the_proxy_under_new_connections_loses_none_and_the_next_start_adopts_its_state,
     a_connected_udp_client_gets_answers_from_a_live_backend_after_its_backend_goes,
     cluster_ip_balances_over_pods_on_both_nodes_and_keeps_the_client_address,

@@ -29,6 +29,18 @@ pub mod names {
     /// pinned links.
     pub const TC_INGRESS: &str = "tartan_from_outside";
     pub const TC_EGRESS: &str = "tartan_to_outside";
+    /// NetworkPolicy: the pods on this node (by host-side veth), their allowed peers, ports and named ports, and
+    /// the flows they allowed.
+    pub const POLICY_PODS: &str = "TARTAN_POL_POD";
+    pub const POLICY_PEERS: &str = "TARTAN_POL_PEER";
+    pub const POLICY_PORTS: &str = "TARTAN_POL_PORT";
+    pub const POLICY_NAMED: &str = "TARTAN_POL_NAMED";
+    pub const POLICY_CT: &str = "TARTAN_POL_CT";
+    /// The node's own addresses: its traffic to its pods is not subject to policy.
+    pub const HOST_ADDRS: &str = "TARTAN_HOST";
+    /// The tc programs on every pod's host-side veth: its ingress is the pod's egress and the other way round.
+    pub const TC_FROM_POD: &str = "tartan_from_pod";
+    pub const TC_TO_POD: &str = "tartan_to_pod";
 }
 
 /// Map sizes. SERVICES holds a frontend slot plus one slot per backend for every (address, port, protocol): a
@@ -43,6 +55,17 @@ pub const AFFINITY_MAX: u32 = 1 << 16;
 pub const CONNTRACK_MAX: u32 = 1 << 18;
 /// Interfaces with a node address, per family (the address flows to remote endpoints are translated to).
 pub const IFADDR_MAX: u32 = 256;
+/// Pods on this node, and the node's addresses.
+pub const POLICY_PODS_MAX: u32 = 4096;
+pub const HOST_ADDRS_MAX: u32 = 1024;
+/// Prefixes of allowed peers and port ranges (per pod, direction and family), and named-port members.
+pub const POLICY_RULES_MAX: u32 = 1 << 18;
+/// Flows pods sent or accepted (one entry per direction of each, least recently used out first).
+pub const POLICY_CT_MAX: u32 = 1 << 18;
+/// A policy flow without a packet for this long is forgotten (its next packet is decided again): TCP as the
+/// kernel's established timeout, other protocols as its UDP stream timeout.
+pub const POLICY_CT_TCP_SECS: u64 = 432_000;
+pub const POLICY_CT_OTHER_SECS: u64 = 120;
 
 /// How long a flow from outside keeps its backend without a packet (Cilium's defaults: TCP 6 h, the rest 60 s).
 pub const CT_TCP_SECS: u64 = 21_600;
@@ -93,6 +116,46 @@ pub mod ct {
     pub const CLOSING: u16 = 2;
 }
 
+/// NetworkPolicy in the maps. A pod is known by the index of its host-side veth, and points at its rule group
+/// (per family); a group's allow rules are grouped in up to [`policy::CLASSES`] classes (rules with the same ports are one class: their peers are unioned), each a bit
+/// of a u64. A packet is allowed when a class holds both its peer (TARTAN_POL_PEER, longest prefix) and its
+/// protocol and port (TARTAN_POL_PORT, longest prefix), or its peer, protocol and port as a named-port member of
+/// the class (TARTAN_POL_NAMED, for egress named ports).
+pub mod policy {
+    /// Directions, as the pod sees them.
+    pub const INGRESS: u8 = 0;
+    pub const EGRESS: u8 = 1;
+    /// Address families in keys.
+    pub const V4: u8 = 4;
+    pub const V6: u8 = 6;
+    /// Classes per pod, direction and family: the bits of a u64.
+    pub const CLASSES: usize = 64;
+    /// The bits of a peer key before its address, and of a port key before its protocol and port.
+    pub const PEER_PREFIX: u32 = 64;
+    pub const PORT_ANY_PREFIX: u32 = 48;
+    pub const PORT_PROTO_PREFIX: u32 = 64;
+    /// A pod's flags: which addresses it has, and in which direction and family it is isolated.
+    pub const HAS_V4: u32 = 1;
+    pub const HAS_V6: u32 = 2;
+    pub const ISOLATED_IN4: u32 = 4;
+    pub const ISOLATED_OUT4: u32 = 8;
+    pub const ISOLATED_IN6: u32 = 16;
+    pub const ISOLATED_OUT6: u32 = 32;
+
+    /// The isolation flag of a direction and family.
+    pub const fn isolated(dir: u8, v6: bool) -> u32 {
+        match (dir, v6) {
+            (INGRESS, false) => ISOLATED_IN4,
+            (INGRESS, true) => ISOLATED_IN6,
+            (_, false) => ISOLATED_OUT4,
+            (_, true) => ISOLATED_OUT6,
+        }
+    }
+
+    /// A tracked flow's flags: a TCP FIN or RST was seen.
+    pub const CLOSING: u32 = 1;
+}
+
 /// STATS (per CPU) indexes.
 pub mod stats {
     /// Connections and datagrams translated to a backend.
@@ -109,7 +172,13 @@ pub mod stats {
     pub const TC_DROP: u32 = 6;
     /// tc: refused (no endpoint at all).
     pub const TC_REFUSED: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// NetworkPolicy: packets a pod sent with another source address, and new flows its policy does not allow.
+    pub const POLICY_SPOOFED: u32 = 8;
+    pub const POLICY_DENIED_EGRESS: u32 = 9;
+    pub const POLICY_DENIED_INGRESS: u32 = 10;
+    /// ... and new flows it allows (tracked from then on).
+    pub const POLICY_ALLOWED: u32 = 11;
+    pub const COUNT: u32 = 12;
 }
 
 /// A service frontend (address, port, protocol) and a slot: 0 is the frontend itself, 1..=count its backends.
@@ -238,6 +307,77 @@ pub struct IfAddrKey {
     pub family: u32,
 }
 
+/// A pod on this node (the key: its host-side veth's index): its addresses (of the families in `flags`), its
+/// isolation ([`policy`] flags), and the rule group of each family. Pods with the same rules share a group, so
+/// that 200 pods of one Deployment hold their rules once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PodValue {
+    pub addr4: [u8; 16],
+    pub addr6: [u8; 16],
+    pub flags: u32,
+    pub group4: u32,
+    pub group6: u32,
+    pub _pad: u32,
+}
+
+/// A peer prefix of a rule group's direction and family (an LPM key's data: the prefix length counts from
+/// `group`, so every entry covers the first [`policy::PEER_PREFIX`] bits exactly).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerKey {
+    pub group: u32,
+    pub dir: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+    pub addr: [u8; 16],
+}
+
+/// A port prefix of a rule group's direction and family: [`policy::PORT_ANY_PREFIX`] bits cover every protocol,
+/// [`policy::PORT_PROTO_PREFIX`] every port of `proto`, and up to 16 more a range of `port` (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortKey {
+    pub group: u32,
+    pub dir: u8,
+    pub family: u8,
+    pub proto: u8,
+    pub _pad: u8,
+    pub port: u16,
+    pub _pad2: [u8; 2],
+}
+
+/// A named-port member (address, protocol, port) of a rule group's direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NamedKey {
+    /// The group, direction, family, protocol and port (all of them: no prefix here).
+    pub port: PortKey,
+    pub addr: [u8; 16],
+}
+
+/// A flow a pod sent ([`policy::EGRESS`]) or accepted ([`policy::INGRESS`]), as its first packet carried it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyFlowKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+
+/// When a tracked flow was last seen, and its [`policy::CLOSING`] flag.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyFlowValue {
+    pub last_ns: u64,
+    pub flags: u32,
+    pub _pad: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -253,6 +393,12 @@ mod pod {
     unsafe impl aya::Pod for NatValue {}
     unsafe impl aya::Pod for ExtAffinityKey {}
     unsafe impl aya::Pod for IfAddrKey {}
+    unsafe impl aya::Pod for PodValue {}
+    unsafe impl aya::Pod for PeerKey {}
+    unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for NamedKey {}
+    unsafe impl aya::Pod for PolicyFlowKey {}
+    unsafe impl aya::Pod for PolicyFlowValue {}
 }
 
 #[cfg(test)]
@@ -273,5 +419,11 @@ mod tests {
         assert_eq!(size_of::<NatValue>(), 48);
         assert_eq!(size_of::<ExtAffinityKey>(), 40);
         assert_eq!(size_of::<IfAddrKey>(), 8);
+        assert_eq!(size_of::<PodValue>(), 48);
+        assert_eq!(size_of::<PeerKey>(), 24);
+        assert_eq!(size_of::<PortKey>(), 12);
+        assert_eq!(size_of::<NamedKey>(), 28);
+        assert_eq!(size_of::<PolicyFlowKey>(), 40);
+        assert_eq!(size_of::<PolicyFlowValue>(), 16);
     }
 }

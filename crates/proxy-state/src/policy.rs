@@ -113,7 +113,7 @@ pub struct PodPolicy {
 }
 
 /// One allow rule: any of `peers` (None: anyone) on any of `ports` (None: every port and protocol).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Rule {
     /// The sets holding the peer addresses.
     pub peers: Option<Vec<SetRef>>,

@@ -1,5 +1,5 @@
-//! Loading the programs, attaching them to the node's cgroup and to the interfaces that carry node addresses (tcx
-//! ingress and egress), and pinning everything under `--bpf-root`: the maps (`TARTAN_*`, reused by the next start,
+//! Loading the programs, attaching them to the node's cgroup, to the interfaces that carry node addresses and to
+//! the pods' host-side veths (tcx ingress and egress), and pinning everything under `--bpf-root`: the maps (`TARTAN_*`, reused by the next start,
 //! which adopts what they hold) and one link per program (`links/<name>`, `links/<name>@<interface>`), which keeps
 //! the program attached while no proxy runs. A new start attaches its programs next to the pinned ones, then
 //! unpins and drops the old links, so that there is no moment without translation (two programs in a row are
@@ -11,11 +11,14 @@ use std::path::{Path, PathBuf};
 
 use std::collections::BTreeMap;
 
+use aya::maps::lpm_trie::LpmTrie;
 use aya::maps::{HashMap, MapData};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
-use ebpf_maps::{names, CtValue, FlowKey, IfAddrKey, NatValue, ServiceKey, ServiceValue};
+use ebpf_maps::{
+    names, CtValue, FlowKey, IfAddrKey, NamedKey, NatValue, PeerKey, PodValue, PortKey, ServiceKey, ServiceValue,
+};
 use proxy_state::{DataplaneError, ErrorKind};
 
 /// The programs, built by build.rs.
@@ -31,17 +34,29 @@ pub struct Attached {
     pub conntrack: HashMap<MapData, FlowKey, CtValue>,
     pub nat: HashMap<MapData, FlowKey, NatValue>,
     pub ifaddr: HashMap<MapData, IfAddrKey, [u8; 16]>,
+    pub pol_pods: HashMap<MapData, u32, PodValue>,
+    pub pol_peers: LpmTrie<MapData, PeerKey, u64>,
+    pub pol_ports: LpmTrie<MapData, PortKey, u64>,
+    pub pol_named: HashMap<MapData, NamedKey, u64>,
+    pub host: HashMap<MapData, [u8; 16], u8>,
     /// The cgroup programs' links.
     pub links: Vec<PinnedLink>,
     /// Per interface name, its index when attached and its tc links (ingress, egress).
     pub tc: BTreeMap<String, (u32, Vec<PinnedLink>)>,
+    /// ... and per pod veth.
+    pub pod_tc: BTreeMap<String, (u32, Vec<PinnedLink>)>,
     /// The size the conntrack and NAT maps were made with.
     pub conntrack_max: u32,
 }
 
-/// The tc programs and where they attach.
-const TC: [(&str, TcAttachType); 2] =
+/// The tc programs of interfaces with node addresses, and where they attach.
+pub const NODE_TC: [(&str, TcAttachType); 2] =
     [(names::TC_INGRESS, TcAttachType::Ingress), (names::TC_EGRESS, TcAttachType::Egress)];
+/// ... and of pods' host-side veths: what enters from the pod is its egress.
+pub const POD_TC: [(&str, TcAttachType); 2] =
+    [(names::TC_FROM_POD, TcAttachType::Ingress), (names::TC_TO_POD, TcAttachType::Egress)];
+
+type TcProgs = [(&'static str, TcAttachType); 2];
 
 fn tc_pin(bpf_root: &Path, prog: &str, ifname: &str) -> PathBuf {
     links_dir(bpf_root).join(format!("{prog}@{}", pin_escape(ifname)))
@@ -57,10 +72,29 @@ fn pin_unescape(pinned: &str) -> String {
 }
 
 impl Attached {
-    /// Attaches the tc programs to `ifname` (tcx: after whatever is there), replacing links a previous run pinned.
+    /// Attaches the node tc programs to `ifname` (tcx: after whatever is there), replacing links a previous run
+    /// pinned.
     pub fn attach_tc(&mut self, bpf_root: &Path, ifname: &str, index: u32) -> Result<(), DataplaneError> {
+        let links = self.attach_progs(bpf_root, ifname, &NODE_TC)?;
+        self.tc.insert(ifname.to_string(), (index, links));
+        Ok(())
+    }
+
+    /// Attaches the policy programs to a pod's host-side veth.
+    pub fn attach_pod(&mut self, bpf_root: &Path, ifname: &str, index: u32) -> Result<(), DataplaneError> {
+        let links = self.attach_progs(bpf_root, ifname, &POD_TC)?;
+        self.pod_tc.insert(ifname.to_string(), (index, links));
+        Ok(())
+    }
+
+    fn attach_progs(
+        &mut self,
+        bpf_root: &Path,
+        ifname: &str,
+        progs: &TcProgs,
+    ) -> Result<Vec<PinnedLink>, DataplaneError> {
         let mut links = Vec::new();
-        for (name, kind) in TC {
+        for &(name, kind) in progs {
             let what = |step: &str| format!("{step} {name} on {ifname}");
             let prog: &mut SchedClassifier = self
                 .ebpf
@@ -72,26 +106,37 @@ impl Attached {
             let link = prog.take_link(id).map_err(|e| prerequisite(what("taking the link of"), e))?;
             links.push(pin_link(link, &tc_pin(bpf_root, name, ifname), what)?);
         }
-        self.tc.insert(ifname.to_string(), (index, links));
-        Ok(())
+        Ok(links)
     }
 
-    /// Detaches the tc programs from `ifname` (gone from the node's addresses, or gone altogether).
+    /// Detaches the node tc programs from `ifname` (gone from the node's addresses, or gone altogether).
     pub fn detach_tc(&mut self, bpf_root: &Path, ifname: &str) {
         self.tc.remove(ifname);
-        for (name, _) in TC {
+        for (name, _) in NODE_TC {
+            let _ = release(&tc_pin(bpf_root, name, ifname));
+        }
+    }
+
+    /// Detaches the policy programs from a pod's veth (or forgets their pins once the veth is gone).
+    pub fn detach_pod(&mut self, bpf_root: &Path, ifname: &str) {
+        self.pod_tc.remove(ifname);
+        for (name, _) in POD_TC {
             let _ = release(&tc_pin(bpf_root, name, ifname));
         }
     }
 }
 
-/// Interfaces a previous run pinned tc links for.
-pub fn pinned_tc_interfaces(bpf_root: &Path) -> Vec<String> {
+/// Interfaces a previous run pinned links of `progs` for.
+pub fn pinned_tc_interfaces(bpf_root: &Path, progs: &TcProgs) -> Vec<String> {
     let mut out: Vec<String> = std::fs::read_dir(links_dir(bpf_root))
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.split_once('@')).map(|(_, i)| pin_unescape(i)))
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_string();
+            let (prog, i) = name.split_once('@')?;
+            progs.iter().any(|(p, _)| *p == prog).then(|| pin_unescape(i))
+        })
         .collect();
     out.sort();
     out.dedup();
@@ -160,7 +205,7 @@ pub fn attach(cgroup: &Path, bpf_root: &Path, conntrack_max: u32) -> Result<Atta
         let link = prog.take_link(id).map_err(|e| prerequisite(what("taking the link of"), e))?;
         links.push(pin_link(link, &links_dir(bpf_root).join(name), what)?);
     }
-    for (name, _) in TC {
+    for (name, _) in NODE_TC.iter().chain(&POD_TC) {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or_else(|| prerequisite(format!("finding {name}"), "not in the object"))?
@@ -176,7 +221,31 @@ pub fn attach(cgroup: &Path, bpf_root: &Path, conntrack_max: u32) -> Result<Atta
     let conntrack = map(&mut ebpf, names::CONNTRACK)?;
     let nat = map(&mut ebpf, names::NAT)?;
     let ifaddr = map(&mut ebpf, names::IFADDR)?;
-    Ok(Attached { ebpf, services, conntrack, nat, ifaddr, links, tc: BTreeMap::new(), conntrack_max })
+    let pol_pods = map(&mut ebpf, names::POLICY_PODS)?;
+    let pol_named = map(&mut ebpf, names::POLICY_NAMED)?;
+    let host = map(&mut ebpf, names::HOST_ADDRS)?;
+    fn lpm<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &str) -> Result<LpmTrie<MapData, K, V>, DataplaneError> {
+        let m = ebpf.take_map(name).ok_or_else(|| prerequisite(format!("the map {name}"), "not in the object"))?;
+        LpmTrie::try_from(m).map_err(|e| prerequisite(format!("the map {name}"), e))
+    }
+    let pol_peers = lpm(&mut ebpf, names::POLICY_PEERS)?;
+    let pol_ports = lpm(&mut ebpf, names::POLICY_PORTS)?;
+    Ok(Attached {
+        ebpf,
+        services,
+        conntrack,
+        nat,
+        ifaddr,
+        pol_pods,
+        pol_peers,
+        pol_ports,
+        pol_named,
+        host,
+        links,
+        tc: BTreeMap::new(),
+        pod_tc: BTreeMap::new(),
+        conntrack_max,
+    })
 }
 
 /// aya reuses a pinned map as it is. A pin left by another layout (an older Tartan: other key or value sizes,
@@ -184,7 +253,7 @@ pub fn attach(cgroup: &Path, bpf_root: &Path, conntrack_max: u32) -> Result<Atta
 /// made anew (the service map is refilled by the full sync that follows; reverse and affinity entries are lost).
 fn drop_incompatible_pins(bpf_root: &Path, conntrack_max: u32) {
     use std::mem::size_of;
-    let want: [(&str, usize, usize, u32, u32); 8] = [
+    let want: [(&str, usize, usize, u32, u32); 14] = [
         (names::SERVICES, size_of::<ServiceKey>(), size_of::<ServiceValue>(), ebpf_maps::SERVICES_MAX, 1),
         (
             names::REVERSE,
@@ -211,6 +280,19 @@ fn drop_incompatible_pins(bpf_root: &Path, conntrack_max: u32) {
             0,
         ),
         (names::IFADDR, size_of::<IfAddrKey>(), 16, ebpf_maps::IFADDR_MAX, 0),
+        (names::POLICY_PODS, 4, size_of::<PodValue>(), ebpf_maps::POLICY_PODS_MAX, 0),
+        // LPM keys carry their prefix length first.
+        (names::POLICY_PEERS, 4 + size_of::<PeerKey>(), 8, ebpf_maps::POLICY_RULES_MAX, 1),
+        (names::POLICY_PORTS, 4 + size_of::<PortKey>(), 8, ebpf_maps::POLICY_RULES_MAX, 1),
+        (names::POLICY_NAMED, size_of::<NamedKey>(), 8, ebpf_maps::POLICY_RULES_MAX, 1),
+        (
+            names::POLICY_CT,
+            size_of::<ebpf_maps::PolicyFlowKey>(),
+            size_of::<ebpf_maps::PolicyFlowValue>(),
+            ebpf_maps::POLICY_CT_MAX,
+            0,
+        ),
+        (names::HOST_ADDRS, 16, 1, ebpf_maps::HOST_ADDRS_MAX, 0),
     ];
     for (name, key, value, max, flags) in want {
         let pin = bpf_root.join(name);
@@ -256,18 +338,28 @@ fn release(pin: &Path) -> std::io::Result<()> {
 
 /// Whether every program's link is still pinned, the tc ones on `interfaces` included (someone may remove pins by
 /// hand).
-pub fn links_pinned<'a>(bpf_root: &Path, interfaces: impl IntoIterator<Item = &'a String>) -> bool {
+pub fn links_pinned<'a>(
+    bpf_root: &Path,
+    interfaces: impl IntoIterator<Item = &'a String>,
+    pods: impl IntoIterator<Item = &'a String>,
+) -> bool {
+    let pinned = |i: &String, progs: &TcProgs| progs.iter().all(|(n, _)| tc_pin(bpf_root, n, i).exists());
     names::PROGRAMS.iter().all(|n| links_dir(bpf_root).join(n).exists())
-        && interfaces.into_iter().all(|i| TC.iter().all(|(n, _)| tc_pin(bpf_root, n, i).exists()))
+        && interfaces.into_iter().all(|i| pinned(i, &NODE_TC))
+        && pods.into_iter().all(|i| pinned(i, &POD_TC))
 }
 
 /// Detaches every program (unpinning their links) and removes the pinned maps and the directory: what
 /// `--cleanup` does. Missing pieces are fine; the first real failure is returned after trying the rest.
 pub fn remove_all(bpf_root: &Path) -> std::io::Result<()> {
     let mut first = None;
-    let tc = pinned_tc_interfaces(bpf_root)
+    let tc = [&NODE_TC, &POD_TC]
         .into_iter()
-        .flat_map(|i| TC.iter().map(move |(n, _)| format!("{n}@{}", pin_escape(&i))))
+        .flat_map(|progs| {
+            pinned_tc_interfaces(bpf_root, progs)
+                .into_iter()
+                .flat_map(move |i| progs.iter().map(move |(n, _)| format!("{n}@{}", pin_escape(&i))))
+        })
         .collect::<Vec<_>>();
     for name in names::PROGRAMS.iter().map(|n| n.to_string()).chain(tc) {
         if let Err(e) = release(&links_dir(bpf_root).join(name)) {
@@ -283,6 +375,12 @@ pub fn remove_all(bpf_root: &Path) -> std::io::Result<()> {
         names::NAT,
         names::AFFINITY_EXT,
         names::IFADDR,
+        names::POLICY_PODS,
+        names::POLICY_PEERS,
+        names::POLICY_PORTS,
+        names::POLICY_NAMED,
+        names::POLICY_CT,
+        names::HOST_ADDRS,
     ] {
         match std::fs::remove_file(bpf_root.join(map)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

@@ -4,22 +4,25 @@
 //! on every interface holding a node address, which keep their own conntrack and NAT maps ([`attach`], and
 //! `ebpf/src/nodeport.rs`). The service map both read is brought to the desired [`frontends::entries`] by
 //! difference, one map update per changed entry; flows pinned to an endpoint that left are removed from the
-//! conntrack map after it. Not one iptables rule serves a Service: only NetworkPolicy stays on iptables.
+//! conntrack map after it. NetworkPolicy is enforced by tc programs on every pod's host-side veth ([`policy`]
+//! compiles the model into their maps, also by difference). Not one iptables rule serves a Service or a policy.
 //!
 //! Transactional as the iptables dataplane is: `held` (what the map holds) changes entry by entry as the kernel
 //! accepts each update; a failed update forgets it, and the next sync reads the map back and diffs against that.
 
 pub mod attach;
 pub mod frontends;
+pub mod policy;
 pub mod sockets;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use ebpf_maps::{FlowKey, IfAddrKey, ServiceKey};
 use ipnet::IpNet;
-use proxy_state::{Dataplane, DataplaneError, ErrorKind, Held, ServicePort, State, SyncReport};
+use proxy_state::{Dataplane, DataplaneError, ErrorKind, Held, PolicyModel, ServicePort, State, SyncReport};
 
 use crate::iptables::IptablesDataplane;
 use frontends::Entries;
@@ -42,6 +45,10 @@ pub struct EbpfOptions {
 struct NodeAddrs {
     addrs: Vec<IpAddr>,
     interfaces: BTreeMap<String, (u32, Vec<IpAddr>)>,
+    /// Every address of the node (but loopback): its traffic to its pods is not subject to policy.
+    host: BTreeSet<IpAddr>,
+    /// Every link's index by name (the pods' veths among them).
+    links: HashMap<String, u32>,
 }
 
 pub struct EbpfDataplane {
@@ -58,6 +65,12 @@ pub struct EbpfDataplane {
     rules: Held,
     /// Flows from outside tracked, as last counted.
     flows: usize,
+    /// What the policy maps hold (None: unknown, read them back first), and the model and veth indexes they were
+    /// computed from (a sync with the same skips the policy).
+    policy: Option<policy::Entries>,
+    policy_from: Option<(Arc<PolicyModel>, HashMap<String, u32>)>,
+    host: Option<BTreeSet<IpAddr>>,
+    policy_sets: (usize, usize),
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
@@ -74,6 +87,10 @@ impl EbpfDataplane {
             programmed_addrs: Vec::new(),
             rules: Held::default(),
             flows: 0,
+            policy: None,
+            policy_from: None,
+            host: None,
+            policy_sets: (0, 0),
         }
     }
 
@@ -85,11 +102,15 @@ impl EbpfDataplane {
         let links = rt.links().map_err(|e| DataplaneError::new(ErrorKind::Readback, "listing links", e))?;
         // Only interfaces with a link-layer address: the programs parse Ethernet frames (an L3 device such as
         // flannel's udp-backend TUN carries bare IP packets).
+        let mut out = NodeAddrs::default();
+        out.links = links.iter().map(|l| (l.name.clone(), l.index)).collect();
         let names: HashMap<u32, String> =
             links.into_iter().filter(|l| l.mac.is_some()).map(|l| (l.index, l.name)).collect();
-        let mut out = NodeAddrs::default();
         for (index, net) in all {
             let a = net.addr();
+            if !a.is_loopback() {
+                out.host.insert(a);
+            }
             // Not loopback: the programs run in every pod's namespace too, where localhost is the pod itself.
             let usable = !a.is_loopback()
                 && !matches!(a, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80)
@@ -145,12 +166,131 @@ impl EbpfDataplane {
             }
         }
         let mut stale: BTreeSet<String> = a.tc.keys().filter(|n| !node.interfaces.contains_key(*n)).cloned().collect();
-        stale.extend(attach::pinned_tc_interfaces(&root).into_iter().filter(|n| !node.interfaces.contains_key(n)));
+        stale.extend(
+            attach::pinned_tc_interfaces(&root, &attach::NODE_TC)
+                .into_iter()
+                .filter(|n| !node.interfaces.contains_key(n)),
+        );
         for name in stale {
             tracing::info!(interface = %name, "no node address any more: tc programs detached");
             a.detach_tc(&root, &name);
         }
         Ok(())
+    }
+
+    /// The policy programs on exactly the veths of this node's pods, the node's addresses in the host map, and
+    /// the policy maps brought to the model by difference. Order keeps every packet decided by a whole state: the
+    /// rules of a group are written before a pod points at it, and removed only once no pod does.
+    fn sync_policy(&mut self, model: &Arc<PolicyModel>, node: &NodeAddrs, full: bool) -> Result<()> {
+        let root = self.opts.bpf_root.clone();
+        let a = self.attached.as_mut().expect("attached");
+        // The node's addresses first: a pod must never see its node's traffic decided by its policy.
+        let failed = |what: &'static str| move |e| DataplaneError::new(ErrorKind::Sets, what, e);
+        if full || self.host.as_ref() != Some(&node.host) {
+            let have: BTreeSet<[u8; 16]> = a.host.keys().flatten().collect();
+            let want: BTreeSet<[u8; 16]> = node.host.iter().map(|ip| frontends::addr_bytes(*ip)).collect();
+            for k in want.difference(&have) {
+                a.host.insert(k, 1, 0).map_err(failed("updating the host address map"))?;
+            }
+            for k in have.difference(&want) {
+                let _ = a.host.remove(k);
+            }
+            self.host = Some(node.host.clone());
+        }
+        // Programs on every wired pod's veth.
+        let veths: HashMap<String, u32> = model
+            .pods
+            .iter()
+            .filter_map(|p| p.veth.as_ref())
+            .filter_map(|v| node.links.get(v).map(|i| (v.clone(), *i)))
+            .collect();
+        for (name, index) in &veths {
+            if a.pod_tc.get(name).map(|(i, _)| i) != Some(index) {
+                a.attach_pod(&root, name, *index)?;
+            }
+        }
+        let mut stale: BTreeSet<String> = a.pod_tc.keys().filter(|n| !veths.contains_key(*n)).cloned().collect();
+        stale.extend(
+            attach::pinned_tc_interfaces(&root, &attach::POD_TC).into_iter().filter(|n| !veths.contains_key(n)),
+        );
+        for name in stale {
+            tracing::debug!(veth = %name, "pod gone: policy programs detached");
+            a.detach_pod(&root, &name);
+        }
+        let same_input =
+            self.policy_from.as_ref().is_some_and(|(m, v)| (Arc::ptr_eq(m, model) || **m == **model) && *v == veths);
+        if !full && self.policy.is_some() && same_input {
+            return Ok(());
+        }
+        let want = policy::entries(model, &veths);
+        if !want.too_many_classes.is_empty() {
+            tracing::warn!(
+                pods = ?want.too_many_classes,
+                max = ebpf_maps::policy::CLASSES,
+                "more distinct port lists in one direction's rules than the maps hold: that direction allows nothing"
+            );
+        }
+        let have = match self.policy.take() {
+            Some(h) if !full => h,
+            _ => Self::read_policy(a)?,
+        };
+        self.policy_from = None;
+        let mut now = have.clone();
+        let result = Self::apply_policy(a, &have, &want, &mut now);
+        self.policy = Some(now);
+        result?;
+        self.policy_sets = (model.sets.len(), want.peers.len() + want.named.len());
+        self.policy_from = Some((model.clone(), veths));
+        Ok(())
+    }
+
+    fn read_policy(a: &attach::Attached) -> Result<policy::Entries> {
+        let rb = |what: &'static str| move |e| DataplaneError::new(ErrorKind::Readback, what, e);
+        let mut out = policy::Entries::default();
+        for kv in a.pol_pods.iter() {
+            let (k, v) = kv.map_err(rb("reading the policy pod map"))?;
+            out.pods.insert(k, v);
+        }
+        for kv in a.pol_peers.iter() {
+            let (k, v) = kv.map_err(rb("reading the policy peer map"))?;
+            out.peers.insert((k.prefix_len(), k.data()), v);
+        }
+        for kv in a.pol_ports.iter() {
+            let (k, v) = kv.map_err(rb("reading the policy port map"))?;
+            out.ports.insert((k.prefix_len(), k.data()), v);
+        }
+        for kv in a.pol_named.iter() {
+            let (k, v) = kv.map_err(rb("reading the policy named-port map"))?;
+            out.named.insert(k, v);
+        }
+        Ok(out)
+    }
+
+    /// Brings the policy maps from `have` to `want`; `now` follows every update the kernel accepted. Rules and
+    /// pods are written first, pods then rules removed.
+    fn apply_policy(
+        a: &mut attach::Attached,
+        have: &policy::Entries,
+        want: &policy::Entries,
+        now: &mut policy::Entries,
+    ) -> Result<()> {
+        use aya::maps::lpm_trie::Key;
+        put(&want.peers, &have.peers, &mut now.peers, "the policy peer map", |k, v| {
+            a.pol_peers.insert(&Key::new(k.0, k.1), v, 0)
+        })?;
+        put(&want.ports, &have.ports, &mut now.ports, "the policy port map", |k, v| {
+            a.pol_ports.insert(&Key::new(k.0, k.1), v, 0)
+        })?;
+        put(&want.named, &have.named, &mut now.named, "the policy named-port map", |k, v| a.pol_named.insert(k, v, 0))?;
+        put(&want.pods, &have.pods, &mut now.pods, "the policy pod map", |k, v| a.pol_pods.insert(k, v, 0))?;
+        drop_gone(&want.pods, &have.pods, &mut now.pods, "the policy pod map", |k| a.pol_pods.remove(k))?;
+        drop_gone(&want.peers, &have.peers, &mut now.peers, "the policy peer map", |k| {
+            a.pol_peers.remove(&Key::new(k.0, k.1))
+        })?;
+        drop_gone(&want.ports, &have.ports, &mut now.ports, "the policy port map", |k| {
+            a.pol_ports.remove(&Key::new(k.0, k.1))
+        })?;
+        drop_gone(&want.named, &have.named, &mut now.named, "the policy named-port map", |k| a.pol_named.remove(k))
     }
 
     /// Ends the flows from outside pinned to a backend their frontend no longer has (`held` is the whole service
@@ -224,7 +364,9 @@ impl EbpfDataplane {
     fn try_sync(&mut self, state: &State, full: bool) -> Result<SyncReport> {
         let mut repaired = None;
         let tc_ifaces: Vec<String> = self.attached.as_ref().map(|a| a.tc.keys().cloned().collect()).unwrap_or_default();
-        if self.attached.is_some() && !attach::links_pinned(&self.opts.bpf_root, &tc_ifaces) {
+        let pod_ifaces: Vec<String> =
+            self.attached.as_ref().map(|a| a.pod_tc.keys().cloned().collect()).unwrap_or_default();
+        if self.attached.is_some() && !attach::links_pinned(&self.opts.bpf_root, &tc_ifaces, &pod_ifaces) {
             // Someone removed our pins: attach again. The running programs stay attached (our descriptors hold
             // their links) until the new ones are in; replacing `attached` then drops the old links.
             repaired = Some("links");
@@ -237,6 +379,7 @@ impl EbpfDataplane {
         }
         let node = self.node_addresses()?;
         self.sync_interfaces(&node)?;
+        self.sync_policy(&state.policy, &node, full)?;
         let addrs = node.addrs;
         let whole = full || self.held.is_none() || addrs != self.programmed_addrs;
         // The ports to (re)program, each with its entries (computed once: they go to the map and to the cache), and
@@ -312,7 +455,9 @@ impl EbpfDataplane {
         }
         self.programmed = next;
         self.programmed_addrs = addrs;
-        let ipt = self.ipt.sync(state, full)?;
+        // The iptables side keeps its canaries only: no policy chains or sets (a previous iptables-mode run's go).
+        let no_policy = State { policy: Arc::new(PolicyModel::default()), ..state.clone() };
+        let ipt = self.ipt.sync(&no_policy, full)?;
         self.rules = ipt.held;
         Ok(SyncReport {
             wrote: changed_entries > 0 || ipt.wrote,
@@ -321,6 +466,39 @@ impl EbpfDataplane {
             held: self.held(),
         })
     }
+}
+
+/// Writes the entries of `want` that `have` lacks or holds otherwise; `now` follows each accepted write.
+fn put<K: Ord + Copy, V: PartialEq + Copy>(
+    want: &BTreeMap<K, V>,
+    have: &BTreeMap<K, V>,
+    now: &mut BTreeMap<K, V>,
+    what: &str,
+    mut insert: impl FnMut(&K, &V) -> std::result::Result<(), aya::maps::MapError>,
+) -> Result<()> {
+    for (k, v) in want.iter().filter(|(k, v)| have.get(*k) != Some(*v)) {
+        insert(k, v).map_err(|e| DataplaneError::new(ErrorKind::Sets, format!("updating {what}"), e))?;
+        now.insert(*k, *v);
+    }
+    Ok(())
+}
+
+/// Removes the entries of `have` that `want` lacks (one already gone is what was wanted).
+fn drop_gone<K: Ord + Copy, V>(
+    want: &BTreeMap<K, V>,
+    have: &BTreeMap<K, V>,
+    now: &mut BTreeMap<K, V>,
+    what: &str,
+    mut remove: impl FnMut(&K) -> std::result::Result<(), aya::maps::MapError>,
+) -> Result<()> {
+    for k in have.keys().filter(|k| !want.contains_key(*k)) {
+        match remove(k) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(DataplaneError::new(ErrorKind::Sets, format!("removing from {what}"), e)),
+        }
+        now.remove(k);
+    }
+    Ok(())
 }
 
 impl Dataplane for EbpfDataplane {
@@ -336,12 +514,16 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn held(&self) -> Held {
-        let map = self.held.as_ref().map_or(0, |h| h.len());
-        let programs =
-            self.attached.as_ref().map_or(0, |a| a.links.len() + a.tc.values().map(|(_, l)| l.len()).sum::<usize>());
+        let map = self.held.as_ref().map_or(0, |h| h.len()) + self.policy.as_ref().map_or(0, |p| p.len());
+        let programs = self
+            .attached
+            .as_ref()
+            .map_or(0, |a| a.links.len() + a.tc.values().chain(a.pod_tc.values()).map(|(_, l)| l.len()).sum::<usize>());
         Held {
             entries: self.rules.entries + map,
             programs,
+            sets: self.policy_sets.0,
+            set_entries: self.policy_sets.1,
             flows: self.flows,
             flows_max: self.conntrack_max() as usize,
             ..self.rules
@@ -351,6 +533,7 @@ impl Dataplane for EbpfDataplane {
     fn cleanup(&mut self) -> Result<()> {
         self.attached = None;
         self.held = None;
+        self.policy = None;
         attach::remove_all(&self.opts.bpf_root).map_err(|e| {
             DataplaneError::new(ErrorKind::Rules, format!("removing {}", self.opts.bpf_root.display()), e)
         })?;

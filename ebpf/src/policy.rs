@@ -1,0 +1,260 @@
+//! NetworkPolicy at the pod's door: tc programs on every pod's host-side veth. What enters the host from the veth
+//! (`tartan_from_pod`, tcx ingress) is the pod's egress; what leaves the host into it (`tartan_to_pod`, tcx egress)
+//! is its ingress, after the bridge and after any translation (socket load balancing chose the backend at
+//! connect(), the node-port program at the node's interface): the decision is on the real destination.
+//!
+//! Stateful, with a map of our own (TARTAN_POL_CT; the kernel's conntrack is out of reach without kfuncs): the
+//! first packet of a flow is decided by the pod's rules ([`crate::ebpf_maps::policy`]); an allowed flow is recorded
+//! for its direction, and its later packets and its replies pass on that record alone, so a policy change never
+//! cuts a flow that was allowed when it began (as the iptables mode's ESTABLISHED rule). A TCP SYN is always
+//! decided anew (a reused tuple is a new connection).
+//!
+//! Not subject to policy, as in the iptables mode: the node's own traffic to and from its pods (its addresses are
+//! in TARTAN_HOST), IPv6 link-local traffic and neighbour discovery (the link itself), and ICMP errors (what
+//! iptables calls RELATED). A packet a pod sends with another source address is dropped whatever the policy.
+//! IPv4 fragments carry no ports: they are dropped in a direction the pod is isolated in.
+
+use aya_ebpf::bindings::__sk_buff;
+use aya_ebpf::macros::{classifier, map};
+use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::maps::PerCpuArray;
+use aya_ebpf::programs::TcContext;
+use ebpf_maps::policy::{self as pol, EGRESS, INGRESS};
+use ebpf_maps::proto::TCP;
+use ebpf_maps::{stats, NamedKey, PeerKey, PodValue, PolicyFlowKey, PolicyFlowValue, PortKey};
+
+use crate::nodeport::{ending, now, parse, Pkt, ETH_P_IP, ICMP, ICMPV6, NEXT, SHOT, V4_FRAG};
+use crate::{count, same, HOST_ADDRS, POLICY_CT, POLICY_NAMED, POLICY_PEERS, POLICY_PODS, POLICY_PORTS};
+
+/// Working memory (see the node-port programs' Scratch): slot 0 for the pod's egress, 1 for its ingress.
+#[repr(C)]
+struct Scratch {
+    pkt: Pkt,
+    key: PolicyFlowKey,
+    peer: Key<PeerKey>,
+    port: Key<PortKey>,
+    named: NamedKey,
+    pod: PodValue,
+}
+
+#[map]
+static POLICY_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(2, 0);
+
+#[inline(always)]
+fn scratch(slot: u32) -> Option<&'static mut Scratch> {
+    // SAFETY: this CPU's slot, used by one program run at a time.
+    POLICY_SCRATCH.get_ptr_mut(slot).map(|p| unsafe { &mut *p })
+}
+
+/// The pod behind the veth the packet crosses, copied into `s.pod` (false: not a pod of ours).
+#[inline(always)]
+fn pod_of(skb: *mut __sk_buff, s: &mut Scratch) -> bool {
+    // SAFETY: the context is an __sk_buff for tc programs.
+    let ifindex = unsafe { (*skb).ifindex };
+    // SAFETY: copied at once.
+    match unsafe { POLICY_PODS.get(&ifindex) } {
+        Some(p) => {
+            s.pod = *p;
+            true
+        }
+        None => false,
+    }
+}
+
+/// Not a packet policy decides: an IPv6 link-local or unspecified source (the link itself), or neighbour
+/// discovery (which pods on one bridge need to reach each other at all).
+#[inline(always)]
+fn link_local(ctx: &TcContext, p: &Pkt) -> bool {
+    if p.v6 == 0 {
+        return false;
+    }
+    let a = &p.saddr;
+    if (a[0] == 0xfe && (a[1] & 0xc0) == 0x80) || same(a, &[0; 16]) {
+        return true;
+    }
+    p.proto == ICMPV6 && matches!(ctx.load::<u8>(p.l4 as usize), Ok(133..=137))
+}
+
+/// An ICMP error: it only ever answers a packet that was let through.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, p: &Pkt) -> bool {
+    let Ok(kind) = ctx.load::<u8>(p.l4 as usize) else { return false };
+    if p.proto == ICMP {
+        kind == 3 || kind == 11 || kind == 12
+    } else {
+        p.proto == ICMPV6 && (1..=4).contains(&kind)
+    }
+}
+
+/// An IPv4 fragment (parse refuses them: their ports are in the first one only).
+#[inline(always)]
+fn fragment(ctx: &TcContext) -> bool {
+    let Ok(proto) = ctx.load::<u16>(12) else { return false };
+    if u16::from_be(proto) != ETH_P_IP {
+        return false;
+    }
+    matches!(ctx.load::<u16>(V4_FRAG), Ok(f) if u16::from_be(f) & 0x3fff != 0)
+}
+
+#[inline(always)]
+fn host(addr: &[u8; 16]) -> bool {
+    // SAFETY: only whether the key is there.
+    unsafe { HOST_ADDRS.get(addr) }.is_some()
+}
+
+/// Whether the flow `s.key` (with its `dir`) is tracked and alive; refreshes it.
+#[inline(always)]
+fn tracked(s: &mut Scratch, now: u64) -> bool {
+    let Some(v) = POLICY_CT.get_ptr_mut(&s.key) else { return false };
+    // SAFETY: a value of our own map; a racing writer can only write the same kind of data.
+    let v = unsafe { &mut *v };
+    let secs = if s.key.proto == TCP && v.flags & pol::CLOSING == 0 {
+        ebpf_maps::POLICY_CT_TCP_SECS
+    } else {
+        ebpf_maps::POLICY_CT_OTHER_SECS
+    };
+    if now.wrapping_sub(v.last_ns) >= secs * 1_000_000_000 {
+        return false;
+    }
+    // Written at most once a second: a write per packet would bounce the entry's cache line between CPUs.
+    if now.wrapping_sub(v.last_ns) > 1_000_000_000 {
+        v.last_ns = now;
+    }
+    if ending(&s.pkt) {
+        v.flags |= pol::CLOSING;
+    }
+    true
+}
+
+/// The flow key of the packet (`reply`: of the flow it answers) for direction `dir`.
+#[inline(always)]
+fn flow_key(s: &mut Scratch, dir: u8, reply: bool) {
+    let p = &s.pkt;
+    s.key = if reply {
+        PolicyFlowKey {
+            saddr: p.daddr,
+            daddr: p.saddr,
+            sport: p.dport,
+            dport: p.sport,
+            proto: p.proto,
+            dir,
+            _pad: [0; 2],
+        }
+    } else {
+        PolicyFlowKey {
+            saddr: p.saddr,
+            daddr: p.daddr,
+            sport: p.sport,
+            dport: p.dport,
+            proto: p.proto,
+            dir,
+            _pad: [0; 2],
+        }
+    };
+}
+
+/// Whether a rule class of the pod's `group` for `dir` holds `peer` together with the packet's protocol
+/// and destination port.
+#[inline(never)]
+fn allowed(s: &mut Scratch, group: u32, dir: u8, peer_is_src: u8) -> bool {
+    let v6 = s.pkt.v6 != 0;
+    let family = if v6 { pol::V6 } else { pol::V4 };
+    let peer = if peer_is_src != 0 { s.pkt.saddr } else { s.pkt.daddr };
+    let bits = if v6 { 128 } else { 32 };
+    s.peer = Key::new(pol::PEER_PREFIX + bits, PeerKey { group, dir, family, _pad: [0; 2], addr: peer });
+    let peers = POLICY_PEERS.get(&s.peer).copied().unwrap_or(0);
+    if peers == 0 {
+        return false;
+    }
+    let (proto, port) = (s.pkt.proto, s.pkt.dport);
+    s.port = Key::new(pol::PORT_PROTO_PREFIX + 16, PortKey { group, dir, family, proto, _pad: 0, port, _pad2: [0; 2] });
+    let ports = POLICY_PORTS.get(&s.port).copied().unwrap_or(0);
+    if peers & ports != 0 {
+        return true;
+    }
+    s.named = NamedKey { port: s.port.data, addr: peer };
+    // SAFETY: copied at once.
+    let named = unsafe { POLICY_NAMED.get(&s.named) }.copied().unwrap_or(0);
+    peers & named != 0
+}
+
+/// The decision for a packet the pod sends (`dir` EGRESS, on the veth's ingress) or receives (INGRESS).
+#[inline(always)]
+fn decide(ctx: &TcContext, s: &mut Scratch, dir: u8) -> i32 {
+    if parse(ctx, &mut s.pkt).is_none() {
+        // Not IP (ARP): not policy's. An IPv4 fragment: no ports to decide on.
+        if fragment(ctx) {
+            let v6 = false;
+            if s.pod.flags & pol::isolated(dir, v6) != 0 {
+                count(if dir == EGRESS { stats::POLICY_DENIED_EGRESS } else { stats::POLICY_DENIED_INGRESS });
+                return SHOT;
+            }
+        }
+        return NEXT;
+    }
+    if link_local(ctx, &s.pkt) {
+        return NEXT;
+    }
+    let v6 = s.pkt.v6 != 0;
+    if dir == EGRESS {
+        let own = if v6 {
+            s.pod.flags & pol::HAS_V6 != 0 && same(&s.pkt.saddr, &s.pod.addr6)
+        } else {
+            s.pod.flags & pol::HAS_V4 != 0 && same(&s.pkt.saddr, &s.pod.addr4)
+        };
+        if !own {
+            count(stats::POLICY_SPOOFED);
+            return SHOT;
+        }
+        if host(&s.pkt.daddr) {
+            return NEXT;
+        }
+    } else if host(&s.pkt.saddr) {
+        return NEXT;
+    }
+    if icmp_error(ctx, &s.pkt) {
+        return NEXT;
+    }
+    let now = now();
+    // A SYN opens a connection: decided anew even on a tuple seen before.
+    let syn = s.pkt.proto == TCP && s.pkt.tcp_flags & 0x12 == 0x02;
+    if !syn {
+        flow_key(s, dir, false);
+        if tracked(s, now) {
+            return NEXT;
+        }
+        // A reply: the flow was tracked the other way (the pod accepted it, or sent it).
+        flow_key(s, if dir == EGRESS { INGRESS } else { EGRESS }, true);
+        if tracked(s, now) {
+            return NEXT;
+        }
+    }
+    let group = if v6 { s.pod.group6 } else { s.pod.group4 };
+    if s.pod.flags & pol::isolated(dir, v6) != 0 && !allowed(s, group, dir, (dir == INGRESS) as u8) {
+        count(if dir == EGRESS { stats::POLICY_DENIED_EGRESS } else { stats::POLICY_DENIED_INGRESS });
+        return SHOT;
+    }
+    flow_key(s, dir, false);
+    let flags = if ending(&s.pkt) { pol::CLOSING } else { 0 };
+    let _ = POLICY_CT.insert(&s.key, &PolicyFlowValue { last_ns: now, flags, _pad: 0 }, 0);
+    count(stats::POLICY_ALLOWED);
+    NEXT
+}
+
+#[classifier]
+pub fn tartan_from_pod(ctx: TcContext) -> i32 {
+    let Some(s) = scratch(0) else { return NEXT };
+    if !pod_of(ctx.skb.skb, s) {
+        return NEXT;
+    }
+    decide(&ctx, s, EGRESS)
+}
+
+#[classifier]
+pub fn tartan_to_pod(ctx: TcContext) -> i32 {
+    let Some(s) = scratch(1) else { return NEXT };
+    if !pod_of(ctx.skb.skb, s) {
+        return NEXT;
+    }
+    decide(&ctx, s, INGRESS)
+}
