@@ -434,8 +434,15 @@ fn affinity_hairpin_and_metrics(mode: &'static str) {
     assert!(tartan_e2e::metric(&m, "tartan_proxy_dataplane_entries").unwrap() >= 6.0, "{m}");
     assert_eq!(tartan_e2e::metric(&m, "tartan_proxy_service_ports"), Some(2.0), "{m}");
     if mode == "ebpf" {
-        // 8 socket programs, and ingress and egress on each interface with a node address (eth0, cni0, flannel.1).
-        assert_eq!(tartan_e2e::metric(&m, "tartan_proxy_bpf_programs"), Some(14.0), "{m}");
+        // 8 socket programs, ingress and egress on each interface with a node address (eth0, cni0, flannel.1), and
+        // the policy programs on each pod's veth.
+        let pods = std::fs::read_dir(c.lab.node_bpf_root("n1").join("links"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("tartan_from_pod@"))
+            .count();
+        assert!(pods >= 2, "the client and the server pods' veths");
+        assert_eq!(tartan_e2e::metric(&m, "tartan_proxy_bpf_programs"), Some((14 + 2 * pods) as f64), "{m}");
         assert_eq!(tartan_e2e::metric(&m, "tartan_proxy_conntrack_max"), Some(262144.0), "{m}");
     }
 }
