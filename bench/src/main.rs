@@ -69,9 +69,9 @@ enum Cmd {
     },
     /// tartan-proxy NetworkPolicy at scale: sync times, rules, ipsets and connect latency for N policies.
     Policy {
-        /// The dataplane (tartan-proxy's --mode).
-        #[arg(long, default_value = "iptables")]
-        mode: String,
+        /// The dataplanes (tartan-proxy's --mode), comma-separated, measured in turn in the same run.
+        #[arg(long, value_delimiter = ',', default_value = "iptables,ebpf")]
+        mode: Vec<String>,
         /// Policy counts, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "0,100,1000")]
         policies: Vec<usize>,

@@ -17,7 +17,6 @@ use netns_lab::Lab;
 use proxy_state::policy::{local_veths, policy_model};
 use proxy_state::{PolicyModel, State};
 use serde_json::json;
-use tartan_proxy::NodeOptions;
 
 use crate::proxy::{accept_forever, connects};
 use crate::stats::{ms, percentile};
@@ -83,7 +82,7 @@ fn policy_state(generation: u64, policy: &PolicyModel) -> State {
     State { generation, services: Default::default(), policy: Arc::new(policy.clone()) }
 }
 
-pub fn run(mode: &str, sizes: &[usize], count: usize) -> Result<()> {
+pub fn run(modes: &[String], sizes: &[usize], count: usize) -> Result<()> {
     let mut lab = Lab::new("bench-policy")?;
     lab.build_static(1)?;
     let server = lab.add_pod("n1", "server", "default")?;
@@ -102,51 +101,52 @@ pub fn run(mode: &str, sizes: &[usize], count: usize) -> Result<()> {
     let mut floor = connects(&client_ns, to, count)?;
     let (f50, f99) = (percentile(&mut floor, 0.5), percentile(&mut floor, 0.99));
     println!(
-        "NetworkPolicy, {mode} dataplane: {PODS} pods ({} on this node), one policy per app label of a namespace",
+        "NetworkPolicy: {PODS} pods ({} on this node), one policy per app label of a namespace",
         PODS / LOCAL_EVERY
     );
     println!("connect latency client -> server (allowed by a policy) over {count} new connections\n");
-    println!("| policies | rules | ipsets | ipset entries | full sync | policy change sync | label change sync | connect p50 | ratio | connect p99 | ratio |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    println!("| no proxy (floor) | 0 | 0 | 0 | - | - | - | {f50:.3} ms | 1.00x | {f99:.3} ms | 1.00x |");
+    println!("| dataplane | policies | rules or map entries | sets | set entries | full sync | policy change sync | label change sync | connect p50 | ratio | connect p99 | ratio |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| no proxy (floor) | - | 0 | 0 | 0 | - | - | - | {f50:.3} ms | 1.00x | {f99:.3} ms | 1.00x |");
     let nns = netns::NetNs::named(&node_ns)?;
-    for &n in sizes {
-        let objects = cluster(n, server_ip, client_ip, "client");
-        let model = policy_model(&objects, "n1", &veths);
-        // One policy changes its port; one remote pod moves to another app (set members change).
-        let mut changed_policy = objects.clone();
-        if let Some(Object::NetworkPolicy(np)) =
-            changed_policy.iter_mut().find(|o| matches!(o, Object::NetworkPolicy(_)))
-        {
-            np.spec.ingress[0].ports[0].port = Some(kube_objects::IntOrString::Int(443));
-        }
-        let mut relabelled = objects.clone();
-        if let Some(Object::Pod(p)) =
-            relabelled.iter_mut().find(|o| matches!(o, Object::Pod(p) if p.metadata.name == "p1"))
-        {
-            p.metadata.labels.insert("app".into(), "app2".into());
-        }
-        let (m1, m2) = (policy_model(&changed_policy, "n1", &veths), policy_model(&relabelled, "n1", &veths));
-        let opts = NodeOptions::default();
-        let (full, pol, lab_t, report) = nns.run(|| -> Result<_> {
-            let mut dp = tartan_proxy::dataplane(mode, &opts).map_err(anyhow::Error::msg)?;
-            let t = Instant::now();
-            let report = dp.sync(&policy_state(1, &model), true)?;
-            let full = t.elapsed();
-            let t = Instant::now();
-            dp.sync(&policy_state(2, &m1), false)?;
-            let pol = t.elapsed();
-            dp.sync(&policy_state(3, &model), false)?;
-            let t = Instant::now();
-            dp.sync(&policy_state(4, &m2), false)?;
-            let lab_t = t.elapsed();
-            dp.sync(&policy_state(5, &model), false)?;
-            Ok((full, pol, lab_t, report.held))
-        })??;
-        let mut lat = connects(&client_ns, to, count)?;
-        let (p50, p99) = (percentile(&mut lat, 0.5), percentile(&mut lat, 0.99));
-        println!(
-            "| {n} | {} | {} | {} | {:.0} ms | {:.0} ms | {:.0} ms | {p50:.3} ms | {:.2}x | {p99:.3} ms | {:.2}x |",
+    let opts = crate::proxy::node_options(&lab);
+    for mode in modes {
+        for &n in sizes {
+            let objects = cluster(n, server_ip, client_ip, "client");
+            let model = policy_model(&objects, "n1", &veths);
+            // One policy changes its port; one remote pod moves to another app (set members change).
+            let mut changed_policy = objects.clone();
+            if let Some(Object::NetworkPolicy(np)) =
+                changed_policy.iter_mut().find(|o| matches!(o, Object::NetworkPolicy(_)))
+            {
+                np.spec.ingress[0].ports[0].port = Some(kube_objects::IntOrString::Int(443));
+            }
+            let mut relabelled = objects.clone();
+            if let Some(Object::Pod(p)) =
+                relabelled.iter_mut().find(|o| matches!(o, Object::Pod(p) if p.metadata.name == "p1"))
+            {
+                p.metadata.labels.insert("app".into(), "app2".into());
+            }
+            let (m1, m2) = (policy_model(&changed_policy, "n1", &veths), policy_model(&relabelled, "n1", &veths));
+            let (full, pol, lab_t, report) = nns.run(|| -> Result<_> {
+                let mut dp = tartan_proxy::dataplane(mode, &opts).map_err(anyhow::Error::msg)?;
+                let t = Instant::now();
+                let report = dp.sync(&policy_state(1, &model), true)?;
+                let full = t.elapsed();
+                let t = Instant::now();
+                dp.sync(&policy_state(2, &m1), false)?;
+                let pol = t.elapsed();
+                dp.sync(&policy_state(3, &model), false)?;
+                let t = Instant::now();
+                dp.sync(&policy_state(4, &m2), false)?;
+                let lab_t = t.elapsed();
+                dp.sync(&policy_state(5, &model), false)?;
+                Ok((full, pol, lab_t, report.held))
+            })??;
+            let mut lat = connects(&client_ns, to, count)?;
+            let (p50, p99) = (percentile(&mut lat, 0.5), percentile(&mut lat, 0.99));
+            println!(
+            "| {mode} | {n} | {} | {} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {p50:.3} ms | {:.2}x | {p99:.3} ms | {:.2}x |",
             report.entries,
             report.sets,
             report.set_entries,
@@ -156,9 +156,10 @@ pub fn run(mode: &str, sizes: &[usize], count: usize) -> Result<()> {
             p50 / f50,
             p99 / f99
         );
-        nns.run(|| -> Result<()> {
-            Ok(tartan_proxy::dataplane(mode, &opts).map_err(anyhow::Error::msg)?.cleanup()?)
-        })??;
+            nns.run(|| -> Result<()> {
+                Ok(tartan_proxy::dataplane(mode, &opts).map_err(anyhow::Error::msg)?.cleanup()?)
+            })??;
+        }
     }
     lab.teardown();
     Ok(())

@@ -61,6 +61,14 @@ static POLICY_NAMED: HashMap<NamedKey, u64> = HashMap::pinned(POLICY_RULES_MAX, 
 #[map(name = "TARTAN_POL_CT")]
 static POLICY_CT: LruHashMap<PolicyFlowKey, PolicyFlowValue> = LruHashMap::pinned(POLICY_CT_MAX, 0);
 
+// Pod address -> its veth (written by the proxy), and veth -> the pod's MAC address (learned by the programs):
+// the fast path between pods of this node.
+#[map(name = "TARTAN_POD_ADDR")]
+static POD_ADDRS: HashMap<[u8; 16], u32> = HashMap::pinned(POLICY_PODS_MAX * 2, 0);
+
+#[map(name = "TARTAN_POD_MAC")]
+static POD_MACS: LruHashMap<u32, [u8; 8]> = LruHashMap::pinned(POLICY_PODS_MAX, 0);
+
 #[map(name = "TARTAN_HOST")]
 static HOST_ADDRS: HashMap<[u8; 16], u8> = HashMap::pinned(HOST_ADDRS_MAX, 0);
 

@@ -504,19 +504,7 @@ fn send_sctp_init(netns: &str, ip: std::net::IpAddr, port: u16) {
 /// (iptables), or the programs' counter (eBPF, read from the pinned stats map).
 fn forged_drops(env: &Env, node: &str, pod: &str) -> u64 {
     if env.mode == "ebpf" {
-        let map = env.lab.node_bpf_root(node).join(ebpf_maps::names::STATS);
-        let out =
-            std::process::Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(&map).output().unwrap();
-        let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        // Without BTF, bpftool prints keys and values as arrays of hex bytes (little endian here).
-        let le = |v: &serde_json::Value| -> u64 {
-            v.as_array().into_iter().flatten().rev().fold(0u64, |n, b| {
-                (n << 8) | u64::from_str_radix(b.as_str().unwrap_or("0").trim_start_matches("0x"), 16).unwrap_or(0)
-            })
-        };
-        let entry =
-            dump.as_array().into_iter().flatten().find(|e| le(&e["key"]) == ebpf_maps::stats::POLICY_SPOOFED as u64);
-        return entry.map_or(0, |e| e["values"].as_array().into_iter().flatten().map(|v| le(&v["value"])).sum::<u64>());
+        return ebpf_stat(env, node, ebpf_maps::stats::POLICY_SPOOFED);
     }
     let ns = env.lab.node(node).unwrap().ns.clone();
     let out = env.lab.exec(&ns, &["iptables", "-w", "-t", "filter", "-L", "TARTAN-POLICY", "-v", "-n", "-x"]).unwrap();
@@ -525,6 +513,21 @@ fn forged_drops(env: &Env, node: &str, pod: &str) -> u64 {
         .filter(|l| l.contains(&format!("{pod}: not its address")))
         .map(|l| l.split_whitespace().next().unwrap().parse::<u64>().unwrap())
         .sum::<u64>()
+}
+
+/// A counter of the eBPF programs on `node`, summed over CPUs (read from the pinned stats map).
+fn ebpf_stat(env: &Env, node: &str, index: u32) -> u64 {
+    let map = env.lab.node_bpf_root(node).join(ebpf_maps::names::STATS);
+    let out = std::process::Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(&map).output().unwrap();
+    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    // Without BTF, bpftool prints keys and values as arrays of hex bytes (little endian here).
+    let le = |v: &serde_json::Value| -> u64 {
+        v.as_array().into_iter().flatten().rev().fold(0u64, |n, b| {
+            (n << 8) | u64::from_str_radix(b.as_str().unwrap_or("0").trim_start_matches("0x"), 16).unwrap_or(0)
+        })
+    };
+    let entry = dump.as_array().into_iter().flatten().find(|e| le(&e["key"]) == u64::from(index));
+    entry.map_or(0, |e| e["values"].as_array().into_iter().flatten().map(|v| le(&v["value"])).sum::<u64>())
 }
 
 /// Policy meets the rest of the node: Service translation (policy sees the real pod and port), the node's own
@@ -627,6 +630,8 @@ fn policy_composes_with_services_host_traffic_forged_sources_and_sctp(mode: &'st
             let save = env.lab.exec(&ns, &["iptables-save", "-t", "filter"]).unwrap();
             let save = String::from_utf8_lossy(&save.stdout);
             assert!(!save.contains("TARTAN-PI-") && !save.contains("TARTAN-PE-"), "{save}");
+            // The probes between pods of one node took the fast path (straight to the other pod's interface).
+            assert!(ebpf_stat(&env, n, ebpf_maps::stats::FAST_PATH) > 0, "{n}: no packet took the fast path");
         }
     }
 }

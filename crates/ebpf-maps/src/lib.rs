@@ -38,6 +38,10 @@ pub mod names {
     pub const POLICY_CT: &str = "TARTAN_POL_CT";
     /// The node's own addresses: its traffic to its pods is not subject to policy.
     pub const HOST_ADDRS: &str = "TARTAN_HOST";
+    /// The fast path between pods of this node: pod address -> veth index (the proxy's), and veth index -> the
+    /// pod's MAC address (learned by the programs).
+    pub const POD_ADDRS: &str = "TARTAN_POD_ADDR";
+    pub const POD_MACS: &str = "TARTAN_POD_MAC";
     /// The tc programs on every pod's host-side veth: its ingress is the pod's egress and the other way round.
     pub const TC_FROM_POD: &str = "tartan_from_pod";
     pub const TC_TO_POD: &str = "tartan_to_pod";
@@ -178,7 +182,9 @@ pub mod stats {
     pub const POLICY_DENIED_INGRESS: u32 = 10;
     /// ... and new flows it allows (tracked from then on).
     pub const POLICY_ALLOWED: u32 = 11;
-    pub const COUNT: u32 = 12;
+    /// Packets handed from one pod of this node to another directly.
+    pub const FAST_PATH: u32 = 12;
+    pub const COUNT: u32 = 13;
 }
 
 /// A service frontend (address, port, protocol) and a slot: 0 is the frontend itself, 1..=count its backends.

@@ -39,6 +39,7 @@ pub struct Attached {
     pub pol_ports: LpmTrie<MapData, PortKey, u64>,
     pub pol_named: HashMap<MapData, NamedKey, u64>,
     pub host: HashMap<MapData, [u8; 16], u8>,
+    pub pod_addrs: HashMap<MapData, [u8; 16], u32>,
     /// The cgroup programs' links.
     pub links: Vec<PinnedLink>,
     /// Per interface name, its index when attached and its tc links (ingress, egress).
@@ -224,6 +225,7 @@ pub fn attach(cgroup: &Path, bpf_root: &Path, conntrack_max: u32) -> Result<Atta
     let pol_pods = map(&mut ebpf, names::POLICY_PODS)?;
     let pol_named = map(&mut ebpf, names::POLICY_NAMED)?;
     let host = map(&mut ebpf, names::HOST_ADDRS)?;
+    let pod_addrs = map(&mut ebpf, names::POD_ADDRS)?;
     fn lpm<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &str) -> Result<LpmTrie<MapData, K, V>, DataplaneError> {
         let m = ebpf.take_map(name).ok_or_else(|| prerequisite(format!("the map {name}"), "not in the object"))?;
         LpmTrie::try_from(m).map_err(|e| prerequisite(format!("the map {name}"), e))
@@ -241,6 +243,7 @@ pub fn attach(cgroup: &Path, bpf_root: &Path, conntrack_max: u32) -> Result<Atta
         pol_ports,
         pol_named,
         host,
+        pod_addrs,
         links,
         tc: BTreeMap::new(),
         pod_tc: BTreeMap::new(),
@@ -253,7 +256,7 @@ pub fn attach(cgroup: &Path, bpf_root: &Path, conntrack_max: u32) -> Result<Atta
 /// made anew (the service map is refilled by the full sync that follows; reverse and affinity entries are lost).
 fn drop_incompatible_pins(bpf_root: &Path, conntrack_max: u32) {
     use std::mem::size_of;
-    let want: [(&str, usize, usize, u32, u32); 14] = [
+    let want: [(&str, usize, usize, u32, u32); 16] = [
         (names::SERVICES, size_of::<ServiceKey>(), size_of::<ServiceValue>(), ebpf_maps::SERVICES_MAX, 1),
         (
             names::REVERSE,
@@ -293,6 +296,8 @@ fn drop_incompatible_pins(bpf_root: &Path, conntrack_max: u32) {
             0,
         ),
         (names::HOST_ADDRS, 16, 1, ebpf_maps::HOST_ADDRS_MAX, 0),
+        (names::POD_ADDRS, 16, 4, ebpf_maps::POLICY_PODS_MAX * 2, 0),
+        (names::POD_MACS, 4, 8, ebpf_maps::POLICY_PODS_MAX, 0),
     ];
     for (name, key, value, max, flags) in want {
         let pin = bpf_root.join(name);
@@ -381,6 +386,8 @@ pub fn remove_all(bpf_root: &Path) -> std::io::Result<()> {
         names::POLICY_NAMED,
         names::POLICY_CT,
         names::HOST_ADDRS,
+        names::POD_ADDRS,
+        names::POD_MACS,
     ] {
         match std::fs::remove_file(bpf_root.join(map)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

@@ -222,6 +222,16 @@ impl EbpfDataplane {
         if !full && self.policy.is_some() && same_input {
             return Ok(());
         }
+        // Pod addresses to veths (the fast path between pods of this node).
+        let addrs: BTreeMap<[u8; 16], u32> = model
+            .pods
+            .iter()
+            .filter_map(|p| Some((frontends::addr_bytes(p.ip), *veths.get(p.veth.as_ref()?)?)))
+            .collect();
+        let have_addrs: BTreeMap<[u8; 16], u32> = a.pod_addrs.iter().flatten().collect();
+        let mut now_addrs = BTreeMap::new();
+        put(&addrs, &have_addrs, &mut now_addrs, "the pod address map", |k, v| a.pod_addrs.insert(k, v, 0))?;
+        drop_gone(&addrs, &have_addrs, &mut now_addrs, "the pod address map", |k| a.pod_addrs.remove(k))?;
         let want = policy::entries(model, &veths);
         if !want.too_many_classes.is_empty() {
             tracing::warn!(
