@@ -130,6 +130,37 @@ pub fn throughput(secs: u32, rounds: usize) -> Result<()> {
         labs.push(lab);
     }
 
+    // The same cluster with tartan-proxy --mode ebpf on both nodes: pod traffic through the policy programs on
+    // each veth, and between pods of one node the fast path (no bridge, no host netfilter).
+    {
+        let mut lab = Lab::new("tput-ebpf")?;
+        lab.build_cluster(2, Backend::Vxlan, 1)?;
+        for n in ["n1", "n2"] {
+            lab.start_proxy(n, &["--mode", "ebpf"])?;
+        }
+        let s = pod_ip(&lab.add_pod("n1", "s", "default")?);
+        lab.add_pod("n1", "local", "default")?;
+        lab.add_pod("n2", "remote", "default")?;
+        // Measured once the programs are on the pods' veths (two per pod).
+        let pinned = |lab: &Lab, node: &str| {
+            std::fs::read_dir(lab.node_bpf_root(node).join("links"))
+                .map(|d| {
+                    d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("tartan_from_pod@")).count()
+                })
+                .unwrap_or(0)
+        };
+        if !netns_lab::wait_for(std::time::Duration::from_secs(10), || {
+            pinned(&lab, "n1") == 2 && pinned(&lab, "n2") == 1
+        }) {
+            anyhow::bail!("tartan-proxy --mode ebpf did not attach to the pods' veths");
+        }
+        let (sns, lns, rns) = (lab.pod("s")?.ns.clone(), lab.pod("local")?.ns.clone(), lab.pod("remote")?.ns.clone());
+        let i = labs.len();
+        paths.push(path("same node, tartan-proxy --mode ebpf (fast path)", i, &sns, &lns, &s));
+        paths.push(path("cross node, vxlan, tartan-proxy --mode ebpf", i, &sns, &rns, &s));
+        labs.push(lab);
+    }
+
     // gbps[path][streams index] over rounds; ratio[path][streams index] to the raw pair of the same round.
     let mut gbps = vec![[Vec::new(), Vec::new()]; paths.len()];
     let mut ratio = vec![[Vec::new(), Vec::new()]; paths.len()];

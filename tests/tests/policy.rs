@@ -530,20 +530,23 @@ fn ebpf_stat(env: &Env, node: &str, index: u32) -> u64 {
     entry.map_or(0, |e| e["values"].as_array().into_iter().flatten().map(|v| le(&v["value"])).sum::<u64>())
 }
 
+/// One TCP connection from a client process in `from`, in the node's cgroup (the eBPF dataplane translates
+/// Service addresses at connect()).
+fn socat_connect(lab: &Lab, from: &str, ip: &str, port: u16) -> bool {
+    let to = format!("TCP:{ip}:{port},connect-timeout=0.5");
+    lab.exec_status(from, &["socat", "-u", "/dev/null", &to]).unwrap().status.success()
+}
+
 /// Policy meets the rest of the node: Service translation (policy sees the real pod and port), the node's own
 /// traffic (exempt), a pod forging another pod's address (dropped at its veth), and SCTP (checked with crafted
 /// INIT chunks captured at the destination).
 fn policy_composes_with_services_host_traffic_forged_sources_and_sctp(mode: &'static str) {
-    let env = Env::new("np-misc", mode);
+    let mut env = Env::new("np-misc", mode);
     let xa = env.topo.pod("x/a").clone();
     // x/a takes TCP 80 from namespace y only; a Service in x maps 8080 to x/a's serve-80-tcp.
     env.apply(&policy("x", "only-y", "  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}], ports: [{port: 80}]}]"));
     env.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: x}\nspec: {clusterIP: 10.96.0.20, selector: {pod: a}, ports: [{port: 8080, targetPort: serve-80-tcp}]}\n");
-    // A client process in the node's cgroup (the eBPF dataplane translates Service addresses at connect()).
-    let connect = |from: &str, ip: &str, port: u16| {
-        let to = format!("TCP:{ip}:{port},connect-timeout=0.5");
-        env.lab.exec_status(from, &["socat", "-u", "/dev/null", &to]).unwrap().status.success()
-    };
+    let connect = |from: &str, ip: &str, port: u16| socat_connect(&env.lab, from, ip, port);
     let (yb, zb) = (env.topo.pod("y/b").netns.clone(), env.topo.pod("z/b").netns.clone());
     assert!(wait_for(Duration::from_secs(5), || !connect(&zb, &xa.ip.to_string(), 80)), "the policy is in place");
     assert!(wait_for(Duration::from_secs(5), || connect(&yb, "10.96.0.20", 8080)), "y/b through the service");
@@ -633,6 +636,30 @@ fn policy_composes_with_services_host_traffic_forged_sources_and_sctp(mode: &'st
             // The probes between pods of one node took the fast path (straight to the other pod's interface).
             assert!(ebpf_stat(&env, n, ebpf_maps::stats::FAST_PATH) > 0, "{n}: no packet took the fast path");
         }
+    }
+
+    // The proxy of x/a's node killed (-9): what it programmed stays in force without it, and the next start adopts
+    // it (z/b never gets in, y/b is never refused).
+    let (zb_ns, yb_ns, xa_ip) = (zb.clone(), yb.clone(), xa.ip.to_string());
+    let pid = env.proxies[&xa.node];
+    // SAFETY: kill(2) of a proxy this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    env.lab.stop(pid);
+    assert!(!socat_connect(&env.lab, &zb_ns, &xa_ip, 80), "denied while no proxy runs");
+    assert!(socat_connect(&env.lab, &yb_ns, &xa_ip, 80), "allowed while no proxy runs");
+    let pid = env.lab.start_proxy(&xa.node, &["--mode", mode]).unwrap();
+    env.proxies.insert(xa.node.clone(), pid);
+    let synced = || {
+        let m = tartan_e2e::proxy_metrics(&env.lab, &xa.node);
+        tartan_e2e::metric(&m, &format!("tartan_proxy_sync_total{{mode=\"{mode}\"}}")).unwrap_or(0.0) >= 1.0
+    };
+    assert!(wait_for(Duration::from_secs(10), synced), "the restarted proxy synced");
+    assert!(!socat_connect(&env.lab, &zb_ns, &xa_ip, 80), "denied after the restart");
+    assert!(socat_connect(&env.lab, &yb_ns, &xa_ip, 80), "allowed after the restart");
+    if mode == "ebpf" {
+        let links = std::fs::read_dir(env.lab.node_bpf_root(&xa.node).join("links")).unwrap().flatten().count();
+        let pods = env.topo.pods.iter().filter(|p| p.node == xa.node).count();
+        assert_eq!(links, 8 + 2 * 3 + 2 * pods, "one link per program and place: the old ones were replaced");
     }
 }
 
