@@ -12,8 +12,8 @@ use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray};
 use ebpf_maps::{
-    stats, AffinityKey, AffinityValue, CtValue, ExtAffinityKey, FlowKey, IfAddrKey, NamedKey, NatValue, PeerKey,
-    PodValue, PolicyFlowKey, PolicyFlowValue, PortKey, ReverseKey, ReverseValue, ServiceKey, ServiceValue,
+    stats, AffinityKey, AffinityValue, CtValue, ExtAffinityKey, FlowKey, IfAddrKey, NamedKey, NatValue, NetKey,
+    PeerKey, PodValue, PolicyFlowKey, PolicyFlowValue, PortKey, ReverseKey, ReverseValue, ServiceKey, ServiceValue,
     AFFINITY_MAX, CONNTRACK_MAX, HOST_ADDRS_MAX, IFADDR_MAX, POLICY_CT_MAX, POLICY_PODS_MAX, POLICY_RULES_MAX,
     REVERSE_MAX, SERVICES_MAX,
 };
@@ -68,6 +68,9 @@ static POD_ADDRS: HashMap<[u8; 16], u32> = HashMap::pinned(POLICY_PODS_MAX * 2, 
 
 #[map(name = "TARTAN_POD_MAC")]
 static POD_MACS: LruHashMap<u32, [u8; 8]> = LruHashMap::pinned(POLICY_PODS_MAX, 0);
+
+#[map(name = "TARTAN_PODNET")]
+static POD_NETWORK: LpmTrie<NetKey, u8> = LpmTrie::pinned(256, 0);
 
 #[map(name = "TARTAN_HOST")]
 static HOST_ADDRS: HashMap<[u8; 16], u8> = HashMap::pinned(HOST_ADDRS_MAX, 0);

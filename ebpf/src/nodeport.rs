@@ -27,13 +27,12 @@ use aya_ebpf::helpers::{bpf_csum_diff, bpf_fib_lookup, bpf_get_prandom_u32, bpf_
 use aya_ebpf::macros::{classifier, map};
 use aya_ebpf::maps::PerCpuArray;
 use aya_ebpf::programs::TcContext;
-use aya_ebpf::EbpfContext;
 use ebpf_maps::{
     ct, flags, stats, AffinityValue, CtValue, ExtAffinityKey, FlowKey, IfAddrKey, NatValue, ServiceKey, ServiceValue,
     CT_CLOSING_SECS, CT_OTHER_SECS, CT_TCP_SECS, NAT_PORT_COUNT, NAT_PORT_MIN,
 };
 
-use crate::{count, same, AFFINITY_EXT, CONNTRACK, IFADDR, NAT, SERVICES};
+use crate::{count, same, AFFINITY_EXT, CONNTRACK, IFADDR, NAT, POD_ADDRS, SERVICES};
 
 /// tcx: not ours, on to the next program (then the kernel).
 pub(crate) const NEXT: i32 = -1;
@@ -259,29 +258,41 @@ const BPF_F_IPV6: u64 = 1 << 7;
 /// What `redirect` returns for a packet too big for its route (not a TC verdict).
 const TOO_BIG: i32 = -1000;
 
+/// The route from `saddr` to `daddr` as the kernel would take it for this packet (a BPF_FIB_LKUP_RET_* code;
+/// `fib` holds the result: the device, and the MAC addresses when resolved).
+#[inline(always)]
+pub(crate) fn fib_lookup(
+    skb: *mut __sk_buff,
+    fib: &mut FibParams,
+    v6: bool,
+    proto: u8,
+    saddr: &[u8; 16],
+    daddr: &[u8; 16],
+) -> u32 {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid request before the fields below are set.
+    *fib = unsafe { core::mem::zeroed() };
+    fib.family = if v6 { AF_INET6 } else { AF_INET };
+    fib.l4_protocol = proto;
+    // SAFETY: the context is an __sk_buff for tc programs.
+    fib.ifindex = unsafe { (*skb).ifindex };
+    let word = |a: &[u8; 16], i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+    if v6 {
+        fib.__bindgen_anon_3.ipv6_src = [word(saddr, 0), word(saddr, 4), word(saddr, 8), word(saddr, 12)];
+        fib.__bindgen_anon_4.ipv6_dst = [word(daddr, 0), word(daddr, 4), word(daddr, 8), word(daddr, 12)];
+    } else {
+        fib.__bindgen_anon_3.ipv4_src = word(saddr, 0);
+        fib.__bindgen_anon_4.ipv4_dst = word(daddr, 0);
+    }
+    // SAFETY: the helper reads and writes the request we own, of its full size.
+    unsafe { bpf_fib_lookup(skb as *mut _, fib, core::mem::size_of::<FibParams>() as i32, 0) as u32 }
+}
+
 /// Sends the translated packet (now carrying `s.t`) out of the interface the route to its destination takes,
 /// the kernel filling in the link-layer header.
 #[inline(always)]
 fn redirect(ctx: &TcContext, s: &mut Scratch, may_fragment: bool) -> i32 {
-    let fib = &mut s.fib;
-    // SAFETY: an all-zero bpf_fib_lookup is a valid request before the fields below are set.
-    *fib = unsafe { core::mem::zeroed() };
-    let v6 = s.pkt.v6 != 0;
-    fib.family = if v6 { AF_INET6 } else { AF_INET };
-    fib.l4_protocol = s.pkt.proto;
-    // SAFETY: the context is an __sk_buff for tc programs.
-    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let word = |a: &[u8; 16], i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
-    let (sa, da) = (&s.t.saddr, &s.t.daddr);
-    if v6 {
-        fib.__bindgen_anon_3.ipv6_src = [word(sa, 0), word(sa, 4), word(sa, 8), word(sa, 12)];
-        fib.__bindgen_anon_4.ipv6_dst = [word(da, 0), word(da, 4), word(da, 8), word(da, 12)];
-    } else {
-        fib.__bindgen_anon_3.ipv4_src = word(sa, 0);
-        fib.__bindgen_anon_4.ipv4_dst = word(da, 0);
-    }
-    // SAFETY: the helper reads and writes the request we own, of its full size.
-    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), fib, core::mem::size_of::<FibParams>() as i32, 0) } as u32;
+    let rc = fib_lookup(ctx.skb.skb, &mut s.fib, s.pkt.v6 != 0, s.pkt.proto, &s.t.saddr, &s.t.daddr);
+    let fib = &s.fib;
     let ok = rc == BPF_FIB_LKUP_RET_SUCCESS
         || rc == BPF_FIB_LKUP_RET_NO_NEIGH
         // Too big for the route, but fragmentation is allowed: a tunnel device fragments its outer packet (a
@@ -337,6 +348,11 @@ pub fn tartan_from_outside(ctx: TcContext) -> i32 {
         return NEXT;
     }
     let skb = ctx.skb.skb;
+    // For a pod of this node: never a frontend (services are translated to pods, not addressed to them).
+    // SAFETY: only whether the key is there.
+    if unsafe { POD_ADDRS.get(&s.pkt.daddr) }.is_some() {
+        return crate::policy::to_local_pod(skb);
+    }
     let proto = s.pkt.proto;
     if proto == ICMP || proto == ICMPV6 {
         return icmp_error(skb, s, true);

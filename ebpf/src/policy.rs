@@ -21,22 +21,24 @@
 //! talking directly: the frame is delivered unchanged. What a capture on cni0 shows: ARP and the first packets
 //! of a flow until both pods' addresses are learned, not the rest (capture on the sending pod's veth instead).
 
-use aya_ebpf::bindings::__sk_buff;
-use aya_ebpf::helpers::bpf_redirect_peer;
+use aya_ebpf::bindings::{__sk_buff, bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS};
+use aya_ebpf::helpers::{bpf_redirect_neigh, bpf_redirect_peer};
 use aya_ebpf::macros::{classifier, map};
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::maps::PerCpuArray;
 use aya_ebpf::programs::TcContext;
 use ebpf_maps::policy::{self as pol, EGRESS, INGRESS};
 use ebpf_maps::proto::TCP;
-use ebpf_maps::{stats, NamedKey, PeerKey, PodValue, PolicyFlowKey, PolicyFlowValue, PortKey};
+use ebpf_maps::{stats, NamedKey, NetKey, PeerKey, PodValue, PolicyFlowKey, PolicyFlowValue, PortKey};
 
-use crate::nodeport::{ending, now, parse, Pkt, ETH_P_IP, ICMP, ICMPV6, NEXT, SHOT, V4_FRAG};
+use crate::nodeport::{ending, fib_lookup, now, parse, Pkt, ETH_P_IP, ICMP, ICMPV6, NEXT, SHOT, V4_FRAG};
 use crate::{
-    count, same, HOST_ADDRS, POD_ADDRS, POD_MACS, POLICY_CT, POLICY_NAMED, POLICY_PEERS, POLICY_PODS, POLICY_PORTS,
+    count, same, HOST_ADDRS, POD_ADDRS, POD_MACS, POD_NETWORK, POLICY_CT, POLICY_NAMED, POLICY_PEERS, POLICY_PODS,
+    POLICY_PORTS,
 };
 
-/// Working memory (see the node-port programs' Scratch): slot 0 for the pod's egress, 1 for its ingress.
+/// Working memory (see the node-port programs' Scratch): slot 0 for the pod's egress, 1 for its ingress, 2 for
+/// traffic from another node handed to a pod by the node-port program.
 #[repr(C)]
 struct Scratch {
     pkt: Pkt,
@@ -45,13 +47,15 @@ struct Scratch {
     port: Key<PortKey>,
     named: NamedKey,
     pod: PodValue,
+    net: Key<NetKey>,
+    fib: FibParams,
     /// Set by `judge` when the packet was let through as part of a flow (not exempt traffic): a candidate for
     /// the fast path.
     flow: u8,
 }
 
 #[map]
-static POLICY_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(2, 0);
+static POLICY_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(3, 0);
 
 #[inline(always)]
 fn scratch(slot: u32) -> Option<&'static mut Scratch> {
@@ -288,7 +292,7 @@ fn fast_path(skb: *mut __sk_buff, s: &mut Scratch) -> i32 {
         return NEXT;
     }
     // SAFETY: copied at once.
-    let Some(to) = (unsafe { POD_ADDRS.get(&s.pkt.daddr) }).copied() else { return NEXT };
+    let Some(to) = (unsafe { POD_ADDRS.get(&s.pkt.daddr) }).copied() else { return towards_node(skb, s) };
     let Some(dst) = mac_at(ctx, 0) else { return NEXT };
     // SAFETY: compared at once.
     if to == from || unsafe { POD_MACS.get(&to) } != Some(&dst) {
@@ -302,6 +306,70 @@ fn fast_path(skb: *mut __sk_buff, s: &mut Scratch) -> i32 {
         return r;
     }
     count(stats::FAST_PATH);
+    // SAFETY: a plain helper call on a veth index of ours.
+    unsafe { bpf_redirect_peer(to, 0) as i32 }
+}
+
+/// Where `addr` is in the pod network: 1 another node's pods, 0 this node's own subnet, None outside it.
+#[inline(always)]
+fn pod_network(s: &mut Scratch, addr: [u8; 16]) -> Option<u8> {
+    let (family, bits) = if s.pkt.v6 != 0 { (6, 128) } else { (4, 32) };
+    s.net = Key::new(32 + bits, NetKey { family, addr });
+    POD_NETWORK.get(&s.net).copied()
+}
+
+/// A flow's packet for a pod of another node (the pod network, less this node's own subnets): sent out of the
+/// device the route takes (the vxlan device, or the underlay for host-gw), the kernel filling in the link-layer
+/// header, without the bridge, the host's netfilter and routing.
+#[inline(always)]
+fn towards_node(skb: *mut __sk_buff, s: &mut Scratch) -> i32 {
+    let v6 = s.pkt.v6 != 0;
+    if pod_network(s, s.pkt.daddr) != Some(1) {
+        return NEXT;
+    }
+    let rc = fib_lookup(skb, &mut s.fib, v6, s.pkt.proto, &s.pkt.saddr, &s.pkt.daddr);
+    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
+        // Too big, unreachable, or anything else: the kernel's path answers as it would.
+        return NEXT;
+    }
+    count(stats::FAST_PATH_OUT);
+    // SAFETY: a plain helper call; with no parameters it resolves the route's next hop itself.
+    unsafe { bpf_redirect_neigh(s.fib.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+}
+
+/// Called by the node-port program for a packet from another node to a pod of this one (its address is a local
+/// pod's, so no service translation applies): the pod's ingress decided here, and the frame handed straight to
+/// the pod with its MAC address, skipping the host's routing, netfilter and bridge.
+#[inline(never)]
+pub fn to_local_pod(skb: *mut __sk_buff) -> i32 {
+    let ctx = &TcContext::new(skb);
+    let Some(s) = scratch(2) else { return NEXT };
+    if parse(ctx, &mut s.pkt).is_none() || link_local(ctx, &s.pkt) || host(&s.pkt.saddr) {
+        return NEXT;
+    }
+    // Only from the pod network, whose replies take the fast path back: traffic from elsewhere (node addresses
+    // after a node port's translation, clients outside) needs the node's conntrack to see both directions, or its
+    // replies would be masqueraded as new connections leaving the cluster.
+    if pod_network(s, s.pkt.saddr).is_none() {
+        return NEXT;
+    }
+    // SAFETY: copied at once.
+    let Some(to) = (unsafe { POD_ADDRS.get(&s.pkt.daddr) }).copied() else { return NEXT };
+    // SAFETY: copied at once.
+    let Some(mac) = (unsafe { POD_MACS.get(&to) }).copied() else { return NEXT };
+    // SAFETY: copied at once.
+    let Some(pod) = (unsafe { POLICY_PODS.get(&to) }).copied() else { return NEXT };
+    s.pod = pod;
+    let r = judge(skb, s, INGRESS);
+    if r != NEXT || s.flow == 0 {
+        // Denied; or exempt traffic, left to the kernel's path (the veth's program passes it again).
+        return r;
+    }
+    let dst = [mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]];
+    if ctx.store(0, &dst, 0).is_err() {
+        return NEXT;
+    }
+    count(stats::FAST_PATH_IN);
     // SAFETY: a plain helper call on a veth index of ours.
     unsafe { bpf_redirect_peer(to, 0) as i32 }
 }

@@ -33,7 +33,8 @@ pub fn dataplane(mode: &str, opts: &NodeOptions) -> Result<Box<dyn Dataplane>, S
         }
         "ebpf" => {
             let ipt = iptables::IptablesDataplane::new(opts.cluster_cidrs.clone(), opts.nodeport_addresses.clone());
-            Ok(Box::new(ebpf::EbpfDataplane::new(ipt, opts.ebpf.clone(), opts.nodeport_addresses.clone())))
+            let ebpf = ebpf::EbpfOptions { cluster_cidrs: opts.cluster_cidrs.clone(), ..opts.ebpf.clone() };
+            Ok(Box::new(ebpf::EbpfDataplane::new(ipt, ebpf, opts.nodeport_addresses.clone())))
         }
         m => Err(format!("--mode {m:?}: unknown dataplane (one of: {})", MODES.join(", "))),
     }

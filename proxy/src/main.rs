@@ -74,6 +74,7 @@ fn main() -> Result<()> {
             bpf_root: o.bpf_root.clone(),
             run_dir: o.run_dir.clone(),
             conntrack_max: o.conntrack_max,
+            ..Default::default()
         },
     };
     let mut dp = match tartan_proxy::dataplane(&o.mode, &opts) {

@@ -635,6 +635,9 @@ fn policy_composes_with_services_host_traffic_forged_sources_and_sctp(mode: &'st
             assert!(!save.contains("TARTAN-PI-") && !save.contains("TARTAN-PE-"), "{save}");
             // The probes between pods of one node took the fast path (straight to the other pod's interface).
             assert!(ebpf_stat(&env, n, ebpf_maps::stats::FAST_PATH) > 0, "{n}: no packet took the fast path");
+            // ... and so did those to and from the other node's pods (out through the vxlan device, in to the pod).
+            assert!(ebpf_stat(&env, n, ebpf_maps::stats::FAST_PATH_OUT) > 0, "{n}: none out");
+            assert!(ebpf_stat(&env, n, ebpf_maps::stats::FAST_PATH_IN) > 0, "{n}: none in");
         }
     }
 

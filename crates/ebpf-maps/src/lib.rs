@@ -42,6 +42,9 @@ pub mod names {
     /// pod's MAC address (learned by the programs).
     pub const POD_ADDRS: &str = "TARTAN_POD_ADDR";
     pub const POD_MACS: &str = "TARTAN_POD_MAC";
+    /// The pod network: its ranges (1) and this node's own subnets within them (0). Traffic to a pod of another
+    /// node takes the fast path out.
+    pub const POD_NETWORK: &str = "TARTAN_PODNET";
     /// The tc programs on every pod's host-side veth: its ingress is the pod's egress and the other way round.
     pub const TC_FROM_POD: &str = "tartan_from_pod";
     pub const TC_TO_POD: &str = "tartan_to_pod";
@@ -182,9 +185,12 @@ pub mod stats {
     pub const POLICY_DENIED_INGRESS: u32 = 10;
     /// ... and new flows it allows (tracked from then on).
     pub const POLICY_ALLOWED: u32 = 11;
-    /// Packets handed from one pod of this node to another directly.
+    /// Packets handed from one pod of this node to another directly, from a pod straight to the device towards
+    /// another node, and from another node straight to a pod.
     pub const FAST_PATH: u32 = 12;
-    pub const COUNT: u32 = 13;
+    pub const FAST_PATH_OUT: u32 = 13;
+    pub const FAST_PATH_IN: u32 = 14;
+    pub const COUNT: u32 = 15;
 }
 
 /// A service frontend (address, port, protocol) and a slot: 0 is the frontend itself, 1..=count its backends.
@@ -362,6 +368,14 @@ pub struct NamedKey {
     pub addr: [u8; 16],
 }
 
+/// An address prefix of one family (an LPM key's data: the prefix length counts from `family`, 32 bits of it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NetKey {
+    pub family: u32,
+    pub addr: [u8; 16],
+}
+
 /// A flow a pod sent ([`policy::EGRESS`]) or accepted ([`policy::INGRESS`]), as its first packet carried it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -400,6 +414,7 @@ mod pod {
     unsafe impl aya::Pod for ExtAffinityKey {}
     unsafe impl aya::Pod for IfAddrKey {}
     unsafe impl aya::Pod for PodValue {}
+    unsafe impl aya::Pod for NetKey {}
     unsafe impl aya::Pod for PeerKey {}
     unsafe impl aya::Pod for PortKey {}
     unsafe impl aya::Pod for NamedKey {}
@@ -426,6 +441,7 @@ mod tests {
         assert_eq!(size_of::<ExtAffinityKey>(), 40);
         assert_eq!(size_of::<IfAddrKey>(), 8);
         assert_eq!(size_of::<PodValue>(), 48);
+        assert_eq!(size_of::<NetKey>(), 20);
         assert_eq!(size_of::<PeerKey>(), 24);
         assert_eq!(size_of::<PortKey>(), 12);
         assert_eq!(size_of::<NamedKey>(), 28);

@@ -40,6 +40,7 @@ pub struct Attached {
     pub pol_named: HashMap<MapData, NamedKey, u64>,
     pub host: HashMap<MapData, [u8; 16], u8>,
     pub pod_addrs: HashMap<MapData, [u8; 16], u32>,
+    pub pod_network: LpmTrie<MapData, ebpf_maps::NetKey, u8>,
     /// The cgroup programs' links.
     pub links: Vec<PinnedLink>,
     /// Per interface name, its index when attached and its tc links (ingress, egress).
@@ -232,6 +233,7 @@ pub fn attach(cgroup: &Path, bpf_root: &Path, conntrack_max: u32) -> Result<Atta
     }
     let pol_peers = lpm(&mut ebpf, names::POLICY_PEERS)?;
     let pol_ports = lpm(&mut ebpf, names::POLICY_PORTS)?;
+    let pod_network = lpm(&mut ebpf, names::POD_NETWORK)?;
     Ok(Attached {
         ebpf,
         services,
@@ -244,6 +246,7 @@ pub fn attach(cgroup: &Path, bpf_root: &Path, conntrack_max: u32) -> Result<Atta
         pol_named,
         host,
         pod_addrs,
+        pod_network,
         links,
         tc: BTreeMap::new(),
         pod_tc: BTreeMap::new(),
@@ -256,7 +259,7 @@ pub fn attach(cgroup: &Path, bpf_root: &Path, conntrack_max: u32) -> Result<Atta
 /// made anew (the service map is refilled by the full sync that follows; reverse and affinity entries are lost).
 fn drop_incompatible_pins(bpf_root: &Path, conntrack_max: u32) {
     use std::mem::size_of;
-    let want: [(&str, usize, usize, u32, u32); 16] = [
+    let want: [(&str, usize, usize, u32, u32); 17] = [
         (names::SERVICES, size_of::<ServiceKey>(), size_of::<ServiceValue>(), ebpf_maps::SERVICES_MAX, 1),
         (
             names::REVERSE,
@@ -298,6 +301,7 @@ fn drop_incompatible_pins(bpf_root: &Path, conntrack_max: u32) {
         (names::HOST_ADDRS, 16, 1, ebpf_maps::HOST_ADDRS_MAX, 0),
         (names::POD_ADDRS, 16, 4, ebpf_maps::POLICY_PODS_MAX * 2, 0),
         (names::POD_MACS, 4, 8, ebpf_maps::POLICY_PODS_MAX, 0),
+        (names::POD_NETWORK, 4 + size_of::<ebpf_maps::NetKey>(), 1, 256, 1),
     ];
     for (name, key, value, max, flags) in want {
         let pin = bpf_root.join(name);
@@ -388,6 +392,7 @@ pub fn remove_all(bpf_root: &Path) -> std::io::Result<()> {
         names::HOST_ADDRS,
         names::POD_ADDRS,
         names::POD_MACS,
+        names::POD_NETWORK,
     ] {
         match std::fs::remove_file(bpf_root.join(map)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

@@ -38,6 +38,9 @@ pub struct EbpfOptions {
     pub run_dir: PathBuf,
     /// The size of the conntrack and NAT maps (flows from outside).
     pub conntrack_max: u32,
+    /// The pod network, a range per family: traffic from a pod to a pod of another node takes the fast path
+    /// (set by [`crate::dataplane`] from the node's options).
+    pub cluster_cidrs: Vec<IpNet>,
 }
 
 /// The node's addresses node ports answer on, and the interfaces holding them (by name: index and addresses).
@@ -47,6 +50,8 @@ struct NodeAddrs {
     interfaces: BTreeMap<String, (u32, Vec<IpAddr>)>,
     /// Every address of the node (but loopback): its traffic to its pods is not subject to policy.
     host: BTreeSet<IpAddr>,
+    /// ... with their prefixes (this node's own pod subnets among them).
+    nets: BTreeSet<IpNet>,
     /// Every link's index by name (the pods' veths among them).
     links: HashMap<String, u32>,
 }
@@ -69,7 +74,7 @@ pub struct EbpfDataplane {
     /// computed from (a sync with the same skips the policy).
     policy: Option<policy::Entries>,
     policy_from: Option<(Arc<PolicyModel>, HashMap<String, u32>)>,
-    host: Option<BTreeSet<IpAddr>>,
+    host: Option<(BTreeSet<IpAddr>, BTreeSet<IpNet>)>,
     policy_sets: (usize, usize),
 }
 
@@ -110,6 +115,7 @@ impl EbpfDataplane {
             let a = net.addr();
             if !a.is_loopback() {
                 out.host.insert(a);
+                out.nets.insert(net.trunc());
             }
             // Not loopback: the programs run in every pod's namespace too, where localhost is the pod itself.
             let usable = !a.is_loopback()
@@ -186,7 +192,8 @@ impl EbpfDataplane {
         let a = self.attached.as_mut().expect("attached");
         // The node's addresses first: a pod must never see its node's traffic decided by its policy.
         let failed = |what: &'static str| move |e| DataplaneError::new(ErrorKind::Sets, what, e);
-        if full || self.host.as_ref() != Some(&node.host) {
+        let host = (node.host.clone(), node.nets.clone());
+        if full || self.host.as_ref() != Some(&host) {
             let have: BTreeSet<[u8; 16]> = a.host.keys().flatten().collect();
             let want: BTreeSet<[u8; 16]> = node.host.iter().map(|ip| frontends::addr_bytes(*ip)).collect();
             for k in want.difference(&have) {
@@ -195,7 +202,28 @@ impl EbpfDataplane {
             for k in have.difference(&want) {
                 let _ = a.host.remove(k);
             }
-            self.host = Some(node.host.clone());
+            // The pod network (1), less this node's own subnets in it (0: its pods are reached by address).
+            let mut net: BTreeMap<(u32, ebpf_maps::NetKey), u8> = BTreeMap::new();
+            let key = |n: &IpNet| {
+                let family = if n.addr().is_ipv6() { 6 } else { 4 };
+                (32 + u32::from(n.prefix_len()), ebpf_maps::NetKey { family, addr: frontends::addr_bytes(n.addr()) })
+            };
+            for c in &self.opts.cluster_cidrs {
+                net.insert(key(&c.trunc()), 1);
+                for n in node.nets.iter().filter(|n| c.contains(*n)) {
+                    net.insert(key(n), 0);
+                }
+            }
+            let have_net: BTreeMap<(u32, ebpf_maps::NetKey), u8> =
+                a.pod_network.iter().flatten().map(|(k, v)| ((k.prefix_len(), k.data()), v)).collect();
+            let mut now_net = BTreeMap::new();
+            put(&net, &have_net, &mut now_net, "the pod network map", |k, v| {
+                a.pod_network.insert(&aya::maps::lpm_trie::Key::new(k.0, k.1), v, 0)
+            })?;
+            drop_gone(&net, &have_net, &mut now_net, "the pod network map", |k| {
+                a.pod_network.remove(&aya::maps::lpm_trie::Key::new(k.0, k.1))
+            })?;
+            self.host = Some(host);
         }
         // Programs on every wired pod's veth.
         let veths: HashMap<String, u32> = model
