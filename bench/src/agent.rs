@@ -124,19 +124,32 @@ pub fn throughput(secs: u32, rounds: usize) -> Result<()> {
             // The lab's own cross-node floor: node to node over the underlay (veth, bridge, veth), no pods.
             let (n1, n2) = (lab.node("n1")?.ns.clone(), lab.node("n2")?.ns.clone());
             paths.push(path("underlay, node to node (no pods, no tunnel)", i, &n1, &n2, "198.18.0.1"));
-            paths.push(path("same node, pod to pod through cni0 (agent running)", i, &sns, &lns, &s));
+        }
+        if backend != Backend::Udp {
+            // The pods' MTU follows the backend (vxlan: 1450; host-gw: 1500, the raw pair's).
+            paths.push(path(
+                &format!("same node, pod to pod through cni0 ({name} cluster, agent running)"),
+                i,
+                &sns,
+                &lns,
+                &s,
+            ));
         }
         paths.push(path(&format!("cross node, {name}"), i, &sns, &rns, &s));
         labs.push(lab);
     }
 
-    // The same cluster with tartan-proxy --mode ebpf on both nodes: pod traffic through the policy programs on
-    // each veth, and between pods of one node the fast path (no bridge, no host netfilter).
+    // The same clusters with tartan-proxy --mode ebpf on both nodes: pod traffic through the policy programs on
+    // each veth and the fast path (between pods of one node, and to and from another node's pods).
+    // And once without the fast path (--pod-fast-path=false: policy programs only, traffic through the bridge).
+    for (name, backend, fast) in
+        [("vxlan", Backend::Vxlan, true), ("host-gw", Backend::HostGw, true), ("vxlan", Backend::Vxlan, false)]
     {
         let mut lab = Lab::new("tput-ebpf")?;
-        lab.build_cluster(2, Backend::Vxlan, 1)?;
+        lab.build_cluster(2, backend, 1)?;
+        let flag = format!("--pod-fast-path={fast}");
         for n in ["n1", "n2"] {
-            lab.start_proxy(n, &["--mode", "ebpf"])?;
+            lab.start_proxy(n, &["--mode", "ebpf", &flag])?;
         }
         let s = pod_ip(&lab.add_pod("n1", "s", "default")?);
         lab.add_pod("n1", "local", "default")?;
@@ -149,15 +162,15 @@ pub fn throughput(secs: u32, rounds: usize) -> Result<()> {
                 })
                 .unwrap_or(0)
         };
-        if !netns_lab::wait_for(std::time::Duration::from_secs(10), || {
-            pinned(&lab, "n1") == 2 && pinned(&lab, "n2") == 1
-        }) {
+        let attached = || pinned(&lab, "n1") == 2 && pinned(&lab, "n2") == 1;
+        if !netns_lab::wait_for(Duration::from_secs(10), attached) {
             anyhow::bail!("tartan-proxy --mode ebpf did not attach to the pods' veths");
         }
         let (sns, lns, rns) = (lab.pod("s")?.ns.clone(), lab.pod("local")?.ns.clone(), lab.pod("remote")?.ns.clone());
         let i = labs.len();
-        paths.push(path("same node, tartan-proxy --mode ebpf (fast path)", i, &sns, &lns, &s));
-        paths.push(path("cross node, vxlan, tartan-proxy --mode ebpf", i, &sns, &rns, &s));
+        let how = if fast { "fast path" } else { "no fast path" };
+        paths.push(path(&format!("same node, {name} cluster, tartan-proxy --mode ebpf ({how})"), i, &sns, &lns, &s));
+        paths.push(path(&format!("cross node, {name}, tartan-proxy --mode ebpf ({how})"), i, &sns, &rns, &s));
         labs.push(lab);
     }
 

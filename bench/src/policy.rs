@@ -4,8 +4,10 @@
 //! connection each time) against the same pods with no policy at all.
 //!
 //! The cluster is synthetic (objects, not running pods) except the server and client, which are real pods wired by
-//! `tartan` with their veths, so the packets walk the real chains. Each policy selects one app label (about 1 in 50
-//! pods) of one of 10 namespaces and allows ingress from another app in namespaces labelled `team`, on one port.
+//! `tartan` with their veths, so the packets walk the real chains (or programs); the measured node's synthetic pods
+//! get a veth pair each (its other end left in the node), so that both dataplanes program all 200 of them. Each policy selects
+//! one app label (about 1 in 50 pods) of one of 10 namespaces and allows ingress from another app in namespaces
+//! labelled `team`, on one port.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -95,7 +97,19 @@ pub fn run(modes: &[String], sizes: &[usize], count: usize) -> Result<()> {
     let (server_ns, client_ns, node_ns) =
         (lab.pod("server")?.ns.clone(), lab.pod("client")?.ns.clone(), lab.node("n1")?.ns.clone());
     let run_dir = lab.node("n1")?.root.join("run/tartan");
-    let veths = local_veths(&run_dir);
+    let mut veths = local_veths(&run_dir);
+    // The synthetic pods of this node get an interface each (the host side of a veth pair), as real pods
+    // have: both dataplanes then program every local pod (iptables its anti-spoofing and egress rules by the
+    // port, eBPF its programs and entries).
+    let mut batch = String::new();
+    for i in (0..PODS).step_by(LOCAL_EVERY) {
+        let name = format!("vsyn{i}");
+        batch += &format!("link add {name} type veth peer name {name}p\nlink set {name} up\n");
+        veths.insert((format!("ns{}", i % 10), format!("p{i}")), name);
+    }
+    let batch_file = lab.node("n1")?.root.join("synthetic-pods.batch");
+    std::fs::write(&batch_file, batch)?;
+    lab.exec(&node_ns, &["ip", "-batch", &batch_file.to_string_lossy()])?;
     accept_forever(&server_ns);
     let to = SocketAddr::new(server_ip.into(), 8080);
     let mut floor = connects(&client_ns, to, count)?;

@@ -76,6 +76,7 @@ pub fn node_options(lab: &Lab) -> NodeOptions {
             bpf_root: lab.node_bpf_root("n1"),
             run_dir: lab.node("n1").map(|n| n.root.join("run/tartan")).unwrap_or_default(),
             conntrack_max: 0,
+            pod_fast_path: true,
             ..Default::default()
         },
         ..Default::default()

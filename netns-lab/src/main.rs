@@ -71,6 +71,9 @@ enum Cmd {
         nodes: usize,
         #[arg(long, default_value = "vxlan")]
         backend: String,
+        /// The proxies' dataplane (tartan-proxy --mode).
+        #[arg(long, default_value = "ebpf")]
+        mode: String,
         /// Manifests (NetworkPolicies, label changes) applied after the open matrix is shown.
         #[arg(short = 'f', long = "filename")]
         files: Vec<std::path::PathBuf>,
@@ -161,21 +164,22 @@ fn main() -> Result<()> {
             }
         }
         Cmd::Demo => demo::run()?,
-        Cmd::Reachability { nodes, backend, files } => reachability(nodes, &backend, &files)?,
+        Cmd::Reachability { nodes, backend, mode, files } => reachability(nodes, &backend, &mode, &files)?,
         Cmd::Serve { tcp, udp } => netns_lab::reachability::serve(&tcp, &udp)?,
     }
     Ok(())
 }
 
-fn reachability(nodes: usize, backend: &str, files: &[std::path::PathBuf]) -> Result<()> {
+fn reachability(nodes: usize, backend: &str, mode: &str, files: &[std::path::PathBuf]) -> Result<()> {
     use netns_lab::reachability::{Matrix, Topology};
     let backend = netns_lab::cluster::Backend::parse(backend)?;
     let mut lab = Lab::new("reach")?;
     lab.build_cluster(nodes.max(1), backend, 1)?;
     let names: Vec<String> = (1..=nodes.max(1)).map(|i| format!("n{i}")).collect();
     for n in &names {
-        lab.start_proxy(n, &[])?;
+        lab.start_proxy(n, &["--mode", mode])?;
     }
+    println!("tartan-proxy --mode {mode} on every node");
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let topo = Topology::build(&mut lab, &names)?;
     for p in &topo.pods {

@@ -37,6 +37,11 @@ struct Options {
     /// least recently used flow goes first when full).
     #[arg(long, default_value_t = ebpf_maps::CONNTRACK_MAX, value_parser = clap::value_parser!(u32).range(1024..=1 << 24))]
     conntrack_max: u32,
+    /// ebpf: hand pod traffic that policy let through straight to the destination pod or the device towards
+    /// another node (bpf_redirect_peer / bpf_redirect_neigh), skipping the bridge and the host's netfilter
+    /// (`--pod-fast-path=false`: through the bridge, as with iptables; policy is enforced either way).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pod_fast_path: bool,
     /// The pod network, a range per family (comma-separated): traffic to a cluster IP from outside it is
     /// masqueraded.
     #[arg(long, value_delimiter = ',')]
@@ -74,6 +79,7 @@ fn main() -> Result<()> {
             bpf_root: o.bpf_root.clone(),
             run_dir: o.run_dir.clone(),
             conntrack_max: o.conntrack_max,
+            pod_fast_path: o.pod_fast_path,
             ..Default::default()
         },
     };

@@ -53,6 +53,7 @@ pub struct Metrics {
     pub flows_max: Gauge,
     pub service_ports: Gauge,
     pub programs: Gauge,
+    pub bpf_packets: Family<KindLabel, Gauge>,
     pub store_changes: Counter,
     pub invalid_objects: Counter,
     pub store_errors: Counter,
@@ -90,6 +91,7 @@ impl Metrics {
             flows_max: Gauge::default(),
             service_ports: Gauge::default(),
             programs: Gauge::default(),
+            bpf_packets: Family::default(),
             store_changes: Counter::default(),
             invalid_objects: Counter::default(),
             store_errors: Counter::default(),
@@ -158,6 +160,12 @@ impl Metrics {
             m.service_ports.clone(),
         );
         reg.register("tartan_proxy_bpf_programs", "eBPF programs attached (ebpf mode)", m.programs.clone());
+        reg.register(
+            "tartan_proxy_bpf_packets",
+            "Packets and connections the eBPF programs counted since their maps were made, by kind (ebpf mode; \
+             policy drops, spoofed sources, fast-path deliveries among them)",
+            m.bpf_packets.clone(),
+        );
         reg.register("tartan_proxy_store_changes", "Changes received from the cluster store", m.store_changes.clone());
         reg.register(
             "tartan_proxy_invalid_objects",
@@ -183,6 +191,11 @@ impl Metrics {
         self.flows.set(h.flows as i64);
         self.flows_max.set(h.flows_max as i64);
         self.programs.set(h.programs as i64);
+        if h.programs > 0 {
+            for (kind, n) in ebpf_maps::stats::NAMES.iter().zip(h.counters) {
+                self.bpf_packets.get_or_create(&KindLabel { kind }).set(n as i64);
+            }
+        }
     }
 
     pub fn sync_ok(&self, wrote: bool, full: bool, took: Duration) {

@@ -638,6 +638,11 @@ fn policy_composes_with_services_host_traffic_forged_sources_and_sctp(mode: &'st
             // ... and so did those to and from the other node's pods (out through the vxlan device, in to the pod).
             assert!(ebpf_stat(&env, n, ebpf_maps::stats::FAST_PATH_OUT) > 0, "{n}: none out");
             assert!(ebpf_stat(&env, n, ebpf_maps::stats::FAST_PATH_IN) > 0, "{n}: none in");
+            // The counters are metrics too.
+            let m = tartan_e2e::proxy_metrics(&env.lab, n);
+            let line = m.lines().find(|l| l.starts_with("tartan_proxy_bpf_packets") && l.contains("fast_path_local"));
+            let value = line.and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            assert!(value > 0.0, "{n}: {m}");
         }
     }
 

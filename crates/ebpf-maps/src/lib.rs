@@ -191,6 +191,25 @@ pub mod stats {
     pub const FAST_PATH_OUT: u32 = 13;
     pub const FAST_PATH_IN: u32 = 14;
     pub const COUNT: u32 = 15;
+
+    /// Each counter's name, by index (a metric label).
+    pub const NAMES: [&str; COUNT as usize] = [
+        "socket_translated",
+        "socket_refused",
+        "socket_reversed",
+        "outside_forwarded",
+        "outside_reply",
+        "outside_icmp",
+        "outside_dropped",
+        "outside_refused",
+        "policy_spoofed",
+        "policy_denied_egress",
+        "policy_denied_ingress",
+        "policy_allowed",
+        "fast_path_local",
+        "fast_path_out",
+        "fast_path_in",
+    ];
 }
 
 /// A service frontend (address, port, protocol) and a slot: 0 is the frontend itself, 1..=count its backends.

@@ -31,7 +31,13 @@ pub struct Held {
     /// the kernel's conntrack).
     pub flows: usize,
     pub flows_max: usize,
+    /// The eBPF programs' packet counters since their maps were made (by the dataplane's own index; zeros for
+    /// iptables, whose counters are the rules').
+    pub counters: [u64; COUNTERS],
 }
+
+/// How many packet counters [`Held::counters`] has room for.
+pub const COUNTERS: usize = 16;
 
 /// What one call of [`Dataplane::sync`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::collections::BTreeMap;
 
 use aya::maps::lpm_trie::LpmTrie;
-use aya::maps::{HashMap, MapData};
+use aya::maps::{HashMap, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
@@ -41,6 +41,7 @@ pub struct Attached {
     pub host: HashMap<MapData, [u8; 16], u8>,
     pub pod_addrs: HashMap<MapData, [u8; 16], u32>,
     pub pod_network: LpmTrie<MapData, ebpf_maps::NetKey, u8>,
+    pub stats: PerCpuArray<MapData, u64>,
     /// The cgroup programs' links.
     pub links: Vec<PinnedLink>,
     /// Per interface name, its index when attached and its tc links (ingress, egress).
@@ -234,6 +235,8 @@ pub fn attach(cgroup: &Path, bpf_root: &Path, conntrack_max: u32) -> Result<Atta
     let pol_peers = lpm(&mut ebpf, names::POLICY_PEERS)?;
     let pol_ports = lpm(&mut ebpf, names::POLICY_PORTS)?;
     let pod_network = lpm(&mut ebpf, names::POD_NETWORK)?;
+    let stats = ebpf.take_map(names::STATS).ok_or_else(|| prerequisite("the stats map", "not in the object"))?;
+    let stats = PerCpuArray::try_from(stats).map_err(|e| prerequisite("the stats map", e))?;
     Ok(Attached {
         ebpf,
         services,
@@ -247,6 +250,7 @@ pub fn attach(cgroup: &Path, bpf_root: &Path, conntrack_max: u32) -> Result<Atta
         host,
         pod_addrs,
         pod_network,
+        stats,
         links,
         tc: BTreeMap::new(),
         pod_tc: BTreeMap::new(),

@@ -38,6 +38,9 @@ pub struct EbpfOptions {
     pub run_dir: PathBuf,
     /// The size of the conntrack and NAT maps (flows from outside).
     pub conntrack_max: u32,
+    /// Whether pod traffic takes the fast path (the programs find a pod's veth by its address, and the pod network,
+    /// only then).
+    pub pod_fast_path: bool,
     /// The pod network, a range per family: traffic from a pod to a pod of another node takes the fast path
     /// (set by [`crate::dataplane`] from the node's options).
     pub cluster_cidrs: Vec<IpNet>,
@@ -208,7 +211,7 @@ impl EbpfDataplane {
                 let family = if n.addr().is_ipv6() { 6 } else { 4 };
                 (32 + u32::from(n.prefix_len()), ebpf_maps::NetKey { family, addr: frontends::addr_bytes(n.addr()) })
             };
-            for c in &self.opts.cluster_cidrs {
+            for c in self.opts.cluster_cidrs.iter().filter(|_| self.opts.pod_fast_path) {
                 net.insert(key(&c.trunc()), 1);
                 for n in node.nets.iter().filter(|n| c.contains(*n)) {
                     net.insert(key(n), 0);
@@ -254,6 +257,7 @@ impl EbpfDataplane {
         let addrs: BTreeMap<[u8; 16], u32> = model
             .pods
             .iter()
+            .filter(|_| self.opts.pod_fast_path)
             .filter_map(|p| Some((frontends::addr_bytes(p.ip), *veths.get(p.veth.as_ref()?)?)))
             .collect();
         let have_addrs: BTreeMap<[u8; 16], u32> = a.pod_addrs.iter().flatten().collect();
@@ -557,7 +561,14 @@ impl Dataplane for EbpfDataplane {
             .attached
             .as_ref()
             .map_or(0, |a| a.links.len() + a.tc.values().chain(a.pod_tc.values()).map(|(_, l)| l.len()).sum::<usize>());
+        let mut counters = [0; proxy_state::dataplane::COUNTERS];
+        if let Some(a) = &self.attached {
+            for (i, c) in counters.iter_mut().enumerate().take(ebpf_maps::stats::COUNT as usize) {
+                *c = a.stats.get(&(i as u32), 0).map_or(0, |v| v.iter().sum());
+            }
+        }
         Held {
+            counters,
             entries: self.rules.entries + map,
             programs,
             sets: self.policy_sets.0,

@@ -150,6 +150,12 @@ impl IptablesDataplane {
         self.applied = None;
     }
 
+    /// Whether policy is ours to enforce with iptables on a bridge (not with the eBPF dataplane, whose programs on
+    /// the pods' veths see every packet without br_netfilter).
+    fn needs_bridge_nf(&self) -> bool {
+        !self.opts[0].socket_lb
+    }
+
     /// Turns the bridge netfilter switches on (loading br_netfilter if its switches are missing). Ok(true): one
     /// was off and is on now.
     fn ensure_bridge_nf() -> Result<bool> {
@@ -267,7 +273,7 @@ impl IptablesDataplane {
     /// Drift since the last sync, by kind: a setting turned off, our canary gone, the policy chain's content
     /// changed, or a set's entry count changed.
     fn drift(&mut self) -> Result<Option<&'static str>> {
-        if Self::ensure_bridge_nf()? {
+        if self.needs_bridge_nf() && Self::ensure_bridge_nf()? {
             return Ok(Some("bridge-nf"));
         }
         for (ipt, text) in [(&self.ipt, &self.policy_text[0]), (&self.ipt6, &self.policy_text[1])] {
@@ -326,7 +332,7 @@ impl IptablesDataplane {
         let (ports, policy) = (&state.services[..], &*state.policy);
         // The first sync of a run rewrites everything too: what a previous run left is not known.
         let full = full || self.last.is_none();
-        if full {
+        if full && self.needs_bridge_nf() {
             Self::ensure_bridge_nf()?;
         }
         // Per family, by reference: a sync must not copy every Service port of the cluster.
