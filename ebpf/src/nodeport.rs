@@ -52,13 +52,13 @@ const AF_INET6: u8 = 10;
 pub(crate) const V4_FRAG: usize = ETH_HLEN + 6;
 const V4_PROTO: usize = ETH_HLEN + 9;
 const V4_CSUM: usize = ETH_HLEN + 10;
-const V4_SADDR: usize = ETH_HLEN + 12;
-const V4_DADDR: usize = ETH_HLEN + 16;
+pub(crate) const V4_SADDR: usize = ETH_HLEN + 12;
+pub(crate) const V4_DADDR: usize = ETH_HLEN + 16;
 /// ... and in the IPv6 header.
 const V6_NEXT: usize = ETH_HLEN + 6;
-const V6_SADDR: usize = ETH_HLEN + 8;
-const V6_DADDR: usize = ETH_HLEN + 24;
-const V6_HLEN: usize = 40;
+pub(crate) const V6_SADDR: usize = ETH_HLEN + 8;
+pub(crate) const V6_DADDR: usize = ETH_HLEN + 24;
+pub(crate) const V6_HLEN: usize = 40;
 
 /// A parsed packet: addresses in the maps' 16-byte form, ports as they sit in the packet.
 #[repr(C)]
@@ -113,7 +113,7 @@ fn scratch(slot: u32) -> Option<&'static mut Scratch> {
 }
 
 #[inline(always)]
-fn load_addr(ctx: &TcContext, off: usize, v6: bool, to: &mut [u8; 16]) -> Option<()> {
+pub(crate) fn load_addr(ctx: &TcContext, off: usize, v6: bool, to: &mut [u8; 16]) -> Option<()> {
     if v6 {
         *to = ctx.load::<[u8; 16]>(off).ok()?;
     } else {
@@ -697,6 +697,31 @@ pub fn tartan_to_outside(ctx: TcContext) -> i32 {
     OK
 }
 
+/// The packet an ICMP error (of the message at `l4`) quotes: its protocol and the offsets of its transport header,
+/// source and destination addresses. None: not an error, or too short.
+#[inline(always)]
+pub(crate) fn quoted(ctx: &TcContext, l4: usize, v6: bool) -> Option<(u8, usize, usize, usize)> {
+    let kind = ctx.load::<u8>(l4).ok()?;
+    let error = if v6 { (1..=4).contains(&kind) } else { kind == 3 || kind == 11 || kind == 12 };
+    if !error {
+        return None;
+    }
+    // The quoted packet: its IP header 8 bytes in, then at least 8 bytes of its transport header.
+    let inner = l4 + 8;
+    if v6 {
+        let proto = ctx.load::<u8>(inner + 6).ok()?;
+        Some((proto, inner + V6_HLEN, inner + 8, inner + 24))
+    } else {
+        let vihl = ctx.load::<u8>(inner).ok()?;
+        let ihl = ((vihl & 0x0f) as usize) * 4;
+        if ihl < 20 {
+            return None;
+        }
+        let proto = ctx.load::<u8>(inner + 9).ok()?;
+        Some((proto, inner + ihl, inner + 12, inner + 16))
+    }
+}
+
 /// An ICMP error about a translated flow: its outer destination becomes the client (ingress, remote backend),
 /// its outer source the frontend if the backend sent it, and the packet it quotes becomes the client's original
 /// one (client to frontend). On ingress, redirected to the client; on egress, on its way already.
@@ -705,25 +730,7 @@ fn icmp_error(skb: *mut __sk_buff, s: &mut Scratch, ingress: bool) -> i32 {
     let ctx = &TcContext::new(skb);
     let v6 = s.pkt.v6 != 0;
     let l4 = s.pkt.l4 as usize;
-    let Ok(kind) = ctx.load::<u8>(l4) else { return NEXT };
-    let error = if v6 { (1..=4).contains(&kind) } else { kind == 3 || kind == 11 || kind == 12 };
-    if !error {
-        return NEXT;
-    }
-    // The quoted packet: its IP header 8 bytes in, then at least 8 bytes of its transport header.
-    let inner = l4 + 8;
-    let (iproto, il4, isaddr_off, idaddr_off) = if v6 {
-        let Ok(proto) = ctx.load::<u8>(inner + 6) else { return NEXT };
-        (proto, inner + V6_HLEN, inner + 8, inner + 24)
-    } else {
-        let Ok(vihl) = ctx.load::<u8>(inner) else { return NEXT };
-        let ihl = ((vihl & 0x0f) as usize) * 4;
-        if ihl < 20 {
-            return NEXT;
-        }
-        let Ok(proto) = ctx.load::<u8>(inner + 9) else { return NEXT };
-        (proto, inner + ihl, inner + 12, inner + 16)
-    };
+    let Some((iproto, il4, isaddr_off, idaddr_off)) = quoted(ctx, l4, v6) else { return NEXT };
     if !translated(iproto) {
         return NEXT;
     }
@@ -766,7 +773,8 @@ fn icmp_error(skb: *mut __sk_buff, s: &mut Scratch, ingress: bool) -> i32 {
     }
     // The quoted header: IPv4's own checksum absorbs its address changes (leaving the ICMP checksum's sum
     // unchanged); IPv6 has none, so the ICMPv6 checksum takes them.
-    let (inner_l3, inner_l4) = if v6 { (0, icmp_csum) } else { (inner + 10, 0) };
+    // (The quoted IPv4 header starts 8 bytes into the ICMP message; its checksum 10 bytes further.)
+    let (inner_l3, inner_l4) = if v6 { (0, icmp_csum) } else { (l4 + 8 + 10, 0) };
     // The quoted source (the client, or the node address for a remote backend) becomes the client...
     if !same(&s.rkey.daddr, &s.nat.daddr)
         && set_addr(ctx, v6, isaddr_off, &s.rkey.daddr, &s.nat.daddr, inner_l3, inner_l4, 0).is_none()

@@ -10,9 +10,11 @@
 //! decided anew (a reused tuple is a new connection).
 //!
 //! Not subject to policy, as in the iptables mode: the node's own traffic to and from its pods (its addresses are
-//! in TARTAN_HOST), IPv6 link-local traffic and neighbour discovery (the link itself), and ICMP errors (what
-//! iptables calls RELATED). A packet a pod sends with another source address is dropped whatever the policy.
-//! IPv4 fragments carry no ports: they are dropped in a direction the pod is isolated in.
+//! in TARTAN_HOST) and IPv6 neighbour discovery (the link itself). ICMP errors pass when they quote a tracked flow
+//! of the pod (what iptables calls RELATED). A packet a pod sends with another source address is dropped whatever
+//! the policy (link-local sources only for neighbour discovery). A packet for another address than the pod's
+//! (broadcast, multicast) is never recorded, and passes only where the pod is not isolated. IPv4 fragments carry
+//! no ports: they are dropped in a direction the pod is isolated in.
 //!
 //! Fast path: a packet from a pod to another pod of this node, once both policies let it through, is handed
 //! straight to the destination pod's interface (bpf_redirect_peer), skipping the bridge, the host's netfilter and
@@ -28,10 +30,13 @@ use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::maps::PerCpuArray;
 use aya_ebpf::programs::TcContext;
 use ebpf_maps::policy::{self as pol, EGRESS, INGRESS};
-use ebpf_maps::proto::TCP;
+use ebpf_maps::proto::{translated, TCP};
 use ebpf_maps::{stats, NamedKey, NetKey, PeerKey, PodValue, PolicyFlowKey, PolicyFlowValue, PortKey};
 
-use crate::nodeport::{ending, fib_lookup, now, parse, Pkt, ETH_P_IP, ICMP, ICMPV6, NEXT, SHOT, V4_FRAG};
+use crate::nodeport::{
+    ending, fib_lookup, load_addr, now, parse, quoted, Pkt, ETH_P_IP, ETH_P_IPV6, ICMP, ICMPV6, NEXT, SHOT, V4_SADDR,
+    V6_SADDR,
+};
 use crate::{
     count, same, HOST_ADDRS, POD_ADDRS, POD_MACS, POD_NETWORK, POLICY_CT, POLICY_NAMED, POLICY_PEERS, POLICY_PODS,
     POLICY_PORTS,
@@ -78,39 +83,81 @@ fn pod_of(skb: *mut __sk_buff, s: &mut Scratch) -> bool {
     }
 }
 
-/// Not a packet policy decides: an IPv6 link-local or unspecified source (the link itself), or neighbour
-/// discovery (which pods on one bridge need to reach each other at all).
+/// IPv6 neighbour discovery and multicast listener messages: the link itself, which pods on one bridge need to
+/// reach each other at all; not policy's.
 #[inline(always)]
-fn link_local(ctx: &TcContext, p: &Pkt) -> bool {
-    if p.v6 == 0 {
-        return false;
-    }
-    let a = &p.saddr;
-    if (a[0] == 0xfe && (a[1] & 0xc0) == 0x80) || same(a, &[0; 16]) {
-        return true;
-    }
-    p.proto == ICMPV6 && matches!(ctx.load::<u8>(p.l4 as usize), Ok(133..=137))
+fn neighbour_discovery(ctx: &TcContext, p: &Pkt) -> bool {
+    p.v6 != 0 && p.proto == ICMPV6 && matches!(ctx.load::<u8>(p.l4 as usize), Ok(130..=137) | Ok(143))
 }
 
-/// An ICMP error: it only ever answers a packet that was let through.
+/// An IPv6 link-local or the unspecified address (what neighbour discovery may come from).
 #[inline(always)]
-fn icmp_error(ctx: &TcContext, p: &Pkt) -> bool {
-    let Ok(kind) = ctx.load::<u8>(p.l4 as usize) else { return false };
-    if p.proto == ICMP {
-        kind == 3 || kind == 11 || kind == 12
+fn link_scope(a: &[u8; 16]) -> bool {
+    (a[0] == 0xfe && (a[1] & 0xc0) == 0x80) || same(a, &[0; 16])
+}
+
+/// Whether `addr` is the pod's own address of its family.
+#[inline(always)]
+fn own(pod: &PodValue, addr: &[u8; 16], v6: bool) -> bool {
+    if v6 {
+        pod.flags & pol::HAS_V6 != 0 && same(addr, &pod.addr6)
     } else {
-        p.proto == ICMPV6 && (1..=4).contains(&kind)
+        pod.flags & pol::HAS_V4 != 0 && same(addr, &pod.addr4)
     }
 }
 
-/// An IPv4 fragment (parse refuses them: their ports are in the first one only).
-#[inline(always)]
-fn fragment(ctx: &TcContext) -> bool {
-    let Ok(proto) = ctx.load::<u16>(12) else { return false };
-    if u16::from_be(proto) != ETH_P_IP {
-        return false;
+/// What `icmp_related` says of an ICMP message that is no error.
+const NOT_ERROR: i32 = -3000;
+
+/// An ICMP error passes when the packet it quotes belongs to a tracked flow of this pod (iptables' RELATED):
+/// going out (`dir` EGRESS), the quoted packet came in, as a new flow the pod accepted or a reply to one it sent;
+/// coming in, the other way round. Other errors are dropped as denied.
+#[inline(never)]
+fn icmp_related(skb: *mut __sk_buff, s: &mut Scratch, dir: u8) -> i32 {
+    let ctx = &TcContext::new(skb);
+    let v6 = s.pkt.v6 != 0;
+    let l4 = s.pkt.l4 as usize;
+    let icmp = if v6 { ICMPV6 } else { ICMP };
+    if s.pkt.proto != icmp {
+        return NOT_ERROR;
     }
-    matches!(ctx.load::<u16>(V4_FRAG), Ok(f) if u16::from_be(f) & 0x3fff != 0)
+    let Some((iproto, il4, isrc, idst)) = quoted(ctx, l4, v6) else { return NOT_ERROR };
+    let denied = if dir == EGRESS { stats::POLICY_DENIED_EGRESS } else { stats::POLICY_DENIED_INGRESS };
+    if load_addr(ctx, isrc, v6, &mut s.key.saddr).is_none() || load_addr(ctx, idst, v6, &mut s.key.daddr).is_none() {
+        count(denied);
+        return SHOT;
+    }
+    let (sport, dport) = if translated(iproto) {
+        let (Ok(a), Ok(b)) = (ctx.load::<u16>(il4), ctx.load::<u16>(il4 + 2)) else { return SHOT };
+        (a, b)
+    } else {
+        (0, 0)
+    };
+    s.key.sport = sport;
+    s.key.dport = dport;
+    s.key.proto = iproto;
+    s.key._pad = [0; 2];
+    s.key.dir = if dir == EGRESS { INGRESS } else { EGRESS };
+    // SAFETY: only whether the key is there.
+    if unsafe { POLICY_CT.get(&s.key) }.is_some() {
+        return NEXT;
+    }
+    let k = s.key;
+    s.key = PolicyFlowKey {
+        saddr: k.daddr,
+        daddr: k.saddr,
+        sport: k.dport,
+        dport: k.sport,
+        proto: k.proto,
+        dir,
+        _pad: [0; 2],
+    };
+    // SAFETY: as above.
+    if unsafe { POLICY_CT.get(&s.key) }.is_some() {
+        return NEXT;
+    }
+    count(denied);
+    SHOT
 }
 
 #[inline(always)]
@@ -195,39 +242,69 @@ fn allowed(s: &mut Scratch, group: u32, dir: u8, peer_is_src: u8) -> bool {
     peers & named != 0
 }
 
+/// A packet `parse` could not read: not IP (ARP: not policy's), or an IPv4 fragment (its ports are in the first
+/// one only) or a malformed IP packet. Its source must still be the pod's own; beyond that it passes only where
+/// the pod is not isolated.
+#[inline(never)]
+fn unparsed(skb: *mut __sk_buff, s: &mut Scratch, dir: u8) -> i32 {
+    let ctx = &TcContext::new(skb);
+    let Ok(eth) = ctx.load::<u16>(12) else { return NEXT };
+    let v6 = match u16::from_be(eth) {
+        ETH_P_IP => false,
+        ETH_P_IPV6 => true,
+        _ => return NEXT,
+    };
+    if dir == EGRESS {
+        let off = if v6 { V6_SADDR } else { V4_SADDR };
+        if load_addr(ctx, off, v6, &mut s.pkt.saddr).is_none() || !own(&s.pod, &s.pkt.saddr, v6) {
+            count(stats::POLICY_SPOOFED);
+            return SHOT;
+        }
+    }
+    if s.pod.flags & pol::isolated(dir, v6) == 0 {
+        return NEXT;
+    }
+    count(if dir == EGRESS { stats::POLICY_DENIED_EGRESS } else { stats::POLICY_DENIED_INGRESS });
+    SHOT
+}
+
 /// The decision for a packet the pod sends (`dir` EGRESS, on the veth's ingress) or receives (INGRESS).
 #[inline(always)]
 fn decide(ctx: &TcContext, s: &mut Scratch, dir: u8) -> i32 {
     if parse(ctx, &mut s.pkt).is_none() {
-        // Not IP (ARP): not policy's. An IPv4 fragment: no ports to decide on.
-        if fragment(ctx) {
-            let v6 = false;
-            if s.pod.flags & pol::isolated(dir, v6) != 0 {
-                count(if dir == EGRESS { stats::POLICY_DENIED_EGRESS } else { stats::POLICY_DENIED_INGRESS });
-                return SHOT;
-            }
+        return unparsed(ctx.skb.skb, s, dir);
+    }
+    let v6 = s.pkt.v6 != 0;
+    if neighbour_discovery(ctx, &s.pkt) {
+        // From the pod: with its own address, a link-local or the unspecified one (duplicate address detection).
+        if dir == EGRESS && !own(&s.pod, &s.pkt.saddr, v6) && !link_scope(&s.pkt.saddr) {
+            count(stats::POLICY_SPOOFED);
+            return SHOT;
         }
         return NEXT;
     }
-    if link_local(ctx, &s.pkt) {
-        return NEXT;
-    }
-    let v6 = s.pkt.v6 != 0;
     if dir == EGRESS {
-        let own = if v6 {
-            s.pod.flags & pol::HAS_V6 != 0 && same(&s.pkt.saddr, &s.pod.addr6)
-        } else {
-            s.pod.flags & pol::HAS_V4 != 0 && same(&s.pkt.saddr, &s.pod.addr4)
-        };
-        if !own {
+        if !own(&s.pod, &s.pkt.saddr, v6) {
             count(stats::POLICY_SPOOFED);
             return SHOT;
         }
         if host(&s.pkt.daddr) {
             return NEXT;
         }
-    } else if host(&s.pkt.saddr) {
-        return NEXT;
+    } else {
+        if host(&s.pkt.saddr) {
+            return NEXT;
+        }
+        // Not addressed to the pod (broadcast, multicast, or a frame sent to its MAC address with another pod's
+        // address): never recorded, which would let that flow past its real destination's rules; and only where
+        // the pod is not isolated.
+        if !own(&s.pod, &s.pkt.daddr, v6) {
+            if s.pod.flags & pol::isolated(dir, v6) == 0 {
+                return NEXT;
+            }
+            count(stats::POLICY_DENIED_INGRESS);
+            return SHOT;
+        }
     }
     judge(ctx.skb.skb, s, dir)
 }
@@ -235,11 +312,13 @@ fn decide(ctx: &TcContext, s: &mut Scratch, dir: u8) -> i32 {
 /// The flow decision for a parsed packet of a flow of `s.pod` in `dir`: tracked, a reply, or allowed by its rules.
 #[inline(never)]
 fn judge(skb: *mut __sk_buff, s: &mut Scratch, dir: u8) -> i32 {
-    let ctx = &TcContext::new(skb);
     s.flow = 0;
     let v6 = s.pkt.v6 != 0;
-    if icmp_error(ctx, &s.pkt) {
-        return NEXT;
+    if s.pkt.proto == ICMP || s.pkt.proto == ICMPV6 {
+        let r = icmp_related(skb, s, dir);
+        if r != NOT_ERROR {
+            return r;
+        }
     }
     let now = now();
     // A SYN opens a connection: decided anew even on a tuple seen before.
@@ -344,13 +423,14 @@ fn towards_node(skb: *mut __sk_buff, s: &mut Scratch) -> i32 {
 pub fn to_local_pod(skb: *mut __sk_buff) -> i32 {
     let ctx = &TcContext::new(skb);
     let Some(s) = scratch(2) else { return NEXT };
-    if parse(ctx, &mut s.pkt).is_none() || link_local(ctx, &s.pkt) || host(&s.pkt.saddr) {
+    if parse(ctx, &mut s.pkt).is_none() || neighbour_discovery(ctx, &s.pkt) || host(&s.pkt.saddr) {
         return NEXT;
     }
     // Only from the pod network, whose replies take the fast path back: traffic from elsewhere (node addresses
     // after a node port's translation, clients outside) needs the node's conntrack to see both directions, or its
     // replies would be masqueraded as new connections leaving the cluster.
-    if pod_network(s, s.pkt.saddr).is_none() {
+    // And only from another node's pods: this node's own subnet arrives by the bridge, never from outside.
+    if pod_network(s, s.pkt.saddr) != Some(1) {
         return NEXT;
     }
     // SAFETY: copied at once.

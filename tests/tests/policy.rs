@@ -671,6 +671,59 @@ fn policy_composes_with_services_host_traffic_forged_sources_and_sctp(mode: &'st
     }
 }
 
+/// A pod cannot get a flow past another pod's ingress rules by first sending it to a third pod's MAC address (that
+/// pod, open, would otherwise let the flow through and have it remembered as allowed).
+fn a_flow_sent_to_another_pods_mac_first_is_still_decided_by_its_destination(mode: &'static str) {
+    let env = Env::new("np-mac", mode);
+    // Three pods of one node: the target (isolated, nothing gets in), the sender, and an open third one.
+    let node = env.topo.pod("x/a").node.clone();
+    let here: Vec<&TopoPod> = env.topo.pods.iter().filter(|p| p.node == node).collect();
+    assert!(here.len() >= 3, "three pods on {node}");
+    let (target, sender, third) = (here[0].clone(), here[1].clone(), here[2].clone());
+    let (tns, tname) = target.id.split_once('/').unwrap();
+    env.apply(&policy(
+        tns,
+        "closed",
+        &format!("  podSelector: {{matchLabels: {{pod: {tname}}}}}\n  policyTypes: [Ingress]"),
+    ));
+    let mac = |netns: &str| -> String {
+        let out = env.lab.exec(netns, &["ip", "-j", "link", "show", "eth0"]).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v[0]["address"].as_str().unwrap().to_string()
+    };
+    let (target_mac, third_mac) = (mac(&target.netns), mac(&third.netns));
+    let to = std::net::SocketAddr::new(target.ip, 80);
+    let tcp_in = || {
+        let ns = netns::NetNs::named(&sender.netns).unwrap();
+        ns.run(|| std::net::TcpStream::connect_timeout(&to, Duration::from_millis(300)).is_ok()).unwrap()
+    };
+    assert!(wait_for(Duration::from_secs(5), || !tcp_in()), "the target is closed");
+    let cap = netns_lab::Capture::start(&target.netns, "eth0", "udp dst port 80").unwrap();
+    let send = || {
+        let ns = netns::NetNs::named(&sender.netns).unwrap();
+        ns.run(|| {
+            let s = std::net::UdpSocket::bind("0.0.0.0:40999").unwrap();
+            s.send_to(b"hello", to).unwrap();
+        })
+        .unwrap();
+    };
+    let ip = target.ip.to_string();
+    let neigh = |mac: &str| {
+        let args = ["ip", "neigh", "replace", &ip, "lladdr", mac, "dev", "eth0", "nud", "permanent"];
+        env.lab.exec(&sender.netns, &args).unwrap();
+    };
+    // First to the third pod's MAC (the bridge delivers it there), then, the same flow, to the target's.
+    neigh(&third_mac);
+    send();
+    neigh(&target_mac);
+    send();
+    send();
+    std::thread::sleep(Duration::from_millis(300));
+    let lines = cap.stop().unwrap();
+    let from = format!("{}.", sender.ip);
+    assert!(!lines.iter().any(|l| l.contains(&from)), "the flow got past the target's policy: {lines:?}");
+}
+
 /// iptables only: the policy chains and sets are repaired when changed by hand, the idle check finds no drift
 /// where there is none, and --cleanup removes them.
 #[test]
@@ -756,6 +809,7 @@ tartan_e2e::every_dataplane!(
     label_changes_and_policy_updates_take_effect_within_a_second,
     policy_composes_with_services_host_traffic_forged_sources_and_sctp,
     ipv6_traffic_of_dual_stack_pods_is_policed_too,
+    a_flow_sent_to_another_pods_mac_first_is_still_decided_by_its_destination,
 );
 
 /// Dual stack: a pod's IPv6 address is policed like its IPv4 one (iptables: ip6tables chains and inet6 sets).

@@ -191,7 +191,6 @@ impl EbpfDataplane {
     /// the policy maps brought to the model by difference. Order keeps every packet decided by a whole state: the
     /// rules of a group are written before a pod points at it, and removed only once no pod does.
     fn sync_policy(&mut self, model: &Arc<PolicyModel>, node: &NodeAddrs, full: bool) -> Result<()> {
-        let root = self.opts.bpf_root.clone();
         let a = self.attached.as_mut().expect("attached");
         // The node's addresses first: a pod must never see its node's traffic decided by its policy.
         let failed = |what: &'static str| move |e| DataplaneError::new(ErrorKind::Sets, what, e);
@@ -228,30 +227,17 @@ impl EbpfDataplane {
             })?;
             self.host = Some(host);
         }
-        // Programs on every wired pod's veth.
+        // Every wired pod's veth, by index.
         let veths: HashMap<String, u32> = model
             .pods
             .iter()
             .filter_map(|p| p.veth.as_ref())
             .filter_map(|v| node.links.get(v).map(|i| (v.clone(), *i)))
             .collect();
-        for (name, index) in &veths {
-            if a.pod_tc.get(name).map(|(i, _)| i) != Some(index) {
-                a.attach_pod(&root, name, *index)?;
-            }
-        }
-        let mut stale: BTreeSet<String> = a.pod_tc.keys().filter(|n| !veths.contains_key(*n)).cloned().collect();
-        stale.extend(
-            attach::pinned_tc_interfaces(&root, &attach::POD_TC).into_iter().filter(|n| !veths.contains_key(n)),
-        );
-        for name in stale {
-            tracing::debug!(veth = %name, "pod gone: policy programs detached");
-            a.detach_pod(&root, &name);
-        }
         let same_input =
             self.policy_from.as_ref().is_some_and(|(m, v)| (Arc::ptr_eq(m, model) || **m == **model) && *v == veths);
         if !full && self.policy.is_some() && same_input {
-            return Ok(());
+            return self.sync_pod_programs(&veths);
         }
         // Pod addresses to veths (the fast path between pods of this node).
         let addrs: BTreeMap<[u8; 16], u32> = model
@@ -282,7 +268,29 @@ impl EbpfDataplane {
         self.policy = Some(now);
         result?;
         self.policy_sets = (model.sets.len(), want.peers.len() + want.named.len());
+        self.sync_pod_programs(&veths)?;
         self.policy_from = Some((model.clone(), veths));
+        Ok(())
+    }
+
+    /// The policy programs on exactly the veths in `veths`, once the maps hold their pods (a program that finds
+    /// no pod for its veth lets everything through).
+    fn sync_pod_programs(&mut self, veths: &HashMap<String, u32>) -> Result<()> {
+        let root = self.opts.bpf_root.clone();
+        let a = self.attached.as_mut().expect("attached");
+        for (name, index) in veths {
+            if a.pod_tc.get(name).map(|(i, _)| i) != Some(index) {
+                a.attach_pod(&root, name, *index)?;
+            }
+        }
+        let mut stale: BTreeSet<String> = a.pod_tc.keys().filter(|n| !veths.contains_key(*n)).cloned().collect();
+        stale.extend(
+            attach::pinned_tc_interfaces(&root, &attach::POD_TC).into_iter().filter(|n| !veths.contains_key(n)),
+        );
+        for name in stale {
+            tracing::debug!(veth = %name, "pod gone: policy programs detached");
+            a.detach_pod(&root, &name);
+        }
         Ok(())
     }
 
