@@ -672,7 +672,8 @@ fn policy_composes_with_services_host_traffic_forged_sources_and_sctp(mode: &'st
 }
 
 /// A pod cannot get a flow past another pod's ingress rules by first sending it to a third pod's MAC address (that
-/// pod, open, would otherwise let the flow through and have it remembered as allowed).
+/// pod, open, would otherwise let the flow through and have it remembered as allowed). eBPF: a deleted pod's
+/// programs go with its veth.
 fn a_flow_sent_to_another_pods_mac_first_is_still_decided_by_its_destination(mode: &'static str) {
     let env = Env::new("np-mac", mode);
     // Three pods of one node: the target (isolated, nothing gets in), the sender, and an open third one.
@@ -722,6 +723,17 @@ fn a_flow_sent_to_another_pods_mac_first_is_still_decided_by_its_destination(mod
     let lines = cap.stop().unwrap();
     let from = format!("{}.", sender.ip);
     assert!(!lines.iter().any(|l| l.contains(&from)), "the flow got past the target's policy: {lines:?}");
+    if mode == "ebpf" {
+        // A pod's programs go with its veth: deleted (CNI DEL), its pinned links are gone after the next sync.
+        let pinned = |env: &Env| {
+            let links = std::fs::read_dir(env.lab.node_bpf_root(&node).join("links")).unwrap();
+            links.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("tartan_from_pod@")).count()
+        };
+        let before = pinned(&env);
+        let mut env = env;
+        env.lab.del_pod(&third.id.replace('/', "-")).unwrap();
+        assert!(wait_for(Duration::from_secs(5), || pinned(&env) == before - 1), "{} of {before} left", pinned(&env));
+    }
 }
 
 /// iptables only: the policy chains and sets are repaired when changed by hand, the idle check finds no drift
