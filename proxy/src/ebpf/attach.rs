@@ -216,27 +216,26 @@ pub fn attach(cgroup: &Path, bpf_root: &Path, conntrack_max: u32) -> Result<Atta
             .map_err(|e| prerequisite(format!("typing {name}"), e))?;
         prog.load().map_err(|e| prerequisite(format!("loading {name}"), e))?;
     }
-    fn map<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &str) -> Result<HashMap<MapData, K, V>, DataplaneError> {
+    /// A map of the object, typed (a hash map, an LPM trie, a per-CPU array).
+    fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+        ebpf: &mut Ebpf,
+        name: &str,
+    ) -> Result<T, DataplaneError> {
         let m = ebpf.take_map(name).ok_or_else(|| prerequisite(format!("the map {name}"), "not in the object"))?;
-        HashMap::try_from(m).map_err(|e| prerequisite(format!("the map {name}"), e))
+        T::try_from(m).map_err(|e| prerequisite(format!("the map {name}"), e))
     }
-    let services = map(&mut ebpf, names::SERVICES)?;
-    let conntrack = map(&mut ebpf, names::CONNTRACK)?;
-    let nat = map(&mut ebpf, names::NAT)?;
-    let ifaddr = map(&mut ebpf, names::IFADDR)?;
-    let pol_pods = map(&mut ebpf, names::POLICY_PODS)?;
-    let pol_named = map(&mut ebpf, names::POLICY_NAMED)?;
-    let host = map(&mut ebpf, names::HOST_ADDRS)?;
-    let pod_addrs = map(&mut ebpf, names::POD_ADDRS)?;
-    fn lpm<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &str) -> Result<LpmTrie<MapData, K, V>, DataplaneError> {
-        let m = ebpf.take_map(name).ok_or_else(|| prerequisite(format!("the map {name}"), "not in the object"))?;
-        LpmTrie::try_from(m).map_err(|e| prerequisite(format!("the map {name}"), e))
-    }
-    let pol_peers = lpm(&mut ebpf, names::POLICY_PEERS)?;
-    let pol_ports = lpm(&mut ebpf, names::POLICY_PORTS)?;
-    let pod_network = lpm(&mut ebpf, names::POD_NETWORK)?;
-    let stats = ebpf.take_map(names::STATS).ok_or_else(|| prerequisite("the stats map", "not in the object"))?;
-    let stats = PerCpuArray::try_from(stats).map_err(|e| prerequisite("the stats map", e))?;
+    let services = take(&mut ebpf, names::SERVICES)?;
+    let conntrack = take(&mut ebpf, names::CONNTRACK)?;
+    let nat = take(&mut ebpf, names::NAT)?;
+    let ifaddr = take(&mut ebpf, names::IFADDR)?;
+    let pol_pods = take(&mut ebpf, names::POLICY_PODS)?;
+    let pol_named = take(&mut ebpf, names::POLICY_NAMED)?;
+    let host = take(&mut ebpf, names::HOST_ADDRS)?;
+    let pod_addrs = take(&mut ebpf, names::POD_ADDRS)?;
+    let pol_peers = take(&mut ebpf, names::POLICY_PEERS)?;
+    let pol_ports = take(&mut ebpf, names::POLICY_PORTS)?;
+    let pod_network = take(&mut ebpf, names::POD_NETWORK)?;
+    let stats = take(&mut ebpf, names::STATS)?;
     Ok(Attached {
         ebpf,
         services,

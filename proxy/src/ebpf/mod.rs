@@ -187,23 +187,19 @@ impl EbpfDataplane {
         Ok(())
     }
 
-    /// The policy programs on exactly the veths of this node's pods, the node's addresses in the host map, and
-    /// the policy maps brought to the model by difference. Order keeps every packet decided by a whole state: the
+    /// The node's addresses in the host map, the policy maps brought to the model by difference, then the
+    /// policy programs on exactly the veths of its pods. Order keeps every packet decided by a whole state: the
     /// rules of a group are written before a pod points at it, and removed only once no pod does.
     fn sync_policy(&mut self, model: &Arc<PolicyModel>, node: &NodeAddrs, full: bool) -> Result<()> {
         let a = self.attached.as_mut().expect("attached");
         // The node's addresses first: a pod must never see its node's traffic decided by its policy.
-        let failed = |what: &'static str| move |e| DataplaneError::new(ErrorKind::Sets, what, e);
         let host = (node.host.clone(), node.nets.clone());
         if full || self.host.as_ref() != Some(&host) {
-            let have: BTreeSet<[u8; 16]> = a.host.keys().flatten().collect();
-            let want: BTreeSet<[u8; 16]> = node.host.iter().map(|ip| frontends::addr_bytes(*ip)).collect();
-            for k in want.difference(&have) {
-                a.host.insert(k, 1, 0).map_err(failed("updating the host address map"))?;
-            }
-            for k in have.difference(&want) {
-                let _ = a.host.remove(k);
-            }
+            let want: BTreeMap<[u8; 16], u8> = node.host.iter().map(|ip| (frontends::addr_bytes(*ip), 1)).collect();
+            let have: BTreeMap<[u8; 16], u8> = a.host.iter().flatten().collect();
+            let mut now = BTreeMap::new();
+            put(&want, &have, &mut now, "the host address map", |k, v| a.host.insert(k, v, 0))?;
+            drop_gone(&want, &have, &mut now, "the host address map", |k| a.host.remove(k))?;
             // The pod network (1), less this node's own subnets in it (0: its pods are reached by address).
             let mut net: BTreeMap<(u32, ebpf_maps::NetKey), u8> = BTreeMap::new();
             let key = |n: &IpNet| {
