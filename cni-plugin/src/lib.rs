@@ -9,6 +9,7 @@ mod cmd;
 pub mod config;
 mod delegate;
 pub mod error;
+pub mod install;
 
 pub mod masq;
 mod net;

@@ -3,6 +3,11 @@
 use std::io::{Read, Write};
 
 fn main() {
+    // `tartan install ...` (a DaemonSet's init container); a runtime always sets CNI_COMMAND.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("install") && std::env::var_os("CNI_COMMAND").is_none() {
+        std::process::exit(install(&args[1..]));
+    }
     let mut stdin = Vec::new();
     // A runtime always sends a config (VERSION may send an empty one); a read error is treated as empty input and
     // reported by the parser.
@@ -29,4 +34,25 @@ fn main() {
     let _ = out.write_all(outcome.stdout.as_bytes());
     let _ = out.flush();
     std::process::exit(outcome.exit_code);
+}
+
+fn install(args: &[String]) -> i32 {
+    if let Err(e) = telemetry::init_from_env(None) {
+        eprintln!("tartan install: {e}");
+        return 2;
+    }
+    let me = std::env::current_exe().unwrap_or_else(|_| "/tartan".into());
+    let result = tartan_cni::install::parse_args(args, me).and_then(|o| tartan_cni::install::install(&o));
+    match result {
+        Ok(actions) => {
+            for a in actions {
+                println!("tartan install: {a}");
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("tartan install: {e}");
+            e.exit_code()
+        }
+    }
 }
