@@ -32,6 +32,11 @@ pub struct Options {
     pub public_ipv6: Option<Ipv6Addr>,
     #[arg(long, env = "FLANNELD_SUBNET_FILE", default_value = flannel::DEFAULT_SUBNET_FILE)]
     pub subnet_file: PathBuf,
+    /// A network config file (flannel's net-conf.json, as a DaemonSet mounts it from a ConfigMap): put at
+    /// `<etcd-prefix>/config` when the store holds none. The store's copy stays in force once there (every node
+    /// follows it; change it with etcdctl), and a file that differs from it is reported.
+    #[arg(long, env = "FLANNELD_NET_CONFIG_PATH")]
+    pub net_config_path: Option<PathBuf>,
     /// Install masquerade rules for traffic leaving the pod network.
     #[arg(long, env = "FLANNELD_IP_MASQ", action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
           default_value = "false")]
@@ -83,7 +88,6 @@ const REFUSED: &[(&str, &str)] = &[
     ("kube-api-url", "tartan-agent does not talk to a Kubernetes API server: give it --etcd-endpoints"),
     ("kubeconfig-file", "tartan-agent does not talk to a Kubernetes API server: give it --etcd-endpoints (and --etcd-cafile/--etcd-certfile/--etcd-keyfile)"),
     ("kube-annotation-prefix", "tartan-agent keeps leases in etcd, not in Node annotations"),
-    ("net-config-path", "the network config is read from <etcd-prefix>/config: put it there (etcdctl put /coreos.com/network/config \"$(cat net-conf.json)\")"),
     ("etcd-username", "etcd password authentication is not supported: use client certificates (--etcd-certfile, --etcd-keyfile)"),
     ("etcd-password", "etcd password authentication is not supported: use client certificates (--etcd-certfile, --etcd-keyfile)"),
     ("iface-can-reach", "choose the interface with --iface (a name or an address) or --iface-regex"),
@@ -140,9 +144,7 @@ mod tests {
             msg.starts_with("--kube-subnet-mgr (a flanneld flag) is not supported: ") && msg.contains("etcd"),
             "{msg}"
         );
-        assert!(refused(&argv(&["x", "--net-config-path=/etc/kube-flannel/net-conf.json"]), none)
-            .unwrap()
-            .contains("<etcd-prefix>/config"));
+        assert!(refused(&argv(&["x", "--kube-api-url=https://k"]), none).unwrap().contains("--etcd-endpoints"));
         assert!(refused(&argv(&["x", "--iface", "eth0", "--ip-masq"]), none).is_none());
         let env = |k: &str| (k == "FLANNELD_KUBE_SUBNET_MGR").then(|| "true".to_string());
         assert!(refused(&argv(&["x"]), env).unwrap().starts_with("FLANNELD_KUBE_SUBNET_MGR"));

@@ -38,6 +38,26 @@ impl Registry {
         Ok(r.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
     }
 
+    /// Puts `text` at `<prefix>/config` unless a config is there. Ok(None): it was put; Ok(Some(old)): the store's.
+    pub async fn seed_config(&mut self, text: &str) -> Result<Option<String>> {
+        let key = format!("{}/config", self.prefix);
+        let txn = Txn::new()
+            .when(vec![Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .and_then(vec![TxnOp::put(key.clone(), text, None)])
+            .or_else(vec![TxnOp::get(key, None)]);
+        let r = self.client.txn(txn).await?;
+        if r.succeeded() {
+            return Ok(None);
+        }
+        let old = r.op_responses().into_iter().find_map(|op| match op {
+            etcd_client::TxnOpResponse::Get(g) => {
+                g.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+            }
+            _ => None,
+        });
+        Ok(Some(old.unwrap_or_default()))
+    }
+
     /// Every lease, and the revision the listing is as of. Entries that are not leases are skipped.
     pub async fn leases(&mut self) -> Result<(Leases, i64)> {
         let r = self.client.get(self.subnets_prefix(), Some(GetOptions::new().with_prefix())).await?;

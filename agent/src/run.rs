@@ -204,6 +204,40 @@ async fn connect(opts: &Options, tls: Option<&Tls>, status: &Shared) -> Registry
     }
 }
 
+/// `--net-config-path`: the file's config goes to the store if the store has none (the first node to start puts it;
+/// the others find it there). Retried while etcd fails.
+async fn seed_config(
+    reg: &mut Registry,
+    opts: &Options,
+    path: &std::path::Path,
+    text: &str,
+    file_cfg: &NetworkConfig,
+    status: &Shared,
+) {
+    let key = format!("{}/config", opts.etcd_prefix.trim_end_matches('/'));
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match reg.seed_config(text.trim()).await {
+            Ok(None) => {
+                info!(%key, file = %path.display(), "network config put in the store");
+                return;
+            }
+            Ok(Some(old)) => {
+                if NetworkConfig::parse(&old).ok().as_ref() != Some(file_cfg) {
+                    warn!(%key, file = %path.display(), "the store holds another network config: the store's is in force");
+                }
+                return;
+            }
+            Err(e) => {
+                status.etcd_error("config");
+                warn!(error = format!("{e:#}"), retry_in = ?delay, "putting the network config");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
 /// Waits for `<prefix>/config` to hold a valid config, saying precisely what is wrong meanwhile.
 async fn wait_config(reg: &mut Registry, opts: &Options, status: &Shared) -> NetworkConfig {
     let mut last_msg = String::new();
@@ -315,7 +349,20 @@ pub async fn run(opts: Options, health: Shared) -> Result<()> {
 
     let tls =
         Tls::from_files(opts.etcd_cafile.as_deref(), opts.etcd_certfile.as_deref(), opts.etcd_keyfile.as_deref())?;
+    // A config file that cannot be read or parsed stops the start before anything is done.
+    let file_config = match &opts.net_config_path {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("--net-config-path {}", path.display()))?;
+            let cfg = NetworkConfig::parse(&text).with_context(|| format!("--net-config-path {}", path.display()))?;
+            Some((path.clone(), text, cfg))
+        }
+        None => None,
+    };
     let mut reg = connect(&opts, tls.as_ref(), &health).await;
+    if let Some((path, text, cfg)) = &file_config {
+        seed_config(&mut reg, &opts, path, text, cfg, &health).await;
+    }
     let mut cfg = wait_config(&mut reg, &opts, &health).await;
     let mut network =
         cfg.network.context("EnableIPv4 is false: IPv6-only networks are not supported (dual stack is)")?;
