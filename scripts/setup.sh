@@ -2,12 +2,14 @@
 # Installs what Tartan needs on a fresh machine of this kind. Idempotent: when everything is present it only
 # checks and returns (well under a second), so the README commands can call it every time.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   iproute2 iptables nftables ipset conntrack tcpdump iperf3 ethtool socat
   etcd-server etcd-client containernetworking-plugins hyperfine procps util-linux iputils-ping
   protobuf-compiler libprotobuf-dev
   bpftool llvm-22-dev libpolly-22-dev zlib1g-dev libzstd-dev
+  podman containerd runc file python3-venv
 )
 
 missing=()
@@ -48,4 +50,18 @@ if ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
   echo "setup: building bpf-linker $BPF_LINKER_VERSION against LLVM 22 (about 2 minutes)" >&2
   LLVM_SYS_221_PREFIX=/usr/lib/llvm-22 LLVM_PREFIX=/usr/lib/llvm-22 \
     cargo install --locked bpf-linker --version "$BPF_LINKER_VERSION" --no-default-features --features llvm-22
+fi
+
+# Manifests are rendered with kubectl's kustomize (Debian's kubernetes-client where no kubectl is installed) and
+# validated against Kubernetes' OpenAPI schemas by kubernetes-validate (PyPI), in a venv of the project's own.
+if ! command -v kubectl >/dev/null 2>&1; then
+  echo "setup: installing kubernetes-client (kubectl)" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kubernetes-client >/dev/null
+fi
+KV_VERSION=1.37.0
+if ! target/venv/bin/kubernetes-validate --version 2>/dev/null | grep -q "$KV_VERSION"; then
+  echo "setup: kubernetes-validate $KV_VERSION in target/venv" >&2
+  python3 -m venv target/venv
+  target/venv/bin/pip install -q "kubernetes-validate==$KV_VERSION"
 fi

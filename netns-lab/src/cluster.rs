@@ -408,7 +408,7 @@ impl Lab {
         for d in ["etc/cni/net.d", "var/lib/cni/networks", "run/flannel", "run/tartan", "var/lib/tartan"] {
             std::fs::create_dir_all(root.join(d))?;
         }
-        let node = NodeState { name: name.into(), ns, underlay_ip: addr, root };
+        let node = NodeState { name: name.into(), ns, underlay_ip: addr, root, cni_bin: None };
         self.state.nodes.push(node.clone());
         self.save()?;
         Ok(node)

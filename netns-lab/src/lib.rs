@@ -9,6 +9,7 @@
 pub mod capture;
 pub mod cluster;
 pub mod cni;
+pub mod daemonset;
 pub mod reachability;
 mod state;
 
@@ -321,7 +322,7 @@ impl Lab {
         let cg = self.node_cgroup(name);
         fs::create_dir_all(&cg).with_context(|| format!("creating the node's cgroup {}", cg.display()))?;
         self.ensure_bpffs()?;
-        let node = NodeState { name: name.into(), ns, underlay_ip: addr, root };
+        let node = NodeState { name: name.into(), ns, underlay_ip: addr, root, cni_bin: None };
         self.state.nodes.push(node.clone());
         self.save()?;
         Ok(node)
@@ -367,7 +368,7 @@ impl Lab {
             netns: format!("/run/netns/{ns}"),
             ifname: "eth0".into(),
             args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={k8s_namespace};K8S_POD_NAME={k8s_name};K8S_POD_INFRA_CONTAINER_ID={container_id}"),
-            path: cni::plugin_path(),
+            path: n.plugin_path(),
         };
         let result = match conf.add(&inv) {
             Ok(r) => r,
@@ -402,7 +403,7 @@ impl Lab {
             netns: format!("/run/netns/{}", p.ns),
             ifname: "eth0".into(),
             args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}", p.k8s_namespace, p.k8s_name()),
-            path: cni::plugin_path(),
+            path: n.plugin_path(),
         };
         let res = conf.del(&inv);
         self.del_ns(&p.ns)?;
@@ -424,6 +425,8 @@ impl Lab {
 
     /// Removes everything the lab made. Safe to call twice; also what Drop does for non-persistent labs.
     pub fn teardown(&mut self) {
+        // Containers first: their daemons stop while the namespaces and mounts they use are still there.
+        self.remove_containers();
         for c in &mut self.children {
             stop_child(c);
         }

@@ -33,6 +33,13 @@ enum Cmd {
         /// With --backend vxlan, vxlan-direct or host-gw: dual stack (pods get an IPv6 address too).
         #[arg(long)]
         ipv6: bool,
+        /// Run each node's Tartan from this image archive (scripts/build-image.sh), as the DaemonSet in deploy/
+        /// would: its pod template run with podman in the node's namespace (vxlan unless --backend says).
+        #[arg(long)]
+        image: Option<std::path::PathBuf>,
+        /// With --image: tartan-proxy's dataplane (the ConfigMap's proxy-mode).
+        #[arg(long, default_value = "iptables")]
+        mode: String,
     },
     /// Pods: created and deleted through the CNI plugin, as kubelet does.
     Pod {
@@ -110,7 +117,7 @@ fn main() -> Result<()> {
     telemetry::init_from_env(Some("warn"))?;
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Up { name, nodes, backend, segments, ipv6 } => {
+        Cmd::Up { name, nodes, backend, segments, ipv6, image, mode } => {
             if nodes == 0 {
                 bail!("--nodes must be at least 1");
             }
@@ -119,10 +126,20 @@ fn main() -> Result<()> {
             }
             let backend = backend.as_deref().map(netns_lab::cluster::Backend::parse).transpose()?;
             let mut lab = Lab::persistent(&name)?;
-            let built = match backend {
-                Some(b) if ipv6 => lab.build_cluster_with(nodes, &b.dual_stack_config(), segments),
-                Some(b) => lab.build_cluster(nodes, b, segments),
-                None => lab.build_static(nodes),
+            let built = match (image, backend) {
+                (Some(archive), b) => {
+                    let b = b.unwrap_or(netns_lab::cluster::Backend::Vxlan);
+                    let config = if ipv6 { b.dual_stack_config() } else { b.network_config() };
+                    let archive = std::path::absolute(&archive)?;
+                    lab.build_image_cluster(nodes, &archive, &config, &mode).map(|c| {
+                        println!("image {} running on every node (podman; logs in each node's directory)", c.image)
+                    })
+                }
+                (None, backend) => match backend {
+                    Some(b) if ipv6 => lab.build_cluster_with(nodes, &b.dual_stack_config(), segments),
+                    Some(b) => lab.build_cluster(nodes, b, segments),
+                    None => lab.build_static(nodes),
+                },
             };
             if let Err(e) = built {
                 lab.teardown();

@@ -20,6 +20,17 @@ pub struct LabState {
     /// With a multi-member etcd: each member's PID (None while stopped), in member order.
     #[serde(default)]
     pub etcd_members: Vec<Option<u32>>,
+    /// Tartan run from its image: the lab's podman storage is in use.
+    #[serde(default)]
+    pub podman: bool,
+    /// The DaemonSet pod's containers running, as (node, container).
+    #[serde(default)]
+    pub containers: Vec<(String, String)>,
+    /// The lab's containerd, when started, and the containers it runs (by name).
+    #[serde(default)]
+    pub containerd_pid: Option<u32>,
+    #[serde(default)]
+    pub ctr_containers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,6 +40,19 @@ pub struct NodeState {
     pub underlay_ip: String,
     /// Stands in for the node's `/`: etc/cni/net.d, var/lib/cni, run/flannel, run/tartan, var/lib/tartan.
     pub root: PathBuf,
+    /// Where the node's CNI plugins are, when installed there (by the DaemonSet's init container); else the build's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni_bin: Option<PathBuf>,
+}
+
+impl NodeState {
+    /// CNI_PATH for this node's pods: its installed plugins (else the build's), then Debian's reference plugins.
+    pub fn plugin_path(&self) -> String {
+        match &self.cni_bin {
+            Some(d) => format!("{}:/usr/lib/cni", d.display()),
+            None => crate::cni::plugin_path(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
