@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds Tartan's container image as an OCI archive, without a container daemon or builder:
-#   bash scripts/build-image.sh [--tag TAG] [--out FILE]
+#   bash scripts/build-image.sh [--tag TAG] [--out FILE] [--no-build]
+# (--no-build takes the release binaries already in target/, as the tests do after scripts/test.sh built them.)
 # The image holds the static release binaries (the plugin, the agent, the proxy), the netfilter tools they call
 # (iptables with both backends behind a wrapper that picks the host's, ipset, conntrack) and busybox's sh for
 # that wrapper, all from Debian packages at the versions apt has. One layer, written as a deterministic tar: the
@@ -12,11 +13,13 @@ cd "$(dirname "$0")/.."
 
 TAG=""
 OUT=""
+BUILD=1
 while (($#)); do
   case "$1" in
     --tag) TAG="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
-    *) echo "usage: $0 [--tag TAG] [--out FILE]" >&2; exit 2 ;;
+    --no-build) BUILD=0; shift ;;
+    *) echo "usage: $0 [--tag TAG] [--out FILE] [--no-build]" >&2; exit 2 ;;
   esac
 done
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
@@ -29,7 +32,13 @@ WORK=target/image
 OUT=${OUT:-$WORK/tartan-$TAG.oci.tar}
 BIN=target/x86_64-unknown-linux-gnu/release
 
-cargo build --release --locked --bin tartan --bin tartan-agent --bin tartan-proxy >&2
+# The same command as scripts/test.sh, so that one build serves both.
+if ((BUILD)); then
+  cargo build --release --bins --locked >&2
+fi
+for b in tartan tartan-agent tartan-proxy; do
+  [ -x "$BIN/$b" ] || { echo "build-image: $BIN/$b is missing (run without --no-build)" >&2; exit 1; }
+done
 
 # The packages the tools come from (with their libraries); apt resolves the versions, recorded in the image.
 PACKAGES=(libc6 iptables libxtables12 libip4tc2 libip6tc2 libnftnl11 libmnl0 libnfnetlink0 libnetfilter-conntrack3

@@ -389,23 +389,23 @@ impl Lab {
         Ok(())
     }
 
-    /// Runs the image once on `node` with `argv` (a one-off such as `tartan-proxy --cleanup`), with the mounts and
-    /// privileges of the pod's container `like`; returns what it printed.
-    pub fn run_once(&mut self, node: &str, m: &Manifests, image: &str, like: &str, argv: &[&str]) -> Result<String> {
+    /// Runs the pod's container `like` once on `node` with `extra` arguments after its own (a one-off such as
+    /// `tartan-proxy ... --cleanup`), with its mounts and privileges; returns what it printed.
+    pub fn run_once(&mut self, node: &str, m: &Manifests, image: &str, like: &str, extra: &[&str]) -> Result<String> {
         let ns = self.node(node)?.ns.clone();
         let mut c = self
             .pod_containers(node, m, image, false)?
             .into_iter()
             .find(|c| c.name == like)
             .ok_or_else(|| anyhow!("no container {like} in the pod template"))?;
-        c.argv = argv.iter().map(|s| s.to_string()).collect();
+        c.argv.extend(extra.iter().map(|s| s.to_string()));
         let mut cmd = self.podman();
         cmd.args(["run", "--rm"]);
         podman_args(&mut cmd, &ns, &c, None);
         let out = child_process::run(&mut cmd, None, Duration::from_secs(120))?;
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         if !out.status.success() {
-            bail!("{argv:?} on {node}: {}\n{text}", out.status);
+            bail!("{like} {extra:?} on {node}: {}\n{text}", out.status);
         }
         Ok(text)
     }
