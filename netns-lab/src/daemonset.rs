@@ -187,7 +187,8 @@ impl Lab {
             .arg("--runroot")
             .arg(d.join("run"))
             .args(["--storage-driver", "vfs", "--runtime", "runc", "--cgroup-manager", "cgroupfs"])
-            .args(["--events-backend", "file", "--log-level", "error"])
+            .args(["--events-backend", "file", "--log-level", "error", "--tmpdir"])
+            .arg(d.join("tmp"))
             .env("TMPDIR", d.join("tmp"))
             .stdin(Stdio::null());
         c
@@ -344,11 +345,12 @@ impl Lab {
     ) -> Result<()> {
         let ns = self.node(node)?.ns.clone();
         let root = self.node(node)?.root.clone();
+        let cg = self.node_cgroup_name(node);
         for c in self.pod_containers(node, m, image, true)? {
             let name = self.container_name(node, &c.name);
             let mut cmd = self.podman();
             cmd.args(["run", "--rm", "--name", &name]);
-            podman_args(&mut cmd, &ns, &c, None);
+            podman_args(&mut cmd, &ns, &cg, &c, None);
             run(&mut cmd, Duration::from_secs(120)).with_context(|| format!("init container {} on {node}", c.name))?;
         }
         for c in self.pod_containers(node, m, image, false)? {
@@ -358,7 +360,7 @@ impl Lab {
                     let log = root.join(format!("{}.log", c.name));
                     let mut cmd = self.podman();
                     cmd.args(["run", "-d", "--name", &name]);
-                    podman_args(&mut cmd, &ns, &c, Some(&log));
+                    podman_args(&mut cmd, &ns, &cg, &c, Some(&log));
                     run(&mut cmd, Duration::from_secs(120))
                         .with_context(|| format!("container {} on {node}", c.name))?;
                 }
@@ -393,6 +395,7 @@ impl Lab {
     /// `tartan-proxy ... --cleanup`), with its mounts and privileges; returns what it printed.
     pub fn run_once(&mut self, node: &str, m: &Manifests, image: &str, like: &str, extra: &[&str]) -> Result<String> {
         let ns = self.node(node)?.ns.clone();
+        let cg = self.node_cgroup_name(node);
         let mut c = self
             .pod_containers(node, m, image, false)?
             .into_iter()
@@ -401,7 +404,7 @@ impl Lab {
         c.argv.extend(extra.iter().map(|s| s.to_string()));
         let mut cmd = self.podman();
         cmd.args(["run", "--rm"]);
-        podman_args(&mut cmd, &ns, &c, None);
+        podman_args(&mut cmd, &ns, &cg, &c, None);
         let out = child_process::run(&mut cmd, None, Duration::from_secs(120))?;
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         if !out.status.success() {
@@ -437,8 +440,9 @@ impl Lab {
 
 /// What a DaemonSet pod's container gets from kubelet, as podman flags: the node's network namespace (hostNetwork),
 /// the mounts, environment, privileges; the ulimits this host needs lowered.
-fn podman_args(cmd: &mut Command, ns: &str, c: &ContainerRun, log: Option<&Path>) {
-    cmd.arg(format!("--network=ns:/run/netns/{ns}")).args([
+fn podman_args(cmd: &mut Command, ns: &str, cgroup: &str, c: &ContainerRun, log: Option<&Path>) {
+    // In the node's cgroup, as every process of a node is (podman's cgroupfs manager takes a path from each root).
+    cmd.arg(format!("--cgroup-parent=/{cgroup}")).arg(format!("--network=ns:/run/netns/{ns}")).args([
         "--ulimit",
         "nofile=20000:20000",
         "--ulimit",

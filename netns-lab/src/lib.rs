@@ -212,7 +212,12 @@ impl Lab {
 
     /// The node's cgroup (v2): every process of the node runs in it.
     pub fn node_cgroup(&self, node: &str) -> PathBuf {
-        Path::new(CGROUP_ROOT).join(format!("{}-{node}", self.state.prefix))
+        Path::new(CGROUP_ROOT).join(self.node_cgroup_name(node))
+    }
+
+    /// The node's cgroup's name (the same in every hierarchy).
+    pub fn node_cgroup_name(&self, node: &str) -> String {
+        format!("{}-{node}", self.state.prefix)
     }
 
     /// Where the node's daemons pin BPF objects: a directory on the lab's own bpffs instance.
@@ -489,12 +494,32 @@ fn lab_cgroups() -> Vec<String> {
 }
 
 fn remove_cgroup(name: &str) {
-    let path = Path::new(CGROUP_ROOT).join(name);
+    // A node's containers (podman's cgroupfs manager) have cgroups below the node's, in the v2 hierarchy and in
+    // each v1 one: those go too, deepest first.
+    let mut paths = vec![Path::new(CGROUP_ROOT).join(name)];
+    if let Ok(hierarchies) = fs::read_dir("/sys/fs/cgroup") {
+        paths.extend(hierarchies.flatten().map(|h| h.path().join(name)).filter(|p| p.is_dir()));
+    }
+    paths.dedup();
     // Killed processes leave the cgroup as they are reaped: try for a moment.
     let _ = wait_for(Duration::from_secs(3), || {
-        let _ = fs::remove_dir(&path);
-        !path.exists()
+        for p in &paths {
+            remove_tree(p);
+        }
+        paths.iter().all(|p| !p.exists())
     });
+}
+
+/// rmdir of a cgroup and every cgroup below it (a cgroup directory holds only kernel files, removed with it).
+fn remove_tree(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&e.path());
+            }
+        }
+    }
+    let _ = fs::remove_dir(dir);
 }
 
 impl Drop for Lab {

@@ -297,9 +297,10 @@ fn daemonset_pods_wire_serve_and_police_a_cluster_and_survive_an_image_upgrade(m
 
     // The upgrade: a second tag, one node at a time, while pods on n1 ping pods on n2 and n3: nothing is lost
     // (the kernel keeps routes, rules and pinned programs; the new pod's daemons adopt them).
-    let from = topo.pods.iter().find(|p| p.node == "n1").unwrap().netns.clone();
-    let targets: Vec<String> =
-        ["n2", "n3"].iter().map(|n| topo.pods.iter().find(|p| p.node == *n).unwrap().ip.to_string()).collect();
+    // Outside namespace x, which the policies isolate.
+    let open = |node: &str| topo.pods.iter().find(|p| p.node == node && p.namespace != "x").unwrap();
+    let from = open("n1").netns.clone();
+    let targets: Vec<String> = ["n2", "n3"].iter().map(|n| open(n).ip.to_string()).collect();
     let loops: Vec<PingLoop> = targets.iter().map(|t| PingLoop::start(&lab, &from, t)).collect();
     let image_b = "localhost/tartan:e2e-b".to_string();
     let loaded = lab.load_image(&im.b).unwrap();
@@ -312,6 +313,7 @@ fn daemonset_pods_wire_serve_and_police_a_cluster_and_survive_an_image_upgrade(m
     }
     for (l, t) in loops.into_iter().zip(&targets) {
         let (sent, received) = l.stop();
+        eprintln!("{mode}: ping to {t} during the upgrade: {received}/{sent}");
         // The last echo may be in flight when ping is interrupted.
         assert!(sent > 20 && received + 1 >= sent, "{mode}: ping to {t} during the upgrade: {received}/{sent}");
     }
