@@ -1,6 +1,7 @@
 //! tartan-agent: a drop-in for flanneld on an etcd datastore.
 
 pub mod acquire;
+pub mod cleanup;
 pub mod dataplane;
 pub mod external;
 pub mod metrics;

@@ -20,6 +20,22 @@ fn main() {
         eprintln!("tartan-agent: {e}");
         std::process::exit(2);
     }
+    if opts.cleanup {
+        match tartan_agent::cleanup::cleanup(&opts) {
+            Ok(done) => {
+                tracing::info!(removed = done.len(), "cleanup done");
+                for d in done {
+                    println!("removed {d}");
+                }
+                std::process::exit(0);
+            }
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "cleanup");
+                eprintln!("tartan-agent: cleanup: {e:#}");
+                std::process::exit(1);
+            }
+        }
+    }
     // The kernel may lag the leases this long before /healthz fails: a few resyncs, and never under 5 s.
     let bound = Duration::from_secs(3 * opts.route_resync.max(1)).max(Duration::from_secs(5));
     let status = Arc::new(Status::new(bound));

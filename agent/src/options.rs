@@ -37,6 +37,10 @@ pub struct Options {
     /// follows it; change it with etcdctl), and a file that differs from it is reported.
     #[arg(long, env = "FLANNELD_NET_CONFIG_PATH")]
     pub net_config_path: Option<PathBuf>,
+    /// Remove what the agent put on this node (backend devices, host-gw routes, FLANNEL-* chains, subnet.env, the
+    /// state directory's files) and exit; the lease stays in etcd until it expires.
+    #[arg(long)]
+    pub cleanup: bool,
     /// Install masquerade rules for traffic leaving the pod network.
     #[arg(long, env = "FLANNELD_IP_MASQ", action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
           default_value = "false")]

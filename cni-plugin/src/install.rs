@@ -155,7 +155,7 @@ pub fn install(o: &InstallOptions) -> Result<Vec<Action>, InstallError> {
 /// A conflist as libcni reads one: an object with a name and a non-empty list of plugins, each with a type.
 fn check_conflist(bytes: &[u8]) -> Result<(), String> {
     let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-    if !v.get("name").is_some_and(|n| n.as_str().is_some_and(|s| !s.is_empty())) {
+    if v.get("name").and_then(|n| n.as_str()).is_none_or(str::is_empty) {
         return Err("no \"name\"".into());
     }
     let plugins = v.get("plugins").and_then(|p| p.as_array()).ok_or("no \"plugins\" list")?;

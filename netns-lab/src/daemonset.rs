@@ -496,21 +496,6 @@ fn node_conflist(n: &crate::state::NodeState, text: &str) -> Result<String> {
     Ok(serde_json::to_string_pretty(&v)?)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn base64_and_lines() {
-        assert_eq!(base64_decode("aGVsbG8gd29ybGQ=").unwrap(), b"hello world");
-        assert_eq!(base64_decode("eAo=").unwrap(), b"x\n");
-        assert!(base64_decode("a*").is_err());
-        let k = "x:\n  - a=1\n    newTag: 0.1.0\n";
-        assert_eq!(set_line(k, "newTag:", "newTag: 2").unwrap(), "x:\n  - a=1\n    newTag: 2\n");
-        assert!(set_line(k, "nope", "x").is_err());
-    }
-}
-
 /// containerd's namespace for the lab's containers.
 const CTR_NS: &str = "tartan-lab";
 
@@ -679,5 +664,20 @@ impl Lab {
                 .and_then(|p| std::fs::read_to_string(p).ok());
             e.context(format!("tartan-proxy's log on {node}:\n{}", log.unwrap_or_default()))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_and_lines() {
+        assert_eq!(base64_decode("aGVsbG8gd29ybGQ=").unwrap(), b"hello world");
+        assert_eq!(base64_decode("eAo=").unwrap(), b"x\n");
+        assert!(base64_decode("a*").is_err());
+        let k = "x:\n  - a=1\n    newTag: 0.1.0\n";
+        assert_eq!(set_line(k, "newTag:", "newTag: 2").unwrap(), "x:\n  - a=1\n    newTag: 2\n");
+        assert!(set_line(k, "nope", "x").is_err());
     }
 }

@@ -775,3 +775,44 @@ fn metrics_move_with_the_cluster_health_follows_the_reconcile_loop_and_v_turns_o
     assert!(n2_log.contains(" INFO ") && n2_log.contains("acquired lease"), "{n2_log}");
     assert!(!n2_log.contains("DEBUG") && !n2_log.starts_with('{'), "{n2_log}");
 }
+
+/// `--cleanup` after a stop: the host-gw routes, the FLANNEL chains, subnet.env and the VtepMAC state go; the other
+/// node's own routes stay. (vxlan's device goes too: tests/tests/image.rs runs it from the image.)
+#[test]
+fn cleanup_removes_what_the_agent_put_on_the_node() {
+    let mut c = Cluster::new("agentclean", 2, Backend::HostGw, 1);
+    let (sn1, sn2) = (c.subnet_of("n1"), c.subnet_of("n2"));
+    assert!(c.has_route("n1", &sn2));
+    let n1 = c.lab.node("n1").unwrap().clone();
+    // Stop n1's agent (found by its command line): a stop removes nothing.
+    let agent = c.lab.state.processes.iter().copied().find(|p| {
+        std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
+            let c = String::from_utf8_lossy(&c).into_owned();
+            c.contains("tartan-agent") && c.contains("--node-name\0n1\0")
+        })
+    });
+    c.lab.stop(agent.expect("n1's agent"));
+    assert!(c.has_route("n1", &sn2), "a stop removed the route");
+    let out = c
+        .lab
+        .exec(
+            &n1.ns,
+            &[
+                netns_lab::cluster::agent_bin().to_str().unwrap(),
+                "--cleanup",
+                "--subnet-file",
+                n1.root.join("run/flannel/subnet.env").to_str().unwrap(),
+                "--state-dir",
+                n1.root.join("var/lib/tartan").to_str().unwrap(),
+            ],
+        )
+        .expect("tartan-agent --cleanup");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains(&format!("removed route {sn2}")), "{said}");
+    assert!(!c.has_route("n1", &sn2), "the host-gw route is still there");
+    let rules = c.lab.exec(&n1.ns, &["iptables-save"]).unwrap();
+    assert!(!String::from_utf8_lossy(&rules.stdout).contains("FLANNEL"), "FLANNEL chains left");
+    assert!(!n1.root.join("run/flannel/subnet.env").exists());
+    // n2 is untouched.
+    assert!(c.has_route("n2", &sn1), "n2 lost its route");
+}

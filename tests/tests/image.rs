@@ -355,6 +355,18 @@ fn daemonset_pods_wire_serve_and_police_a_cluster_and_survive_an_image_upgrade(m
         assert!(left.is_empty(), "{n}: pins left after --cleanup: {left:?}");
     }
     assert!(!tcp_connects(&lab, &xb, "10.96.0.50:8080"), "{mode}: the Service still answers after --cleanup");
+
+    // And the agent's: the vxlan device (with its routes), the FLANNEL chains, subnet.env. Pods lose the other nodes.
+    for n in nodes {
+        lab.run_once(n, &c.manifests, &image_b, "tartan-agent", &["--cleanup"]).unwrap();
+        let ns = lab.node(n).unwrap().ns.clone();
+        let links = lab.exec(&ns, &["ip", "-o", "link"]).unwrap();
+        assert!(!String::from_utf8_lossy(&links.stdout).contains("flannel."), "{n}: the vxlan device is left");
+        let rules = lab.exec(&ns, &["iptables-save"]).unwrap();
+        assert!(!String::from_utf8_lossy(&rules.stdout).contains("FLANNEL"), "{n}: FLANNEL chains left");
+        assert!(!lab.node(n).unwrap().root.join("run/flannel/subnet.env").exists(), "{n}: subnet.env left");
+    }
+    assert!(!lab.ping(&from, &targets[0]).unwrap(), "{mode}: pods still reach other nodes after --cleanup");
 }
 
 tartan_e2e::every_dataplane!(daemonset_pods_wire_serve_and_police_a_cluster_and_survive_an_image_upgrade);
