@@ -526,7 +526,10 @@ impl Lab {
         );
         std::fs::write(d.join("config.toml"), config)?;
         let log = std::fs::File::create(d.join("containerd.log"))?;
-        let mut cmd = Command::new("containerd");
+        // In the lab's control namespace (it needs no network): a sweep of a killed run kills it and its shims
+        // with the namespace's processes.
+        let ns = self.ns_name("etcd");
+        let mut cmd = crate::command_in(&ns, "containerd")?;
         cmd.arg("--config").arg(d.join("config.toml")).stdout(log.try_clone()?).stderr(log).stdin(Stdio::null());
         let pid = self.spawn_cmd(cmd)?;
         self.state.containerd_pid = Some(pid);
