@@ -2,7 +2,8 @@
 # Builds Tartan's container image as an OCI archive, without a container daemon or builder:
 #   bash scripts/build-image.sh [--tag TAG] [--out FILE] [--no-build]
 # (--no-build takes the release binaries already in target/, as the tests do after scripts/test.sh built them.)
-# The image holds the static release binaries (the plugin, the agent, the proxy), the netfilter tools they call
+# The image holds the static release binaries (the plugin; the agent and the proxy as one multi-call binary,
+# tartan-node), the netfilter tools they call
 # (iptables with both backends behind a wrapper that picks the host's, ipset, conntrack) and busybox's sh for
 # that wrapper, all from Debian packages at the versions apt has. One layer, written as a deterministic tar: the
 # same binaries and packages give the same digest (every timestamp is the commit's time, owners are root, entries
@@ -36,7 +37,7 @@ BIN=target/x86_64-unknown-linux-gnu/release
 if ((BUILD)); then
   cargo build --release --bins --locked >&2
 fi
-for b in tartan tartan-agent tartan-proxy; do
+for b in tartan tartan-node; do
   [ -x "$BIN/$b" ] || { echo "build-image: $BIN/$b is missing (run without --no-build)" >&2; exit 1; }
 done
 
@@ -95,10 +96,13 @@ install -m 0755 deploy/image/iptables-wrapper "$ROOT/usr/sbin/iptables-wrapper"
 for n in iptables iptables-save iptables-restore ip6tables ip6tables-save ip6tables-restore; do
   ln -sf iptables-wrapper "$ROOT/usr/sbin/$n"
 done
-for b in tartan tartan-agent tartan-proxy; do
-  # Symbols are of no use in the image (the eBPF object inside tartan-proxy is data, untouched by strip).
+for b in tartan tartan-node; do
+  # Symbols are of no use in the image (the eBPF object inside the proxy is data, untouched by strip).
   strip --strip-all -o "$ROOT/usr/local/bin/$b" "$BIN/$b"
 done
+# The agent and the proxy are one binary here (tartan-node: they share most of their code), started by these names.
+ln -s tartan-node "$ROOT/usr/local/bin/tartan-agent"
+ln -s tartan-node "$ROOT/usr/local/bin/tartan-proxy"
 printf 'root:x:0:0:root:/root:/bin/sh\n' > "$ROOT/etc/passwd"
 printf 'root:x:0:\n' > "$ROOT/etc/group"
 chmod 1777 "$ROOT/tmp"

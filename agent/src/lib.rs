@@ -2,6 +2,7 @@
 
 pub mod acquire;
 pub mod cleanup;
+pub mod cli;
 pub mod dataplane;
 pub mod external;
 pub mod metrics;

@@ -2,6 +2,7 @@
 //! the dataplane-neutral [`proxy_state::State`] up to date with the change tracker, and hands it to a
 //! [`proxy_state::Dataplane`]: iptables now, eBPF next, behind the same trait and the same tests.
 
+pub mod cli;
 pub mod daemon;
 pub mod ebpf;
 pub mod health_check;

@@ -81,6 +81,7 @@ fn the_image_is_reproducible_small_and_labelled() {
     let rootfs = im.a_report["rootfs_bytes"].as_u64().unwrap();
     eprintln!("image: {compressed} bytes compressed, {rootfs} bytes unpacked");
     assert!(compressed < 30 << 20, "the image is {compressed} bytes compressed");
+    assert!(rootfs < 30 << 20, "the image is {rootfs} bytes unpacked");
     let index: Value = serde_json::from_slice(&archive_file(&im.a, "index.json")).unwrap();
     let manifest = blob(&im.a, index["manifests"][0]["digest"].as_str().unwrap());
     assert_eq!(index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"], "localhost/tartan:e2e-a");
@@ -109,6 +110,7 @@ fn the_image_is_reproducible_small_and_labelled() {
         "usr/local/bin/tartan",
         "usr/local/bin/tartan-agent",
         "usr/local/bin/tartan-proxy",
+        "usr/local/bin/tartan-node",
         "usr/sbin/xtables-nft-multi",
         "usr/sbin/xtables-legacy-multi",
         "usr/sbin/iptables-wrapper",
