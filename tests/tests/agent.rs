@@ -816,3 +816,50 @@ fn cleanup_removes_what_the_agent_put_on_the_node() {
     // n2 is untouched.
     assert!(c.has_route("n2", &sn1), "n2 lost its route");
 }
+
+/// `--net-config-path` (a DaemonSet's ConfigMap): a file that cannot be read or is not a network config stops the
+/// start with its name and changes nothing; a good one is put in the empty store and the node comes up on it.
+#[test]
+fn a_net_config_file_seeds_an_empty_store_and_a_bad_one_stops_the_start() {
+    let mut lab = Lab::new("netconf").unwrap();
+    lab.ensure_underlay().unwrap();
+    lab.start_etcd().unwrap();
+    let n1 = lab.add_node("n1").unwrap();
+    let run = |lab: &Lab, file: &std::path::Path| {
+        lab.exec_status(
+            &n1.ns,
+            &[
+                netns_lab::cluster::agent_bin().to_str().unwrap(),
+                "--etcd-endpoints",
+                &lab.etcd_endpoints(),
+                "--iface",
+                "eth0",
+                "--net-config-path",
+                file.to_str().unwrap(),
+                "--subnet-file",
+                n1.root.join("run/flannel/subnet.env").to_str().unwrap(),
+                "--state-dir",
+                n1.root.join("var/lib/tartan").to_str().unwrap(),
+                "--run-dir",
+                n1.root.join("run/tartan").to_str().unwrap(),
+            ],
+        )
+        .unwrap()
+    };
+    let bad = n1.root.join("net-conf.json");
+    for (text, want) in [(None, "No such file"), (Some("{\"Network\": \"10.244.0.0/33\"}"), "--net-config-path")] {
+        match text {
+            Some(t) => std::fs::write(&bad, t).unwrap(),
+            None => drop(std::fs::remove_file(&bad)),
+        }
+        let out = run(&lab, &bad);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want) && err.contains("net-conf.json"), "{err}");
+        assert_eq!(lab.etcdctl(&["get", "/coreos.com/network/config"]).unwrap().trim(), "", "the store changed");
+    }
+    std::fs::write(&bad, Backend::HostGw.network_config().to_string()).unwrap();
+    lab.start_agent("n1", &["--net-config-path", bad.to_str().unwrap()]).unwrap();
+    lab.wait_subnet_env("n1", Duration::from_secs(20)).unwrap();
+    let stored = lab.etcdctl(&["get", "/coreos.com/network/config", "--print-value-only"]).unwrap();
+    assert!(stored.contains("host-gw"), "{stored}");
+}

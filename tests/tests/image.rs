@@ -413,3 +413,43 @@ fn lab_ctr_tasks(lab: &Lab) -> String {
         .unwrap();
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+/// The image's iptables follows the host's backend: kubelet's hint chain in the legacy tables makes it legacy, in
+/// nf_tables nft; with neither, the backend holding rules wins.
+#[test]
+fn the_images_iptables_writes_where_the_host_keeps_its_rules() {
+    let im = images();
+    let mut lab = Lab::new("ipwrap").unwrap();
+    let image = lab.load_image(&im.a).unwrap();
+    let iptables_in = |lab: &Lab, ns: &str, args: &[&str]| {
+        let out = lab
+            .podman()
+            .args(["run", "--rm", &format!("--network=ns:/run/netns/{ns}"), "--cap-add=NET_ADMIN", "--cap-add=NET_RAW"])
+            .args(["--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096", "--pull", "never"])
+            .args(["--entrypoint", "/usr/sbin/iptables", &image])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    for (node, host_tool, want) in
+        [("n1", "iptables-legacy", "iptables-legacy"), ("n2", "iptables-nft", "iptables-nft")]
+    {
+        let ns = lab.add_node(node).unwrap().ns;
+        lab.exec(&ns, &[host_tool, "-w", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT"]).unwrap();
+        let said = iptables_in(&lab, &ns, &["-w", "-t", "filter", "-N", "TARTAN-WRAPPER-TEST"]);
+        assert!(said.contains(&format!("using {want}")), "{node}: {said}");
+        // The chain went where the host's rules are.
+        let saved = lab.exec(&ns, &[&format!("{want}-save"), "-t", "filter"]).unwrap();
+        assert!(String::from_utf8_lossy(&saved.stdout).contains(":TARTAN-WRAPPER-TEST"), "{node}: not in {want}");
+    }
+    // No hint: the backend with more rules (here legacy, holding a host's rules).
+    let ns = lab.add_node("n3").unwrap().ns;
+    for i in 0..3 {
+        lab.exec(&ns, &["iptables-legacy", "-w", "-A", "INPUT", "-s", &format!("192.0.2.{i}"), "-j", "ACCEPT"])
+            .unwrap();
+    }
+    let said = iptables_in(&lab, &ns, &["-w", "-S"]);
+    assert!(said.contains("using iptables-legacy"), "n3: {said}");
+}
