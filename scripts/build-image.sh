@@ -11,6 +11,11 @@
 # Load it with `podman load -i FILE` or `ctr images import FILE`; push it with `skopeo copy oci-archive:FILE ...`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# File modes in the layer come from here, not from whoever runs the build.
+umask 022
+for tool in file ldd dpkg-deb apt-get strip python3; do
+  command -v "$tool" >/dev/null || { echo "build-image: $tool is needed (scripts/setup.sh installs it)" >&2; exit 1; }
+done
 
 TAG=""
 OUT=""
@@ -27,6 +32,8 @@ VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 TAG=${TAG:-$VERSION}
 REVISION=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 SOURCE=${TARTAN_IMAGE_SOURCE:-$(git config --get remote.origin.url 2>/dev/null || echo tartan)}
+# A clone URL may carry credentials (https://user:token@host/...): never into a label.
+SOURCE=$(printf '%s' "$SOURCE" | sed -E 's#^([a-z+]+://)[^/@]*@#\1#')
 # The commit's time, so that rebuilding the same commit gives the same image.
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}
 WORK=target/image
@@ -78,6 +85,10 @@ rm -rf "$ROOT"/usr/share/{doc,man,info,locale,lintian,bug} "$ROOT"/usr/lib/x86_6
 # Of the libraries, only those something here links (ldd resolves them with the host's, the same Debian release).
 keep=$(find "$ROOT" -type f \( -perm -u+x -o -name '*.so*' \) -exec sh -c 'file -b "$1" | grep -q "ELF.*dynamic" && ldd "$1"' _ {} \; 2>/dev/null |
   awk '/=>/ {print $1} /ld-linux/ {print $1}' | xargs -rn1 basename | sort -u)
+if [ -z "$keep" ] || ! echo "$keep" | grep -qxF libc.so.6; then
+  echo "build-image: found no linked libraries (ldd failed?); refusing to build an image without them" >&2
+  exit 1
+fi
 libs=("$ROOT"/lib/x86_64-linux-gnu/* "$ROOT"/usr/lib/x86_64-linux-gnu/lib*)
 for lib in "${libs[@]}"; do  # a kept soname's link keeps the file it names
   if [ -L "$lib" ] && echo "$keep" | grep -qxF "$(basename "$lib")"; then keep+=$'\n'$(basename "$(readlink "$lib")"); fi
@@ -93,8 +104,10 @@ find "$ROOT/bin" -mindepth 1 ! -name busybox.keep -delete
 mv "$ROOT/bin/busybox.keep" "$ROOT/bin/busybox"
 for a in sh ln mv grep cat ls; do ln -s busybox "$ROOT/bin/$a"; done
 install -m 0755 deploy/image/iptables-wrapper "$ROOT/usr/sbin/iptables-wrapper"
+# Every name goes through one link, which the wrapper switches to the chosen backend on the first call.
+ln -sf iptables-wrapper "$ROOT/usr/sbin/.iptables-backend"
 for n in iptables iptables-save iptables-restore ip6tables ip6tables-save ip6tables-restore; do
-  ln -sf iptables-wrapper "$ROOT/usr/sbin/$n"
+  ln -sf .iptables-backend "$ROOT/usr/sbin/$n"
 done
 for b in tartan tartan-node; do
   # Symbols are of no use in the image (the eBPF object inside the proxy is data, untouched by strip).

@@ -1,8 +1,9 @@
 //! `tartan-agent --cleanup`: removes what the agent put on this node, read from what the node holds (no etcd
 //! needed, nothing to remember): the backend devices (flannel.<VNI>, flannel-v6.<VNI>, flannel0; their routes,
 //! neighbours and FDB entries go with them), host-gw routes to other nodes' subnets (routes via a gateway to a
-//! subnet of the network in subnet.env, other than this node's), the FLANNEL-* chains and the jumps to them, and
-//! subnet.env and the state directory's files. The lease stays in etcd (cluster state: it expires with its TTL, or
+//! subnet of the network in subnet.env, other than this node's, of the node subnets' size: an operator's own route
+//! inside the network is another size or has no gateway), the FLANNEL-* chains and the jumps to them, and
+//! subnet.env and the VtepMAC files of the state directory. The lease stays in etcd (cluster state: it expires with its TTL, or
 //! the node's next agent renews it). A normal stop removes none of this.
 
 use std::path::Path;
@@ -65,7 +66,9 @@ pub fn cleanup(opts: &Options) -> Result<Vec<String>> {
         }
     };
     let env = SubnetEnv::load(&opts.subnet_file).ok();
-    keep(kernel(env.as_ref(), &mut done));
+    for e in kernel(env.as_ref(), &mut done) {
+        keep(Err(e));
+    }
     for family in [Family::V4, Family::V6] {
         let ipt = Iptables::new(family);
         for table in ["nat", "filter"] {
@@ -84,7 +87,8 @@ pub fn cleanup(opts: &Options) -> Result<Vec<String>> {
     }
     if let Ok(rd) = std::fs::read_dir(&opts.state_dir) {
         for e in rd.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_file()) {
+            // Only the agent's own files (the state directory may be shared).
+            if e.file_type().is_ok_and(|t| t.is_file()) && e.file_name().to_string_lossy().starts_with("vtep-mac") {
                 keep(remove_file(&e.path(), &mut done));
             }
         }
@@ -106,30 +110,53 @@ fn remove_file(path: &Path, done: &mut Vec<String>) -> Result<()> {
     }
 }
 
-fn kernel(env: Option<&SubnetEnv>, done: &mut Vec<String>) -> Result<()> {
-    let mut rt = Rtnl::new()?;
-    // host-gw routes first: remote subnets of the network, reached via a gateway (the remote node).
-    let pairs: Vec<(IpNet, Option<IpNet>)> = env
+/// Every step is tried; the errors are returned.
+fn kernel(env: Option<&SubnetEnv>, done: &mut Vec<String>) -> Vec<anyhow::Error> {
+    let mut errors = Vec::new();
+    let mut rt = match Rtnl::new() {
+        Ok(rt) => rt,
+        Err(e) => return vec![e.into()],
+    };
+    // host-gw routes first: remote subnets of the network (the size of this node's), via a gateway (the remote node).
+    let pairs: Vec<(IpNet, IpNet)> = env
         .map(|e| [(e.network, e.subnet), (e.ipv6_network, e.ipv6_subnet)])
         .into_iter()
         .flatten()
-        .filter_map(|(n, s)| n.map(|n| (n, s)))
+        .filter_map(|(n, s)| Some((n?, s?)))
         .collect();
-    for r in rt.routes(false)? {
-        let remote =
-            pairs.iter().any(|(net, own)| net.contains(&r.dst) && Some(r.dst.trunc()) != own.map(|o| o.trunc()));
-        if remote && r.gateway.is_some() {
-            rt.route_del(&r).with_context(|| format!("deleting the route to {}", r.dst))?;
-            done.push(format!("route {}", r.dst));
+    match rt.routes(false) {
+        Ok(routes) => {
+            for r in routes {
+                let remote = pairs.iter().any(|(net, own)| is_remote_subnet(net, own, &r.dst));
+                if remote && r.gateway.is_some() {
+                    match rt.route_del(&r) {
+                        Ok(()) => done.push(format!("route {}", r.dst)),
+                        Err(e) => {
+                            errors.push(anyhow::Error::from(e).context(format!("deleting the route to {}", r.dst)))
+                        }
+                    }
+                }
+            }
         }
+        Err(e) => errors.push(anyhow::Error::from(e).context("listing routes")),
     }
-    for l in rt.links()? {
-        if is_backend_device(&l.name) {
-            rt.link_del(l.index).with_context(|| format!("deleting {}", l.name))?;
-            done.push(format!("device {}", l.name));
+    match rt.links() {
+        Ok(links) => {
+            for l in links.into_iter().filter(|l| is_backend_device(&l.name)) {
+                match rt.link_del(l.index) {
+                    Ok(()) => done.push(format!("device {}", l.name)),
+                    Err(e) => errors.push(anyhow::Error::from(e).context(format!("deleting {}", l.name))),
+                }
+            }
         }
+        Err(e) => errors.push(anyhow::Error::from(e).context("listing links")),
     }
-    Ok(())
+    errors
+}
+
+/// A route destination that is another node's subnet: inside the network, the size of this node's, not this node's.
+pub fn is_remote_subnet(network: &IpNet, own: &IpNet, dst: &IpNet) -> bool {
+    network.contains(dst) && dst.prefix_len() == own.prefix_len() && dst.trunc() != own.trunc()
 }
 
 #[cfg(test)]
@@ -144,6 +171,18 @@ mod tests {
         for n in ["flannel.", "flannel.x", "flannel1", "cni0", "eth0", "flannel-v6."] {
             assert!(!is_backend_device(n), "{n}");
         }
+    }
+
+    #[test]
+    fn remote_subnets() {
+        let net: IpNet = "10.244.0.0/16".parse().unwrap();
+        let own: IpNet = "10.244.7.1/24".parse().unwrap();
+        let yes = |d: &str| is_remote_subnet(&net, &own, &d.parse().unwrap());
+        assert!(yes("10.244.8.0/24"));
+        assert!(!yes("10.244.7.0/24"), "this node's own");
+        assert!(!yes("10.244.9.5/32"), "another size: not a node subnet");
+        assert!(!yes("10.245.0.0/24"), "outside the network");
+        assert!(!yes("0.0.0.0/0"));
     }
 
     #[test]

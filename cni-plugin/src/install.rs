@@ -122,12 +122,15 @@ pub fn parse_args(args: &[String], self_exe: PathBuf) -> Result<InstallOptions, 
 /// Installs the binaries, then the conflist (a runtime that finds the config finds the plugin it names). Stops
 /// at the first failure: what was installed before it is complete and correct on its own.
 pub fn install(o: &InstallOptions) -> Result<Vec<Action>, InstallError> {
-    let mut done = Vec::new();
+    // Everything is read and checked before anything is written: a bad or foreign conflist leaves the node as it was
+    // (not a new plugin under the old config).
+    let mut bins = Vec::new();
     for bin in &o.binaries {
         let bytes = std::fs::read(bin).map_err(|source| InstallError::Io { path: bin.clone(), source })?;
         let name = bin.file_name().ok_or_else(|| InstallError::Usage(format!("{}: no file name", bin.display())))?;
-        done.push(put(&o.bin_dir.join(name), &bytes, 0o755)?);
+        bins.push((o.bin_dir.join(name), bytes));
     }
+    let mut conf = None;
     if let Some(src) = &o.conflist {
         let bytes = std::fs::read(src).map_err(|source| InstallError::Io { path: src.clone(), source })?;
         check_conflist(&bytes).map_err(|why| InstallError::BadConflist { path: src.clone(), why })?;
@@ -139,7 +142,14 @@ pub fn install(o: &InstallOptions) -> Result<Vec<Action>, InstallError> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => return Err(InstallError::Io { path: dst, source }),
         }
-        done.push(put(&dst, &bytes, 0o644)?);
+        conf = Some((dst, bytes));
+    }
+    let mut done = Vec::new();
+    for (dst, bytes) in &bins {
+        done.push(put(dst, bytes, 0o755)?);
+    }
+    if let Some((dst, bytes)) = &conf {
+        done.push(put(dst, bytes, 0o644)?);
         for earlier in configs_before(&o.conf_dir, &o.conf_name) {
             // Runtimes take the first config by name: this one would not be used.
             eprintln!(
@@ -205,9 +215,10 @@ fn put(dst: &Path, bytes: &[u8], mode: u32) -> Result<Action, InstallError> {
     let dir = dst.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io)?;
     let name = dst.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.install-{}", std::process::id()));
+    // A name no other installer uses (in a container every installer is PID 1), created exclusively.
+    let tmp = dir.join(format!(".{name}.install-{:016x}", rand::random::<u64>()));
     let result = (|| {
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
         f.write_all(bytes)?;
         // The umask may have narrowed the mode given at creation.
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
@@ -298,6 +309,8 @@ mod tests {
             let e = install(&o).unwrap_err().to_string();
             assert!(e.contains("not a CNI conflist") && e.contains(why), "{text}: {e}");
             assert!(!o.conf_dir.join("10-tartan.conflist").exists());
+            // Nor the plugin: nothing is written until everything checked out.
+            assert!(!o.bin_dir.join("tartan").exists());
         }
     }
 

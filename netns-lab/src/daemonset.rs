@@ -348,6 +348,8 @@ impl Lab {
         let cg = self.node_cgroup_name(node);
         for c in self.pod_containers(node, m, image, true)? {
             let name = self.container_name(node, &c.name);
+            // One left by an init container that timed out would hold the name.
+            let _ = child_process::run(self.podman().args(["rm", "-f", &name]), None, Duration::from_secs(60));
             let mut cmd = self.podman();
             cmd.args(["run", "--rm", "--name", &name]);
             podman_args(&mut cmd, &ns, &cg, &c, None);
@@ -553,8 +555,28 @@ impl Lab {
         if c.privileged {
             cmd.arg("--privileged");
         }
+        // ctr drops only the capabilities it is given by name: ALL becomes the runtime's default set.
+        const DEFAULT_CAPS: [&str; 14] = [
+            "CHOWN",
+            "DAC_OVERRIDE",
+            "FSETID",
+            "FOWNER",
+            "MKNOD",
+            "NET_RAW",
+            "SETGID",
+            "SETUID",
+            "SETFCAP",
+            "SETPCAP",
+            "NET_BIND_SERVICE",
+            "SYS_CHROOT",
+            "KILL",
+            "AUDIT_WRITE",
+        ];
         for cap in &c.cap_drop {
-            cmd.arg(format!("--cap-drop=CAP_{cap}"));
+            let caps: Vec<&str> = if cap == "ALL" { DEFAULT_CAPS.to_vec() } else { vec![cap.as_str()] };
+            for cap in caps.into_iter().filter(|d| !c.cap_add.iter().any(|a| a == d)) {
+                cmd.arg(format!("--cap-drop=CAP_{cap}"));
+            }
         }
         for cap in &c.cap_add {
             cmd.arg(format!("--cap-add=CAP_{cap}"));

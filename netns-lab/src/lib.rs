@@ -473,9 +473,18 @@ fn is_bpffs(dir: &Path) -> bool {
 /// Unmounts a lab's bpffs (dropping every pin: links detach, maps go) and removes its nodes' cgroups once their
 /// processes are gone.
 fn remove_lab_kernel_state(dir: &Path, prefix: &str) {
-    let bpf = dir.join("bpf");
-    if is_bpffs(&bpf) {
-        let _ = Command::new("umount").arg("-l").arg(&bpf).stderr(Stdio::null()).status();
+    // Every mount under the lab's directory (its bpffs; a killed run's container shm and rootfs mounts), deepest
+    // first, so that the directory can go.
+    let mut mounts: Vec<PathBuf> = fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for m in mounts {
+        let _ = Command::new("umount").arg("-l").arg(&m).stderr(Stdio::null()).status();
     }
     for cg in lab_cgroups().into_iter().filter(|n| n.starts_with(&format!("{prefix}-"))) {
         remove_cgroup(&cg);

@@ -793,6 +793,8 @@ fn cleanup_removes_what_the_agent_put_on_the_node() {
     });
     c.lab.stop(agent.expect("n1's agent"));
     assert!(c.has_route("n1", &sn2), "a stop removed the route");
+    // An operator's own route inside the network (not a node subnet) is not the agent's.
+    c.lab.exec(&n1.ns, &["ip", "route", "add", "10.244.250.5/32", "via", "198.18.0.2"]).unwrap();
     let out = c
         .lab
         .exec(
@@ -813,6 +815,7 @@ fn cleanup_removes_what_the_agent_put_on_the_node() {
     let rules = c.lab.exec(&n1.ns, &["iptables-save"]).unwrap();
     assert!(!String::from_utf8_lossy(&rules.stdout).contains("FLANNEL"), "FLANNEL chains left");
     assert!(!n1.root.join("run/flannel/subnet.env").exists());
+    assert!(c.has_route("n1", "10.244.250.5"), "cleanup took an operator's route");
     // n2 is untouched.
     assert!(c.has_route("n2", &sn1), "n2 lost its route");
 }

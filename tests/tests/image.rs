@@ -343,6 +343,17 @@ fn daemonset_pods_wire_serve_and_police_a_cluster_and_survive_an_image_upgrade(m
 
     // --cleanup, run from the image with the proxy container's own flags and mounts, removes what the proxy owns.
     for n in nodes {
+        // What the cleanup is to remove is there first (so that the checks below cannot pass on nothing).
+        let ns = lab.node(n).unwrap().ns.clone();
+        let pins = lab.node_bpf_root(n).join("tartan");
+        if mode == "iptables" {
+            let rules = lab.exec(&ns, &["iptables-save"]).unwrap();
+            assert!(String::from_utf8_lossy(&rules.stdout).contains("TARTAN-SERVICES"), "{n}: no service rules");
+        } else {
+            assert!(std::fs::read_dir(&pins).unwrap().count() > 0, "{n}: nothing pinned");
+        }
+        let rules = lab.exec(&ns, &["iptables-save"]).unwrap();
+        assert!(String::from_utf8_lossy(&rules.stdout).contains("FLANNEL-FWD"), "{n}: no FLANNEL chains");
         lab.run_once(n, &c.manifests, &image_b, "tartan-proxy", &["--cleanup"]).unwrap();
         let ns = lab.node(n).unwrap().ns.clone();
         let rules = lab.exec(&ns, &["iptables-save"]).unwrap();
