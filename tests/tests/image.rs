@@ -432,10 +432,12 @@ fn the_images_iptables_writes_where_the_host_keeps_its_rules() {
     let im = images();
     let mut lab = Lab::new("ipwrap").unwrap();
     let image = lab.load_image(&im.a).unwrap();
-    let iptables_in = |lab: &Lab, ns: &str, args: &[&str]| {
+    let iptables_in = |lab: &Lab, node: &str, ns: &str, args: &[&str]| {
         let out = lab
             .podman()
             .args(["run", "--rm", &format!("--network=ns:/run/netns/{ns}"), "--cap-add=NET_ADMIN", "--cap-add=NET_RAW"])
+            // In the node's cgroup (removed with the lab), not podman's default one.
+            .arg(format!("--cgroup-parent=/{}", lab.node_cgroup_name(node)))
             .args(["--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096", "--pull", "never"])
             .args(["--entrypoint", "/usr/sbin/iptables", &image])
             .args(args)
@@ -449,7 +451,7 @@ fn the_images_iptables_writes_where_the_host_keeps_its_rules() {
     {
         let ns = lab.add_node(node).unwrap().ns;
         lab.exec(&ns, &[host_tool, "-w", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT"]).unwrap();
-        let said = iptables_in(&lab, &ns, &["-w", "-t", "filter", "-N", "TARTAN-WRAPPER-TEST"]);
+        let said = iptables_in(&lab, node, &ns, &["-w", "-t", "filter", "-N", "TARTAN-WRAPPER-TEST"]);
         assert!(said.contains(&format!("using {want}")), "{node}: {said}");
         // The chain went where the host's rules are.
         let saved = lab.exec(&ns, &[&format!("{want}-save"), "-t", "filter"]).unwrap();
@@ -461,6 +463,6 @@ fn the_images_iptables_writes_where_the_host_keeps_its_rules() {
         lab.exec(&ns, &["iptables-legacy", "-w", "-A", "INPUT", "-s", &format!("192.0.2.{i}"), "-j", "ACCEPT"])
             .unwrap();
     }
-    let said = iptables_in(&lab, &ns, &["-w", "-S"]);
+    let said = iptables_in(&lab, "n3", &ns, &["-w", "-S"]);
     assert!(said.contains("using iptables-legacy"), "n3: {said}");
 }
