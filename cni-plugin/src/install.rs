@@ -6,7 +6,6 @@
 //! running plugin is never overwritten in place: ETXTBSY). A file already holding the same bytes is left alone, so
 //! a restarted init container changes nothing. A conflist that is not Tartan's is never replaced unless asked.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
@@ -204,33 +203,19 @@ fn configs_before(dir: &Path, name: &str) -> Vec<PathBuf> {
 
 /// Writes `bytes` at `dst` with `mode` through a temporary file and a rename, unless it already holds them.
 fn put(dst: &Path, bytes: &[u8], mode: u32) -> Result<Action, InstallError> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let io = |source| InstallError::Io { path: dst.to_path_buf(), source };
+    use std::os::unix::fs::PermissionsExt;
     if let Ok(old) = std::fs::read(dst) {
         let mode_ok = std::fs::metadata(dst).map(|m| m.permissions().mode() & 0o777 == mode).unwrap_or(false);
         if old == bytes && mode_ok {
             return Ok(Action::Unchanged(dst.to_path_buf()));
         }
     }
+    atomic_file::write_mode(dst, bytes, mode).map_err(|source| InstallError::Io { path: dst.to_path_buf(), source })?;
+    // The rename itself reaches the disk with the directory.
     let dir = dst.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io)?;
-    let name = dst.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    // A name no other installer uses (in a container every installer is PID 1), created exclusively.
-    let tmp = dir.join(format!(".{name}.install-{:016x}", rand::random::<u64>()));
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
-        f.write_all(bytes)?;
-        // The umask may have narrowed the mode given at creation.
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, dst)?;
-        // The rename itself reaches the disk with the directory.
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
     }
-    result.map_err(io)?;
     Ok(Action::Written(dst.to_path_buf()))
 }
 
